@@ -1,0 +1,652 @@
+"""Ingestion: any instruction-data shape in, canonical rows + quarantine + accounting out.
+
+``ingest(sources, config)`` reads files, folders and globs (see ``mods.readers``),
+recognises each record's shape, maps it to the canonical schema (``mods.schema``),
+validates it, drops evaluation-set overlaps, merges duplicates and accounts for
+every row:  read = kept + duplicates + quarantined + decontaminated, per file.
+
+The unit of "read" is a candidate row: one per record, except self-instruct tasks,
+which give one row per instance (a task with no instances is one quarantined row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field, field_validator
+from tqdm.auto import tqdm
+
+from mods import schema as S
+from mods.readers import RawRecord, Source, SourceError, discover, read_source
+
+ENDOFTEXT = "<|endoftext|>"
+USER_ROLES = {"human", "user", "prompter", "question"}
+ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bing", "bard", "model", "bot", "answer"}
+SYSTEM_ROLES = {"system"}
+
+# C0 controls other than tab/newline/CR, DEL, and lone surrogates (undecodable bytes)
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class IngestError(Exception):
+    """Nothing usable, or a source that cannot be read: the message is one line."""
+
+
+class AccountingError(IngestError):
+    """read != kept + duplicates + quarantined + decontaminated for some file (a bug)."""
+
+
+class IngestConfig(BaseModel):
+    """How ingestion maps, validates and decontaminates (a Prefect UI form)."""
+
+    field_mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description="Canonical field -> field name in your data, e.g. {'output': 'response'}. "
+        "Canonical fields: instruction, input, output, history. Unmapped fields are auto-detected.",
+    )
+    max_chars: int = Field(
+        100_000, gt=0, description="Longest allowed text per field (characters); longer rows are quarantined as too_long."
+    )
+    min_chars: int = Field(
+        1, ge=1, description="Shortest allowed instruction and output (characters, after trimming whitespace)."
+    )
+    turn: Literal["first", "last"] = Field(
+        "first",
+        description="For multi-turn rows (chat history, ShareGPT conversations): which user->assistant turn "
+        "becomes instruction/output, the one scored and embedded. 'first': the opening request (self-contained); "
+        "later turns go to metadata.later_turns. 'last': the final exchange, earlier turns in history.",
+    )
+    decontaminate_against: list[str] = Field(
+        default_factory=list,
+        description="Files or folders of evaluation sets; training rows overlapping them are dropped. Empty: no decontamination.",
+    )
+    decontamination_ngram: int = Field(
+        8, ge=1, le=50, description="n of the word n-grams compared (CJK: characters) for decontamination."
+    )
+    decontamination_threshold: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Drop a row when this share of the n-grams of the shorter text (row prompt or eval item) is shared.",
+    )
+
+    @field_validator("field_mapping")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, src in v.items():
+            if k not in S.MAPPABLE_FIELDS:
+                raise ValueError(f"unknown canonical field {k!r} in mapping (use {', '.join(S.MAPPABLE_FIELDS)})")
+            if not isinstance(src, str) or not src:
+                raise ValueError(f"mapping for {k!r} must name a field")
+        return v
+
+
+@dataclass
+class IngestResult:
+    rows: pd.DataFrame
+    quarantine: pd.DataFrame
+    report: dict
+
+
+class _Quarantine(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def normalise(text: str) -> str:
+    """What two copies must share to count as duplicates: NFKC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def row_id(instruction: str, input_text: str, output: str, history: list, later: list) -> str:
+    payload = json.dumps(
+        [normalise(instruction), normalise(input_text), normalise(output),
+         [[normalise(u), normalise(a)] for u, a in history],
+         [[t["role"], normalise(t["content"])] for t in later]],
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def safe_text(s: str) -> str:
+    """Text that UTF-8 encoding (Parquet) accepts: undecodable bytes shown as \\xNN."""
+    if not _SURROGATE.search(s):
+        return s
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+class _Missing:
+    pass
+
+
+MISSING = _Missing()
+
+
+def _check_text(value: Any, what: str, cfg: IngestConfig, required: bool, reason_base: str) -> str:
+    """Validate one text field; returns it trimmed or raises _Quarantine."""
+    if value is MISSING or value is None:
+        if required:
+            raise _Quarantine(f"missing_{reason_base}", f"{what} is {'absent' if value is MISSING else 'null'}")
+        return ""
+    if not isinstance(value, str):
+        raise _Quarantine("wrong_type", f"{what} is a {_type_name(value)}, not a string: {str(value)[:60]!r}")
+    m = _BAD_CHARS.search(value)
+    if m:
+        ch = m.group()
+        if "\ud800" <= ch <= "\udfff":
+            raise _Quarantine("invalid_utf8", f"{what} contains bytes that are not valid UTF-8")
+        raise _Quarantine("control_chars", f"{what} contains control character U+{ord(ch):04X} at offset {m.start()}")
+    value = value.strip()
+    if required and len(value) < cfg.min_chars:
+        raise _Quarantine(f"empty_{reason_base}",
+                          f"{what} is empty" if not value else f"{what} is shorter than {cfg.min_chars} characters")
+    if len(value) > cfg.max_chars:
+        raise _Quarantine("too_long", f"{what} has {len(value)} characters (max_chars={cfg.max_chars})")
+    return value
+
+
+# ---------------------------------------------------------------- shapes
+
+
+@dataclass
+class _Candidate:
+    instruction: str
+    input: str
+    output: str
+    history: list  # [[user, assistant], ...]
+    later: list  # [{"role", "content"}, ...] turns after the scored one
+    meta: dict
+
+
+def _lookup(obj: dict) -> dict[str, str]:
+    return {str(k).lower(): k for k in obj}
+
+
+def _get(obj: dict, keys: dict[str, str], *names: str) -> tuple[Any, str | None]:
+    for n in names:
+        k = keys.get(n.lower())
+        if k is not None:
+            return obj[k], k
+    return MISSING, None
+
+
+def _detect(keys: dict[str, str], mapping: dict[str, str]) -> str:
+    if any(src.lower() in keys for src in mapping.values()):
+        return "mapped"
+    if "conversations" in keys or "messages" in keys:
+        return "conversations"
+    if "instances" in keys and "instruction" in keys:
+        return "self_instruct"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    if "question" in keys and ("std_answer" in keys or "answer" in keys):
+        return "question_answer"
+    if keys.keys() & {"instruction", "output", "response", "input"}:
+        return "alpaca_response" if "response" in keys and "output" not in keys else "alpaca"
+    return "unknown"
+
+
+def _history_pairs(value: Any, cfg: IngestConfig) -> list[list[str]]:
+    if value is MISSING or value is None:
+        return []
+    if isinstance(value, str):  # some exports store it JSON-encoded
+        try:
+            value = json.loads(value) if value.strip() else []
+        except ValueError:
+            raise _Quarantine("bad_history", "history is a string that is not a JSON list") from None
+    if not isinstance(value, list):
+        raise _Quarantine("bad_history", f"history is a {_type_name(value)}, not a list of [user, assistant] pairs")
+    pairs = []
+    for i, p in enumerate(value):
+        if not isinstance(p, (list, tuple)) or len(p) != 2:
+            raise _Quarantine("bad_history", f"history[{i}] is not a [user, assistant] pair")
+        u = _check_text(p[0], f"history[{i}][0]", cfg, True, "instruction")
+        a = _check_text(p[1], f"history[{i}][1]", cfg, True, "output")
+        pairs.append([u, a])
+    return pairs
+
+
+def _apply_turn(instr: str, inp: str, out: str, history: list, cfg: IngestConfig, meta: dict) -> _Candidate:
+    """A row with chat history: move the scored turn to the first exchange if asked."""
+    if cfg.turn == "first" and history:
+        later = []
+        for u, a in history[1:]:
+            later += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        last_user = f"{instr}\n\n{inp}" if inp else instr
+        later += [{"role": "user", "content": last_user}, {"role": "assistant", "content": out}]
+        meta["later_turns"] = later
+        return _Candidate(history[0][0], "", history[0][1], [], later, meta)
+    return _Candidate(instr, inp, out, history, [], meta)
+
+
+def _conversation(value: Any, cfg: IngestConfig, meta: dict) -> _Candidate:
+    if isinstance(value, str):
+        raise _Quarantine("bad_conversation", "conversations is a string, not a list of turns")
+    if not isinstance(value, list):
+        raise _Quarantine("bad_conversation", f"conversations is a {_type_name(value)}, not a list of turns")
+    turns: list[dict] = []
+    system = []
+    for i, t in enumerate(value):
+        if not isinstance(t, dict):
+            raise _Quarantine("bad_conversation", f"turn {i + 1} is a {_type_name(t)}, not an object")
+        tk = _lookup(t)
+        role, _ = _get(t, tk, "from", "role", "speaker")
+        text, _ = _get(t, tk, "value", "content", "text")
+        if not isinstance(role, str):
+            raise _Quarantine("bad_conversation", f"turn {i + 1} has no 'from'/'role'")
+        r = role.lower()
+        if r in SYSTEM_ROLES:
+            system.append(_check_text(text, f"turn {i + 1} (system)", cfg, False, "instruction"))
+            continue
+        if r in USER_ROLES:
+            r = "user"
+        elif r in ASSISTANT_ROLES:
+            r = "assistant"
+        else:
+            raise _Quarantine("unknown_role", f"turn {i + 1} has role {role!r} (neither user nor assistant)")
+        turns.append({"role": r, "content": text, "n": i + 1})
+    if system:
+        meta["system"] = "\n\n".join(s for s in system if s)
+    if not turns:
+        raise _Quarantine("no_answered_turn", "the conversation has no user or assistant turns")
+    if len(turns) == 1:
+        raise _Quarantine("single_turn", f"the conversation has one turn only (from the {turns[0]['role']})")
+
+    def text_of(t: dict, required: bool, base: str) -> str:
+        return _check_text(t["content"], f"turn {t['n']} ({t['role']})", cfg, required, base)
+
+    if cfg.turn == "first":
+        if turns[0]["role"] != "user":
+            raise _Quarantine("starts_with_assistant", "the conversation starts with the assistant (turn='first')")
+        if turns[1]["role"] != "assistant":
+            raise _Quarantine("no_answered_turn", "the first user turn is followed by another user turn, not an answer")
+        scored, history, rest, strays = 0, [], turns[2:], []
+    else:
+        scored = max((i for i in range(len(turns) - 1)
+                      if turns[i]["role"] == "user" and turns[i + 1]["role"] == "assistant"), default=-1)
+        if scored < 0:
+            raise _Quarantine("no_answered_turn", "no user turn is followed by an assistant turn")
+        history, strays, i = [], [], 0
+        while i < scored:
+            if turns[i]["role"] == "user" and turns[i + 1]["role"] == "assistant" and i + 1 < scored:
+                history.append([text_of(turns[i], True, "instruction"), text_of(turns[i + 1], True, "output")])
+                i += 2
+            else:
+                strays.append({"role": turns[i]["role"], "content": text_of(turns[i], False, "output")})
+                i += 1
+        rest = turns[scored + 2:]
+    instr = text_of(turns[scored], True, "instruction")
+    out = text_of(turns[scored + 1], True, "output")
+    later = [{"role": t["role"], "content": text_of(t, False, "output")} for t in rest]
+    if later:
+        meta["later_turns"] = later
+    if strays:
+        meta["unpaired_turns"] = strays
+    return _Candidate(instr, "", out, history, later, meta)
+
+
+def _candidates(obj: Any, cfg: IngestConfig) -> list[_Candidate | _Quarantine]:
+    """One record -> its candidate rows (several for self-instruct tasks)."""
+    if not isinstance(obj, dict):
+        return [_Quarantine("not_an_object", f"the record is a {_type_name(obj)}, not an object")]
+    keys = _lookup(obj)
+    mapping = cfg.field_mapping
+    shape = _detect(keys, mapping)
+    if shape == "unknown":
+        return [_Quarantine("unknown_shape", f"no recognisable fields (has: {', '.join(list(obj)[:8])})")]
+    used: set[str] = set()
+
+    def get(canon: str, *aliases: str) -> Any:
+        names = (mapping[canon],) if canon in mapping else aliases
+        v, k = _get(obj, keys, *names)
+        if k is not None:
+            used.add(k)
+        return v
+
+    meta: dict[str, Any] = {"shape": shape}
+    out: list[_Candidate | _Quarantine] = []
+    try:
+        if shape == "conversations":
+            conv = get("history", "conversations", "messages")
+            cand = _conversation(conv, cfg, meta)
+            out.append(cand)
+        elif shape == "self_instruct":
+            instr = get("instruction", "instruction")
+            instances = get("input", "instances")
+            if not isinstance(instances, list):
+                raise _Quarantine("wrong_type", f"instances is a {_type_name(instances)}, not a list")
+            if not instances:
+                raise _Quarantine("empty_instances", "the task has no instances")
+            for k, inst in enumerate(instances):
+                try:
+                    i_meta = dict(meta, instance=k)
+                    if not isinstance(inst, dict):
+                        raise _Quarantine("wrong_type", f"instances[{k}] is a {_type_name(inst)}, not an object")
+                    ik = _lookup(inst)
+                    out.append(_Candidate(
+                        _check_text(instr, "instruction", cfg, True, "instruction"),
+                        _check_text(_get(inst, ik, "input")[0], f"instances[{k}].input", cfg, False, "input"),
+                        _check_text(_get(inst, ik, "output")[0], f"instances[{k}].output", cfg, True, "output"),
+                        [], [], i_meta))
+                except _Quarantine as q:
+                    q.detail = f"instance {k}: {q.detail}"
+                    out.append(q)
+        else:
+            if shape == "prompt_completion":
+                instr_v, inp_v, out_v = get("instruction", "prompt"), MISSING, get("output", "completion")
+                if isinstance(out_v, str):
+                    out_v = out_v.rstrip()
+                    if out_v.endswith(ENDOFTEXT):
+                        out_v = out_v[: -len(ENDOFTEXT)]
+            elif shape == "question_answer":
+                instr_v, inp_v, out_v = get("instruction", "question"), MISSING, get("output", "std_answer", "answer")
+            else:  # alpaca, alpaca_response, mapped
+                instr_v = get("instruction", "instruction")
+                inp_v = get("input", "input")
+                out_v = get("output", "output", "response")
+            hist_v = get("history", "history")
+            instr = _check_text(instr_v, "instruction", cfg, True, "instruction")
+            inp = _check_text(inp_v, "input", cfg, False, "input")
+            outp = _check_text(out_v, "output", cfg, True, "output")
+            history = _history_pairs(hist_v, cfg)
+            out.append(_apply_turn(instr, inp, outp, history, cfg, meta))
+    except _Quarantine as q:
+        out.append(q)
+    extra = {k: v for k, v in obj.items() if k not in used}
+    if extra:
+        for c in out:
+            if isinstance(c, _Candidate):
+                c.meta["extra"] = extra
+    return out
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _file_stats() -> dict[str, Any]:
+    return {"read": 0, "kept": 0, "duplicates": 0, "quarantined": 0, "decontaminated": 0,
+            "records": 0, "shapes": Counter(), "warnings": []}
+
+
+def ingest(
+    sources: Sequence[str | Path],
+    config: IngestConfig | None = None,
+    progress: bool = True,
+) -> IngestResult:
+    """Read, map, validate, decontaminate and deduplicate; every row is accounted for.
+
+    Raises IngestError (one line) for sources that cannot be read, an unknown shape,
+    a mapping to a field that no record has, or when nothing at all was read.
+    """
+    cfg = config or IngestConfig()
+    t0 = time.perf_counter()
+    try:
+        srcs = discover(list(sources))
+    except SourceError as e:
+        raise IngestError(str(e)) from None
+
+    # column-wise buffers: far smaller than a list of dicts for 100k+ rows
+    cols: dict[str, list] = {c: [] for c in S.ROW_COLUMNS}
+    metas: list[dict] = []
+    exact_keys: list[int] = []
+    quarantine: list[tuple[str, int, str, str, str]] = []
+    stats: dict[str, dict[str, Any]] = {}
+    fields_seen: set[str] = set()
+
+    total_bytes = sum(s.size for s in srcs)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="reading", disable=not progress, leave=False)
+    for src in srcs:
+        st = stats[src.name] = _file_stats()
+        base = bar.n
+
+        def on_progress(done: int, base: int = base, src: Source = src) -> None:
+            bar.n = base + min(done, src.size)
+            bar.refresh()
+
+        recognised = 0
+        objects = 0
+        keys_seen: Counter[str] = Counter()
+        try:
+            for rec in read_source(src, on_progress):
+                st["records"] += 1
+                if rec.error is not None:
+                    quarantine.append((src.name, rec.line, rec.error[0], rec.error[1], _raw(rec)))
+                    st["read"] += 1
+                    st["quarantined"] += 1
+                    continue
+                if isinstance(rec.obj, dict):
+                    objects += 1
+                    if objects <= 1000:  # enough to name the fields in an error message
+                        keys_seen.update(str(k) for k in rec.obj)
+                    fields_seen.update(str(k).lower() for k in rec.obj)
+                for c in _candidates(rec.obj, cfg):
+                    st["read"] += 1
+                    if isinstance(c, _Quarantine):
+                        if c.reason != "unknown_shape":
+                            recognised += 1
+                        quarantine.append((src.name, rec.line, c.reason, f"{_where(src, rec)}: {c.detail}", _raw(rec)))
+                        st["quarantined"] += 1
+                        continue
+                    recognised += 1
+                    st["shapes"][c.meta["shape"]] += 1
+                    cols[S.ID].append(row_id(c.instruction, c.input, c.output, c.history, c.later))
+                    cols[S.SOURCE].append(src.name)
+                    cols[S.SOURCE_LINE].append(rec.line)
+                    cols[S.INSTRUCTION].append(c.instruction)
+                    cols[S.INPUT].append(c.input)
+                    cols[S.OUTPUT].append(c.output)
+                    cols[S.HISTORY].append(json.dumps(c.history, ensure_ascii=False))
+                    metas.append(c.meta)
+                    exact_keys.append(hash((c.instruction, c.input, c.output, cols[S.HISTORY][-1])))
+        except SourceError as e:
+            bar.close()
+            raise IngestError(str(e)) from None
+        if objects and not recognised:
+            bar.close()
+            fields = ", ".join(k for k, _ in keys_seen.most_common(12))
+            raise IngestError(
+                f"{src.name}: no record has a known shape (fields: {fields}); "
+                "map them, e.g. --map instruction=FIELD --map output=FIELD"
+            )
+        st["warnings"] = list(src.warnings)
+    bar.close()
+
+    for canon, field_name in cfg.field_mapping.items():
+        if fields_seen and field_name.lower() not in fields_seen:
+            raise IngestError(
+                f"mapping {canon}={field_name}: no record has a field {field_name!r} "
+                f"(fields seen: {', '.join(sorted(fields_seen)[:15])})"
+            )
+
+    n = len(cols[S.ID])
+    if not n and not quarantine:
+        empty = [s.name for s in srcs]
+        raise IngestError(f"nothing to ingest: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} "
+                          f"{'is' if len(empty) == 1 else 'are'} empty")
+
+    # ---- decontamination (before dedup, so every contaminated copy is counted as such)
+    dropped = [False] * n
+    if cfg.decontaminate_against and n:
+        from mods.decontam import build_index
+
+        try:
+            index = build_index(list(cfg.decontaminate_against), cfg.decontamination_ngram, cfg.decontamination_threshold)
+        except SourceError as e:
+            raise IngestError(f"decontamination set: {e}") from None
+        instr_col, inp_col = cols[S.INSTRUCTION], cols[S.INPUT]
+        for i in tqdm(range(n), desc="decontaminating", disable=not progress, leave=False):
+            text = instr_col[i] + "\n" + inp_col[i] if inp_col[i] else instr_col[i]
+            hit = index.match(text)
+            if hit is not None:
+                dropped[i] = True
+                src_name, line = cols[S.SOURCE][i], cols[S.SOURCE_LINE][i]
+                quarantine.append((
+                    src_name, line, "decontaminated",
+                    f"{src_name}:{line}: overlaps evaluation item {index.describe(hit[1])} "
+                    f"({hit[0]:.0%} of {cfg.decontamination_ngram}-grams)",
+                    json.dumps({"instruction": instr_col[i], "input": inp_col[i], "output": cols[S.OUTPUT][i]},
+                               ensure_ascii=False)[: S.RAW_MAX_CHARS],
+                ))
+                stats[src_name]["decontaminated"] += 1
+
+    # ---- duplicates: same normalised content = same id; the first copy is kept
+    first: dict[str, int] = {}
+    first_exact: dict[str, int] = {}
+    keep = [False] * n
+    n_exact = n_norm = 0
+    for i in range(n):
+        if dropped[i]:
+            continue
+        rid = cols[S.ID][i]
+        j = first.get(rid)
+        if j is None:
+            first[rid] = i
+            keep[i] = True
+            continue
+        exact = exact_keys[i] == exact_keys[j]
+        n_exact += exact
+        n_norm += not exact
+        metas[j].setdefault("duplicates", []).append(
+            {"source": cols[S.SOURCE][i], "source_line": cols[S.SOURCE_LINE][i], "exact": exact}
+        )
+        stats[cols[S.SOURCE][i]]["duplicates"] += 1
+    del first_exact
+
+    for i in range(n):
+        if keep[i]:
+            stats[cols[S.SOURCE][i]]["kept"] += 1
+    idx = [i for i in range(n) if keep[i]]
+    rows = pd.DataFrame({c: [cols[c][i] for i in idx] for c in S.ROW_COLUMNS if c != S.METADATA})
+    rows[S.METADATA] = [safe_text(json.dumps(metas[i], ensure_ascii=False, default=str)) for i in idx]
+    rows = rows[list(S.ROW_COLUMNS)]
+    rows[S.SOURCE_LINE] = rows[S.SOURCE_LINE].astype("int64")
+    qdf = pd.DataFrame(quarantine, columns=list(S.QUARANTINE_COLUMNS))
+    qdf[S.SOURCE_LINE] = qdf[S.SOURCE_LINE].astype("int64")
+    if len(qdf):
+        qdf[S.DETAIL] = [safe_text(d) for d in qdf[S.DETAIL]]
+        qdf[S.RAW] = [safe_text(r) for r in qdf[S.RAW]]
+
+    report = _report(stats, qdf, cfg, n_exact, n_norm, time.perf_counter() - t0)
+    check_accounting(report)
+    return IngestResult(rows=rows.reset_index(drop=True), quarantine=qdf, report=report)
+
+
+def _where(src: Source, rec: RawRecord) -> str:
+    unit = "line" if src.kind in ("csv", "tsv") or _is_lines(src) else "record"
+    return f"{src.name}: {unit} {rec.line}"
+
+
+def _is_lines(src: Source) -> bool:
+    return src.kind == "json" and src.path is not None and src.path.suffix.lower() in (".jsonl", ".ndjson")
+
+
+def _raw(rec: RawRecord) -> str:
+    raw = rec.raw_text()
+    return raw if len(raw) <= S.RAW_MAX_CHARS else raw[: S.RAW_MAX_CHARS] + f"... [{len(raw)} chars]"
+
+
+def _report(stats: dict, qdf: pd.DataFrame, cfg: IngestConfig, n_exact: int, n_norm: int, elapsed: float) -> dict:
+    keys = ("read", "kept", "duplicates", "quarantined", "decontaminated")
+    files = {}
+    for name, st in stats.items():
+        files[name] = {k: int(st[k]) for k in (*keys, "records")}
+        files[name]["shapes"] = dict(st["shapes"])
+        if st["warnings"]:
+            files[name]["warnings"] = st["warnings"]
+    totals = {k: sum(f[k] for f in files.values()) for k in keys}
+    reasons = qdf[S.REASON].value_counts().to_dict() if len(qdf) else {}
+    return {
+        **totals,
+        "records": sum(f["records"] for f in files.values()),
+        "duplicates_exact": n_exact,
+        "duplicates_normalised": n_norm,
+        "quarantine_reasons": {k: int(v) for k, v in sorted(reasons.items())},
+        "files": files,
+        "config": cfg.model_dump(),
+        "seconds": round(elapsed, 3),
+    }
+
+
+def check_accounting(report: dict) -> None:
+    """Fail loudly when read != kept + duplicates + quarantined + decontaminated."""
+    for name, f in [("total", report), *report["files"].items()]:
+        parts = f["kept"] + f["duplicates"] + f["quarantined"] + f["decontaminated"]
+        if f["read"] != parts:
+            raise AccountingError(
+                f"{name}: accounting does not add up: read {f['read']} != kept {f['kept']} + duplicates "
+                f"{f['duplicates']} + quarantined {f['quarantined']} + decontaminated {f['decontaminated']}"
+            )
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_ingest(result: IngestResult, out_dir: Path) -> None:
+    """rows.parquet, quarantine.parquet and ingest_report.json, each written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = pa.Table.from_pandas(result.rows, schema=S.ROW_SCHEMA, preserve_index=False)
+    quar = pa.Table.from_pandas(result.quarantine, schema=S.QUARANTINE_SCHEMA, preserve_index=False)
+    _atomic(out_dir / "rows.parquet", lambda p: pq.write_table(rows, p))
+    _atomic(out_dir / "quarantine.parquet", lambda p: pq.write_table(quar, p))
+    _atomic(out_dir / "ingest_report.json",
+            lambda p: p.write_text(json.dumps(result.report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+
+
+def read_rows(out_dir: Path) -> pd.DataFrame:
+    """The canonical rows written by write_ingest (for the pipeline's later steps)."""
+    return pq.read_table(Path(out_dir) / "rows.parquet", schema=S.ROW_SCHEMA).to_pandas()
+
+
+def format_report(report: dict) -> str:
+    """The accounting as a plain table, one line per source file plus the total."""
+    keys = ("read", "kept", "duplicates", "quarantined", "decontaminated")
+    names = list(report["files"])
+    width = min(max([len(n) for n in names] + [5]), 70)
+    lines = [f"{'source':<{width}} " + " ".join(f"{k:>14}" for k in keys)]
+    for name, f in report["files"].items():
+        shown = name if len(name) <= width else "..." + name[-(width - 3):]
+        lines.append(f"{shown:<{width}} " + " ".join(f"{f[k]:>14,}" for k in keys))
+    lines.append(f"{'TOTAL':<{width}} " + " ".join(f"{report[k]:>14,}" for k in keys))
+    if report.get("quarantine_reasons"):
+        lines.append("quarantine reasons: " + ", ".join(f"{k} {v:,}" for k, v in report["quarantine_reasons"].items()))
+    for name, f in report["files"].items():
+        for w in f.get("warnings", []):
+            lines.append(f"warning: {name}: {w}")
+    return "\n".join(lines)
