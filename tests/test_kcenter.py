@@ -257,3 +257,47 @@ def test_input_is_not_modified():
     copy = x.copy()
     k_center_greedy(x, 20, device="cpu")
     np.testing.assert_array_equal(x, copy)
+
+
+# --- coverage helpers -------------------------------------------------------
+
+from mods.coverage import coverage_curve, plot_coverage, random_coverage_curve  # noqa: E402
+
+
+def test_coverage_curve_of_kcenter_order_equals_radii():
+    x = clustered(800, 6, 10, seed=31)
+    res = k_center_greedy(x, 50, seed=1, device="cpu")
+    ks = [1, 2, 10, 50]
+    np.testing.assert_array_equal(coverage_curve(x, res.indices, ks), res.radii[np.array(ks) - 1])
+
+
+def test_random_coverage_curve_matches_brute_force():
+    x = clustered(500, 4, 7, seed=32)
+    ks = [1, 5, 7, 40]
+    curve = random_coverage_curve(x, ks, seed=3)
+    order = np.random.default_rng(3).permutation(500)
+    expected = [coverage_radius(x, order[:k]) for k in ks]
+    np.testing.assert_allclose(curve, expected, rtol=1e-5)
+    assert np.all(np.diff(curve) <= 0)
+    # Well-separated clusters: 7 k-center picks hit every cluster, 7 random ones rarely do.
+    kc_radius = k_center_greedy(x, 7, seed=3, device="cpu").radii[-1]
+    assert kc_radius < curve[2]
+
+
+def test_coverage_curve_rejects_bad_ks_and_order():
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(ValueError, match="ks must lie"):
+        coverage_curve(x, [0, 1, 2], [4])
+    with pytest.raises(ValueError, match="ks must lie"):
+        coverage_curve(x, [0, 1, 2], [0])
+    with pytest.raises(ValueError, match="duplicate"):
+        coverage_curve(x, [0, 1, 1], [2])
+
+
+def test_plot_coverage_writes_a_png(tmp_path):
+    out = plot_coverage([1, 10, 100], [3.0, 2.0, 1.0], [3.0, 2.5, 2.0], tmp_path / "sub" / "c.png", "t")
+    assert out == tmp_path / "sub" / "c.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 1000
+    with pytest.raises(ValueError, match="equal length"):
+        plot_coverage([1, 2], [1.0], [1.0, 2.0], tmp_path / "x.png", "t")
