@@ -133,9 +133,18 @@ def demo_sources() -> list[str]:
 
 
 def source_files(sources: list[str]) -> list[Path]:
-    from mods.ingest import expand_sources
+    """The files behind sources (folders and globs expanded), for the source key."""
+    from mods.readers import discover
 
-    return [Path(p) for p in expand_sources(sources)]
+    files: list[Path] = []
+    for source in discover(list(sources)):
+        if source.path is None:  # a hub id: no local bytes to fingerprint
+            continue
+        if source.path.is_file():
+            files.append(source.path)
+        else:
+            files += sorted(p for p in source.path.rglob("*") if p.is_file())
+    return files
 
 
 def _ingest_key(params: dict[str, Any]) -> list[str]:
@@ -143,7 +152,9 @@ def _ingest_key(params: dict[str, Any]) -> list[str]:
     hash_content = bool(params.get("hash_content", False))
     decontam = params["ingest"].get("decontaminate_against") or []
     decontam_files = source_files(decontam) if decontam else []
-    return ["sources:" + fingerprint_files(files, hash_content), "eval:" + fingerprint_files(decontam_files)]
+    hub_ids = sorted(str(s) for s in params["sources"] if not Path(str(s)).exists() and "/" in str(s) and not any(c in str(s) for c in "*?["))
+    return ["sources:" + fingerprint_files(files, hash_content), "eval:" + fingerprint_files(decontam_files),
+            "hub:" + ",".join(hub_ids)]
 
 
 @stage("ingest", "1", "cpu", (), "Read every source file into canonical rows; quarantine the rest.", _ingest_key)

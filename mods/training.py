@@ -207,7 +207,7 @@ def train_model(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss) * config.gradient_accumulation)
+            losses.append(float(loss.detach()) * config.gradient_accumulation)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()

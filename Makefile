@@ -1,0 +1,53 @@
+# make run   — set up (.venv, project, offline models) and run the pipeline on the embedded demo
+# make test  — set up and run the test suite (what .ci/run calls)
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# pip takes this torch from the CPU file on disk here; on a GPU machine PyPI's build has CUDA.
+TORCH ?= torch==2.13.0
+# pip's local indexes here print one warning per package; keep the log readable.
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup models run test test-fast bench clean-work
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the project's dependencies change.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" $(QUIET_PIP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]" $(QUIET_PIP)
+	touch $@
+
+setup: $(VENV)/.installed
+
+models: setup
+	$(BIN)/mods prepare-models
+
+run: models
+	$(BIN)/mods run $(ARGS)
+
+test: models
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Unit tests only (no real models, no Prefect server).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e and not flow" $(PYTEST_ARGS)
+
+bench: models
+	$(BIN)/python benchmarks/kcenter.py
+	$(BIN)/python benchmarks/quality_scorer.py
+	$(BIN)/python benchmarks/ingest.py
+
+clean-work:
+	rm -rf work
