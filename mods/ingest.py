@@ -410,6 +410,8 @@ def ingest(
         srcs = discover(list(sources))
     except SourceError as e:
         raise IngestError(str(e)) from None
+    for src in srcs:  # file names with undecodable bytes
+        src.name = safe_text(src.name)
 
     # column-wise buffers: far smaller than a list of dicts for 100k+ rows
     cols: dict[str, list] = {c: [] for c in S.ROW_COLUMNS}
@@ -546,11 +548,10 @@ def ingest(
     rows[S.METADATA] = [safe_text(json.dumps(metas[i], ensure_ascii=False, default=str)) for i in idx]
     rows = rows[list(S.ROW_COLUMNS)]
     rows[S.SOURCE_LINE] = rows[S.SOURCE_LINE].astype("int64")
-    qdf = pd.DataFrame(quarantine, columns=list(S.QUARANTINE_COLUMNS))
+    # undecodable bytes survive as lone surrogates until here; Arrow strings refuse them
+    qdf = pd.DataFrame([(s, ln, r, safe_text(d), safe_text(raw)) for s, ln, r, d, raw in quarantine],
+                       columns=list(S.QUARANTINE_COLUMNS))
     qdf[S.SOURCE_LINE] = qdf[S.SOURCE_LINE].astype("int64")
-    if len(qdf):
-        qdf[S.DETAIL] = [safe_text(d) for d in qdf[S.DETAIL]]
-        qdf[S.RAW] = [safe_text(r) for r in qdf[S.RAW]]
 
     report = _report(stats, qdf, cfg, n_exact, n_norm, time.perf_counter() - t0)
     check_accounting(report)

@@ -133,7 +133,7 @@ def discover(sources: list[str | Path]) -> list[Source]:
             if not got:
                 raise SourceError(f"{text}: glob matches no data files")
             found.extend(got)
-        elif _HUB_ID.match(text) and not text.startswith((".", "/")):
+        elif _HUB_ID.match(text) and path.suffix.lower() not in DATA_EXTS:
             try:
                 import datasets  # noqa: F401  (optional: only for hub ids)
             except ImportError:
