@@ -184,7 +184,7 @@ def sample_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any
 def _score_rows(params: dict[str, Any], instructions, inputs, outputs) -> pd.DataFrame:
     from mods.scoring import ScorerConfig, build_scorer
 
-    scorer = build_scorer(ScorerConfig.model_validate(params))
+    scorer = build_scorer(ScorerConfig.model_validate({k: v for k, v in params.items() if k != "progress"}))
     return scorer.score(list(instructions), list(inputs), list(outputs), progress=params.get("progress", True))
 
 
