@@ -1,0 +1,117 @@
+"""Per-stage subcommands on plain files, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.cli import main
+from mods.embedding import embeddings_table
+
+ROWS = [
+    {"instruction": "Name a fruit.", "input": "", "output": "Apple."},
+    {"instruction": "Add numbers.", "input": "2 and 2", "output": "Four."},
+    {"instruction": "Greet someone.", "input": "", "output": "Hello there!"},
+    {"instruction": "Say a colour.", "input": "", "output": "Green."},
+]
+
+
+@pytest.fixture()
+def rows_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    return path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_bad_override_is_one_line(capsys):
+    assert main(["run", "--set", "nonsense"]) == 2
+    assert "expected section.field=value" in one_line_error(capsys)
+
+
+def test_invalid_config_value_is_one_line(capsys):
+    assert main(["run", "--set", "seed_selection.k=-3"]) == 2
+    assert "seed_selection.k" in one_line_error(capsys)
+
+
+def test_unknown_config_field_is_one_line(capsys, tmp_path: Path):
+    config = tmp_path / "c.yaml"
+    config.write_text("quality:\n  alpah: 0\n")
+    assert main(["run", "--config", str(config)]) == 2
+    assert "alpah" in one_line_error(capsys)
+
+
+def test_select_writes_pick_order_and_honours_already_selected(tmp_path: Path, capsys):
+    ids = [f"r{i}" for i in range(6)]
+    vectors = np.array([[0, 0], [10, 0], [0, 10], [10, 10], [5, 5], [1, 0]], dtype=np.float32)
+    import pyarrow.parquet as pq
+
+    pq.write_table(embeddings_table(ids, vectors), tmp_path / "emb.parquet")
+    pd.DataFrame({"id": ["r4"]}).to_parquet(tmp_path / "chosen.parquet")
+    assert main(["select", str(tmp_path / "emb.parquet"), "--k", "4", "--out", str(tmp_path / "sel.parquet"),
+                 "--already-selected", str(tmp_path / "chosen.parquet")]) == 0
+    picked = pd.read_parquet(tmp_path / "sel.parquet")
+    assert picked["pick_order"].tolist() == [0, 1, 2, 3]
+    assert "r4" not in picked["id"].tolist()
+    assert set(picked["id"]) == {"r0", "r1", "r2", "r3"}  # the four corners, farthest from the centre
+    assert (np.diff(picked["radius_after"]) <= 1e-6).all()
+
+
+def test_select_errors_are_one_line(tmp_path: Path, capsys):
+    assert main(["select", str(tmp_path / "missing.parquet"), "--k", "2", "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "no such file" in one_line_error(capsys)
+    import pyarrow.parquet as pq
+
+    pq.write_table(embeddings_table(["a", "b"], np.eye(2, dtype=np.float32)), tmp_path / "emb.parquet")
+    assert main(["select", str(tmp_path / "emb.parquet"), "--k", "5", "--out", str(tmp_path / "x.parquet")]) == 2
+    one_line_error(capsys)
+
+
+def test_score_with_a_local_reward_model(rows_file: Path, tmp_path: Path):
+    from tiny_models import make_tiny_reward_model
+
+    model = make_tiny_reward_model(tmp_path / "rm")
+    out = tmp_path / "scored.parquet"
+    assert main(["score", str(rows_file), "--scorer", "reward-model", "--model", str(model), "--out", str(out), "--quiet"]) == 0
+    scored = pd.read_parquet(out)
+    assert len(scored) == len(ROWS) and np.isfinite(scored["quality_score"]).all()
+    assert scored["instruction"].tolist() == [r["instruction"] for r in ROWS]
+
+
+def test_reward_model_scorer_needs_a_folder(rows_file: Path, tmp_path: Path, capsys):
+    code = main(["score", str(rows_file), "--scorer", "reward-model", "--model", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "s.parquet"), "--quiet"])
+    assert code == 2
+    one_line_error(capsys)
+
+
+def test_train_then_necessity_on_files(rows_file: Path, tmp_path: Path, tiny_llama_dir: Path):
+    model_dir = tmp_path / "model"
+    assert main(["train", str(rows_file), "--base-model", str(tiny_llama_dir), "--out", str(model_dir),
+                 "--epochs", "1", "--max-length", "48", "--device", "cpu", "--quiet"]) == 0
+    assert (model_dir / "adapter_model.safetensors").is_file()
+    out = tmp_path / "necessity.parquet"
+    assert main(["necessity", str(rows_file), "--model-dir", str(model_dir), "--model", str(tiny_llama_dir),
+                 "--max-new-tokens", "4", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    frame = pd.read_parquet(out)
+    assert len(frame) == len(ROWS)
+    assert {"model_answer", "necessity_score"} <= set(frame.columns)
+
+
+def test_embed_writes_one_vector_per_row(rows_file: Path, tmp_path: Path):
+    from mods.embedding import read_embeddings
+
+    out = tmp_path / "emb.parquet"
+    assert main(["embed", str(rows_file), "--out", str(out), "--quiet"]) == 0
+    ids, vectors = read_embeddings(out)
+    assert len(ids) == len(ROWS) and vectors.shape == (len(ROWS), 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
