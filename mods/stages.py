@@ -112,7 +112,10 @@ def model_fingerprint(name: str | None) -> str:
 
 
 def _scorer_key(params: dict[str, Any]) -> list[str]:
-    return [model_fingerprint(params.get("model"))]
+    from mods.scoring import SCORER_VERSION
+
+    # The scorer's own definition version: a changed formula must not reuse old scores.
+    return [model_fingerprint(params.get("model")), f"scorer:{SCORER_VERSION}"]
 
 
 def _train_key(params: dict[str, Any]) -> list[str]:
