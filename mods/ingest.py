@@ -519,7 +519,6 @@ def ingest(
 
     # ---- duplicates: same normalised content = same id; the first copy is kept
     first: dict[str, int] = {}
-    first_exact: dict[str, int] = {}
     keep = [False] * n
     n_exact = n_norm = 0
     for i in range(n):
@@ -538,7 +537,6 @@ def ingest(
             {"source": cols[S.SOURCE][i], "source_line": cols[S.SOURCE_LINE][i], "exact": exact}
         )
         stats[cols[S.SOURCE][i]]["duplicates"] += 1
-    del first_exact
 
     for i in range(n):
         if keep[i]:
@@ -559,12 +557,7 @@ def ingest(
 
 
 def _where(src: Source, rec: RawRecord) -> str:
-    unit = "line" if src.kind in ("csv", "tsv") or _is_lines(src) else "record"
-    return f"{src.name}: {unit} {rec.line}"
-
-
-def _is_lines(src: Source) -> bool:
-    return src.kind == "json" and src.path is not None and src.path.suffix.lower() in (".jsonl", ".ndjson")
+    return f"{src.name}: {src.unit} {rec.line}"
 
 
 def _raw(rec: RawRecord) -> str:

@@ -57,6 +57,8 @@ class Source:
     path: Path | None = None
     size: int = 0
     warnings: list[str] = field(default_factory=list)
+    # what RawRecord.line counts, set by the reader: "line" or "record"
+    unit: str = "record"
 
 
 # ---------------------------------------------------------------- discovery
@@ -229,6 +231,7 @@ def read_json(src: Source, on_progress: Callable[[int], None] | None = None) -> 
 
 def _read_lines(text: str, src: Source, on_progress: Callable[[int], None] | None) -> Iterator[RawRecord]:
     # split on \n only: str.splitlines would also split on U+2028 etc., legal inside JSON strings
+    src.unit = "line"
     lines = text.split("\n")
     last_nonempty = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
     ends_with_newline = text.endswith("\n")
@@ -344,6 +347,7 @@ def _cut_off(tail: str) -> bool:
 def read_csv(src: Source, on_progress: Callable[[int], None] | None = None) -> Iterator[RawRecord]:
     assert src.path is not None
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # answers longer than 128 KiB exist
+    src.unit = "line"
     delimiter = "\t" if src.kind == "tsv" else ","
     with open(src.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)

@@ -252,6 +252,7 @@ def test_broken_record_inside_json_array_is_skipped_and_rest_recovered(tmp_path:
     res = run([write(tmp_path / "d.json", text)])
     assert sorted(res.rows[S.OUTPUT]) == ["a0", "a2", "a3"]
     assert reasons(res) == ["json_syntax"]
+    assert "record 2 (line" in res.quarantine[S.DETAIL].iloc[0]
     assert res.quarantine[S.SOURCE_LINE].iloc[0] == 2
     assert "oops" in res.quarantine[S.RAW].iloc[0]
 
@@ -270,6 +271,7 @@ def test_csv_missing_column_and_extra_fields(tmp_path: Path) -> None:
     res = run([f])
     assert reasons(res) == ["missing_output", "missing_output"]
     assert list(res.quarantine[S.SOURCE_LINE]) == [2, 3]
+    assert "d.csv: line 2: output is absent" in res.quarantine[S.DETAIL].iloc[0]
     g = write(tmp_path / "e.csv", 'instruction,output\nq,a\nq2,a2,surplus\n')
     res = run([g])
     assert reasons(res) == ["bad_csv_row"]
