@@ -1,6 +1,6 @@
 """Pipeline configuration: one pydantic model, which is also the Prefect UI's parameter form.
 
-Defaults are sized for the embedded demo on a 2-core CPU (about 300 ShareGPT rows, LoRA
+Defaults are sized for the embedded demo on a 2-core CPU (160 ShareGPT rows, LoRA
 on SmolLM2-135M). ``configs/paper-*.yaml`` hold the paper's values for a GPU run.
 """
 
@@ -27,13 +27,13 @@ class _Strict(BaseModel):
 
 class SampleConfig(_Strict):
     rows: int | None = Field(
-        300,
+        160,
         ge=1,
         description="Rows drawn (seeded) from the ingested pool before scoring; empty = all rows. "
         "The demo default keeps a CPU run under 20 minutes.",
     )
     max_chars: int | None = Field(
-        1500,
+        1000,
         ge=1,
         description="Only rows whose instruction + input + output fit in this many characters "
         "are eligible for the sample (CPU tractability); empty = no limit.",
@@ -60,7 +60,7 @@ class QualityConfig(_Strict):
 
 
 class SeedSelectionConfig(_Strict):
-    k: int = Field(24, ge=1, description="Seed-set size picked by k-center greedy.")
+    k: int = Field(16, ge=1, description="Seed-set size picked by k-center greedy.")
     seed: int = Field(0, description="Seed for the first k-center pick.")
 
 
@@ -74,7 +74,7 @@ class NecessityConfig(_Strict):
     fraction: float | None = Field(
         0.5, gt=0, le=1, description="The worst-answered fraction counts as needed (used when beta is empty)."
     )
-    k: int = Field(24, ge=1, description="Augmented-set size picked by k-center from the needed rows.")
+    k: int = Field(16, ge=1, description="Augmented-set size picked by k-center from the needed rows.")
     relative_to_seed: bool = Field(
         True,
         description="Seed rows count as centers already chosen, so augmented picks cover what the "
@@ -154,3 +154,28 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if overrides:
         values = deep_update(values, overrides)
     return PipelineConfig.model_validate(values)
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        dotted = f"{prefix}{name}"
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _fields(annotation, dotted + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((dotted, "" if default is None else str(default), (field.description or "").replace("|", "\\|")))
+    return rows
+
+
+def config_reference_markdown() -> str:
+    """Every PipelineConfig field with its default and description (the README's table)."""
+    lines = ["| parameter | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{name}` | `{default}` | {text} |" if default else f"| `{name}` | | {text} |"
+              for name, default, text in _fields(PipelineConfig)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())
