@@ -25,7 +25,9 @@ Two kinds:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -278,6 +280,11 @@ class LikelihoodScorer:
         # Switches for the benchmark's naive baseline only.
         self._sort_by_length = True
         self._trim_logits = True
+        self._use_prefix_cache = True
+        self.last_prefix_len = 0
+        # transformers 5 renamed past_key_values to cache.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.last_tokens = 0  # tokens run through the model by the last call (for throughput)
 
     # -- tokenisation
@@ -317,13 +324,19 @@ class LikelihoodScorer:
 
     # -- forward
 
-    def _forward_logprobs(self, seqs: list[list[int]], n_scored: list[int]) -> list[np.ndarray]:
+    def _forward_logprobs(
+        self, seqs: list[list[int]], n_scored: list[int], prefix: tuple[int, Any] | None = None
+    ) -> list[np.ndarray]:
         """Log-probs of the last n_scored[i] tokens of each sequence, one batch.
 
         Left padding puts every sequence's end at the same position, so the LM head
         only runs on the last max(n_scored)+1 positions (``logits_to_keep``): for a
         135M model with a 49k vocabulary the head is a large share of the compute.
+        ``prefix`` = (length, KV cache) of the token prefix every sequence shares (the
+        chat template's system turn): computed once per call, not once per row.
         """
+        p_len, p_cache = prefix if prefix is not None else (0, None)
+        seqs = [s[p_len:] for s in seqs]
         pad = self.tokenizer.pad_token_id
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -332,19 +345,51 @@ class LikelihoodScorer:
             ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[r, width - len(s) :] = 1
         # Explicit positions so left padding does not shift them.
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) + p_len
         keep = min(width, max(n_scored) + 1) if self._trim_logits else width
+        kwargs: dict[str, Any] = {}
+        if p_cache is not None:
+            cache = copy.deepcopy(p_cache)
+            cache.batch_repeat_interleave(len(seqs))
+            kwargs[self._cache_kwarg] = cache
+            mask = torch.cat([torch.ones((len(seqs), p_len), dtype=torch.long), mask], dim=1)
         ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
         try:
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, **kwargs
+            ).logits
         except TypeError:  # models without logits_to_keep
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs).logits
         logits = logits[:, -keep:, :].float()
-        # logits[:, j] predicts token at absolute position width-keep+j+1
+        # logits[:, j] predicts token at position width-keep+j+1 (of the unshared part)
         targets = ids[:, width - keep + 1 :]
         lp = torch.log_softmax(logits[:, :-1, :], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         lp = lp.cpu().numpy().astype(np.float64)
         return [lp[r, lp.shape[1] - k :] if k else lp[r, :0] for r, k in enumerate(n_scored)]
+
+    def _shared_prefix(self, jobs: list[tuple[list[int], int]]) -> tuple[int, Any] | None:
+        """KV cache of the longest token prefix all jobs share, leaving each job at least
+        one unshared token before its scored tokens; None when not worth it."""
+        if not self._use_prefix_cache or len(jobs) < 2:
+            return None
+        first = jobs[0][0]
+        p_len = min(len(s) - k - 1 for s, k in jobs)
+        for s, _ in jobs:
+            p_len = min(p_len, len(s))
+            for t in range(p_len):
+                if s[t] != first[t]:
+                    p_len = t
+                    break
+        if p_len < 2:
+            return None
+        try:
+            out = self.model(input_ids=torch.tensor([first[:p_len]], device=self.device), use_cache=True)
+            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+            if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+                return None
+        except Exception:  # noqa: BLE001 - an exotic cache type: just run without it
+            return None
+        return p_len, cache
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -405,8 +450,11 @@ class LikelihoodScorer:
             batches = [list(range(i, min(i + bs, len(jobs)))) for i in range(0, len(jobs), bs)]
         self.last_tokens = sum(len(s) for s, _ in jobs)
         with torch.inference_mode(), _autocast(self.device, self.dtype):
+            prefix = self._shared_prefix(jobs)
+            self.last_prefix_len = prefix[0] if prefix else 0
+            self.last_tokens -= (len(jobs) - 1) * self.last_prefix_len
             for batch in tqdm(batches, desc="likelihood scoring", disable=not progress, unit="batch"):
-                out = self._forward_logprobs([jobs[j][0] for j in batch], [jobs[j][1] for j in batch])
+                out = self._forward_logprobs([jobs[j][0] for j in batch], [jobs[j][1] for j in batch], prefix)
                 for j, lp in zip(batch, out):
                     results[j] = lp
 

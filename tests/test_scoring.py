@@ -206,3 +206,15 @@ def test_smollm2_prefers_correct_answer_to_shuffled() -> None:
     out = [r[2] for r in rows] + shuffled
     q = scorer.score(ins, inp, out, progress=False)["quality_score"].to_numpy()
     assert (q[: len(rows)] > q[len(rows) :]).all(), q
+
+
+def test_likelihood_shortcuts_do_not_change_scores(tiny_llama: Path) -> None:
+    # Shared-prefix KV cache, trimmed LM head and length sorting are pure speed-ups.
+    cols = ["lp_answer", "lp_answer_neutral", "lp_end"]
+    scorer = _lik(tiny_llama, batch_size=3)
+    fast = scorer.features(INS, INP, OUT, progress=False)[cols].to_numpy()
+    assert scorer.last_prefix_len > 0  # the chat template's shared start was cached
+    plain = _lik(tiny_llama, batch_size=3)
+    plain._use_prefix_cache = plain._trim_logits = plain._sort_by_length = False
+    slow = plain.features(INS, INP, OUT, progress=False)[cols].to_numpy()
+    np.testing.assert_allclose(fast, slow, atol=1e-4)
