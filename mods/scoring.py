@@ -384,7 +384,7 @@ class LikelihoodScorer:
             return None
         try:
             out = self.model(input_ids=torch.tensor([first[:p_len]], device=self.device), use_cache=True)
-            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+            cache = getattr(out, "cache", None) if self._cache_kwarg == "cache" else out.past_key_values
             if cache is None or not hasattr(cache, "batch_repeat_interleave"):
                 return None
         except Exception:  # noqa: BLE001 - an exotic cache type: just run without it
