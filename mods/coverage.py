@@ -53,7 +53,7 @@ def coverage_curve(
     for t, row in enumerate(rows[: ks_arr.max()].tolist(), start=1):
         cov.add(row)
         if t in want:
-            radius_at[t] = float(cov.mind.max())
+            radius_at[t] = cov.farthest()[0]
     return np.array([radius_at[int(k)] for k in ks_arr], dtype=np.float32)
 
 

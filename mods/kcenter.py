@@ -131,81 +131,172 @@ def _as_index_array(already_selected: Sequence[int], n_rows: int) -> np.ndarray:
     return sel
 
 
-class _Coverage:
-    """Min-distance state of the traversal: one float32 and one int64 vector of length N."""
+# Float32 matmul unit roundoff; looser if the user allowed TF32/bf16 matmuls.
+def _matmul_unit_roundoff() -> float:
+    prec = torch.get_float32_matmul_precision()
+    return {"highest": 2.0**-24, "high": 2.0**-11}.get(prec, 2.0**-8)
 
-    def __init__(
-        self, x: torch.Tensor, capacity: int, chunk_rows: int, prune: bool
-    ) -> None:
+
+class _Coverage:
+    """Min-distance state of the traversal.
+
+    ``mind[i]`` is the exact (canonical) distance from row i to its nearest center
+    among the first ``stamp[i]`` centers.  Canonical distance: float64 differences,
+    summed, square-rooted, rounded to float32 -- independent of batching, exactly 0
+    for duplicates, equal for exact ties.
+
+    prune=False updates every row with every center (the reference path).
+
+    prune=True is lazy and exact: only the "active" rows, the ones whose (possibly
+    stale) distance is >= ``tau``, are updated at every step; since distances only
+    shrink as centers are added, a stale value is an upper bound, so an inactive row
+    (stale value < tau) can't be the farthest while an active row is >= tau.  When
+    the active maximum drops below tau, tau is lowered and the rows that enter are
+    brought up to date with one matmul against all centers added since they were
+    last exact.  Matmul distances (|x|^2 + |c|^2 - 2x.c) are only a filter: a
+    rigorous float32 error bound decides which (row, center) pairs could change a
+    minimum, and those pairs are recomputed canonically.
+    """
+
+    def __init__(self, x: torch.Tensor, capacity: int, chunk_rows: int, prune: bool) -> None:
         self.x = x
-        self.n = x.shape[0]
+        self.n, self.dim = x.shape
         self.chunk = chunk_rows
         self.prune = prune
-        self.centers = torch.empty((capacity, x.shape[1]), dtype=x.dtype, device=x.device)
-        self.n_centers = 0
-        self.mind = torch.full((self.n,), math.inf, dtype=torch.float32, device=x.device)
-        self.nearest = torch.zeros(self.n, dtype=torch.int64, device=x.device)
-        self._arange = torch.arange(self.n, device=x.device)
-        self.rows_computed = 0  # distance evaluations, for benchmarks
+        dev = x.device
+        self.sq = torch.empty(self.n, dtype=torch.float32, device=dev)
+        for start in range(0, self.n, chunk_rows):
+            self.sq[start : start + chunk_rows] = x[start : start + chunk_rows].double().square().sum(1).float()
+        if not bool(torch.isfinite(4.0 * self.sq).all()):
+            raise ValueError("embedding values too large: float32 distances overflow")
+        self.norm = self.sq.sqrt()
+        # |approx d^2 - d^2| <= gamma * (|x| + |c|)^2 for the matmul form (doubled for safety).
+        self.gamma = 2.0 * (self.dim + 4) * _matmul_unit_roundoff()
+        self.centers = torch.empty((capacity, self.dim), dtype=x.dtype, device=dev)
+        self.csq = torch.empty(capacity, dtype=torch.float32, device=dev)
+        self.cnorm = torch.empty(capacity, dtype=torch.float32, device=dev)
+        self.t = 0
+        self.mind = torch.full((self.n,), math.inf, dtype=torch.float32, device=dev)
+        self.stamp = torch.zeros(self.n, dtype=torch.int64, device=dev)
+        # Active set: about active_rows rows; large enough that epochs are long,
+        # small enough that the per-step matrix-vector product stays in cache.
+        self.active_rows = int(min(self.n, max(1024, 4 * math.isqrt(self.n))))
+        self.A: torch.Tensor | None = None
+        self.tau = math.inf
+        self.pair_evals = 0  # distance evaluations (approximate + exact), for tests/benchmarks
 
-    def _dist(self, rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # Direct per-pair differences: exact 0 for duplicates, no cancellation,
-        # and each row's value does not depend on which other rows share the chunk.
-        return torch.cdist(rows, c[None], compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
+    def _exact(self, rows: torch.Tensor, cidx: torch.Tensor) -> torch.Tensor:
+        """Canonical distances of pairs (rows[i], centers[cidx[i]])."""
+        out = torch.empty(rows.numel(), dtype=torch.float32, device=self.x.device)
+        for s in range(0, rows.numel(), self.chunk):
+            xr = self.x.index_select(0, rows[s : s + self.chunk]).double()
+            cr = self.centers.index_select(0, cidx[s : s + self.chunk]).double()
+            out[s : s + self.chunk] = (xr - cr).square_().sum(1).sqrt_().float()
+        self.pair_evals += rows.numel()
+        return out
 
     def add(self, row: int) -> None:
-        j = self.n_centers
-        c = self.centers[j]
-        c.copy_(self.x[row])
-        self.n_centers += 1
-        if j == 0:
+        j = self.t
+        self.centers[j] = self.x[row]
+        self.csq[j] = self.sq[row]
+        self.cnorm[j] = self.norm[row]
+        self.t += 1
+        if not self.prune:
             for start in range(0, self.n, self.chunk):
-                stop = min(start + self.chunk, self.n)
-                self.mind[start:stop] = self._dist(self.x[start:stop], c)
-            self.rows_computed += self.n
-            if not bool(torch.isfinite(self.mind).all()):
-                raise ValueError("embedding values too large: float32 distances overflow")
+                rows = torch.arange(start, min(start + self.chunk, self.n), device=self.x.device)
+                d = self._exact(rows, torch.full_like(rows, j))
+                torch.minimum(self.mind[start : start + rows.numel()], d, out=self.mind[start : start + rows.numel()])
             return
-        if self.prune:
-            # d(a, c) for every earlier center a; rows with d(a, c) >= 2 mind can't move.
-            dcc = self._dist(self.centers[:j], c)
-            thresh = dcc[self.nearest]
-            cand = torch.nonzero(thresh < 2.0 * (1.0 + PRUNE_MARGIN) * self.mind)[:, 0]
-        else:
-            cand = None
-        if cand is None:
-            for start in range(0, self.n, self.chunk):
-                stop = min(start + self.chunk, self.n)
-                d = self._dist(self.x[start:stop], c)
-                self._update(d, start, stop, None, j)
-            self.rows_computed += self.n
-        else:
-            for start in range(0, cand.numel(), self.chunk):
-                idx = cand[start : start + self.chunk]
-                d = self._dist(self.x.index_select(0, idx), c)
-                self._update(d, start, start + idx.numel(), idx, j)
-            self.rows_computed += cand.numel()
+        if self.A is None or self.A.numel() == 0:
+            return  # inactive rows catch up lazily
+        # Filter: approx d^2 - err < mind^2  <=>  x.c + (mind^2 - |x|^2)/2 > (|c|^2 - err)/2,
+        # one fused matrix-vector product; err bounds every pair (max norm over A).
+        csq = float(self.csq[j])
+        err = self.gamma * (self.normA_max + float(self.cnorm[j])) ** 2
+        score = torch.addmv(self.halfthr, self.XA, self.centers[j])
+        self.pair_evals += self.A.numel()
+        cand = torch.nonzero(score > 0.5 * (csq - err))[:, 0]
+        if cand.numel():
+            d = self._exact(self.A[cand], torch.full_like(cand, j))
+            new = torch.minimum(self.mindA[cand], d)
+            self.mindA[cand] = new
+            self.halfthr[cand] = 0.5 * (new.square() - self.sqA[cand])
 
-    def _update(
-        self, d: torch.Tensor, start: int, stop: int, idx: torch.Tensor | None, j: int
-    ) -> None:
-        if idx is None:
-            cur = self.mind[start:stop]
-            closer = d < cur
-            cur[closer] = d[closer]
-            self.nearest[start:stop][closer] = j
-        else:
-            closer = d < self.mind[idx]
-            moved = idx[closer]
-            self.mind[moved] = d[closer]
-            self.nearest[moved] = j
+    def _refresh(self, rows: torch.Tensor) -> None:
+        """Bring stale rows up to date with all centers added since their stamp."""
+        t = self.t
+        stamps = self.stamp[rows]
+        for s in torch.unique(stamps).tolist():
+            group = rows[stamps == s]
+            m = t - s
+            cs = self.centers[s:t]
+            csq = self.csq[s:t]
+            cmax = float(self.cnorm[s:t].max())
+            step = max(1, min(self.chunk, (4 << 20) // m))  # bounds the step x m matrix
+            for start in range(0, group.numel(), step):
+                g = group[start : start + step]
+                approx = self.sq[g][:, None] + csq[None, :] - 2.0 * (self.x.index_select(0, g) @ cs.T)
+                self.pair_evals += approx.numel()
+                amin = approx.min(1).values
+                err = self.gamma * (self.norm[g] + cmax).square()
+                cur = self.mind[g]
+                # A center can hold the exact minimum only if its approximate value
+                # is within 2 err of the approximate minimum; skip rows no center can improve.
+                may = (amin - 2.0 * err) < cur.square()
+                pairs = torch.nonzero((approx <= (amin + 2.0 * err)[:, None]) & may[:, None])
+                if pairs.numel():
+                    d = self._exact(g[pairs[:, 0]], pairs[:, 1] + s)
+                    best = torch.full_like(cur, math.inf).scatter_reduce_(0, pairs[:, 0], d, "amin")
+                    self.mind[g] = torch.minimum(cur, best)
+                self.stamp[g] = t
+
+    def _new_epoch(self) -> None:
+        if self.A is not None and self.A.numel():
+            self.mind[self.A] = self.mindA
+            self.stamp[self.A] = self.t
+        while True:
+            ub = self.mind  # exact where stamp == t, an upper bound elsewhere
+            if self.active_rows >= self.n:
+                tau = lo = float(ub.min())
+            else:
+                top = torch.topk(ub, min(self.n, 2 * self.active_rows)).values
+                tau, lo = float(top[self.active_rows - 1]), float(top[-1])
+            if tau == 0.0:
+                pos = ub[ub > 0]
+                tau = lo = float(pos.min()) if pos.numel() else 0.0
+            if tau == 0.0:
+                break  # every row is at distance 0
+            if not bool(((ub >= tau) & (self.stamp < self.t)).any()):
+                break
+            # Refresh down to the 2*active_rows-th value, so fewer rounds are needed.
+            self._refresh(torch.nonzero((ub >= min(lo, tau)) & (self.stamp < self.t))[:, 0])
+        self.tau = tau
+        self.A = torch.nonzero(self.mind >= tau)[:, 0] if tau > 0 else self.mind.new_zeros(0, dtype=torch.int64)
+        self.XA = self.x.index_select(0, self.A)
+        self.sqA = self.sq[self.A]
+        self.normA = self.norm[self.A]
+        self.mindA = self.mind[self.A].clone()
+        self.halfthr = 0.5 * (self.mindA.square() - self.sqA)
+        self.normA_max = float(self.normA.max()) if self.A.numel() else 0.0
 
     def farthest(self) -> tuple[float, int]:
-        """(max min-distance, lowest row index attaining it)."""
-        m = self.mind.max()
-        # torch.argmax does not promise the first maximum; take it explicitly.
-        row = torch.where(self.mind == m, self._arange, self.n).min()
-        return float(m), int(row)
+        """(max min-distance over all rows, lowest row index attaining it); (0.0, -1) if all are 0."""
+        if not self.prune:
+            m = self.mind.max()
+            # torch.argmax does not promise the first maximum; take it explicitly.
+            row = torch.nonzero(self.mind == m)[0, 0]
+            return float(m), int(row)
+        for _ in range(2):
+            if self.A is not None and self.A.numel():
+                m = self.mindA.max()
+                if float(m) >= self.tau:
+                    # A is sorted by row index, so the first equal entry is the lowest row.
+                    pos = torch.nonzero(self.mindA == m)[0, 0]
+                    return float(m), int(self.A[pos])
+            self._new_epoch()
+        if self.A.numel() == 0:
+            return 0.0, -1
+        raise AssertionError("unreachable: a fresh epoch always holds the maximum")
 
 
 def k_center_greedy(
