@@ -9,9 +9,10 @@ embedding matrix.
 
 Semantics (exact):
 
-* Euclidean distance, computed in float32 per row pair (``x - c`` directly, no
-  ``|x|^2 - 2x.c + |c|^2`` cancellation), so a duplicate of a center is at
-  distance exactly 0.
+* Euclidean distance.  Every distance that decides a pick is "canonical":
+  float64 differences of the float32 rows, summed, square-rooted, rounded to
+  float32.  It does not depend on batching, is exactly 0 for duplicates and
+  equal for exact ties (e.g. integer grids).
 * Each step picks the row with the largest distance to its nearest chosen
   center; ties go to the lowest row index.
 * ``already_selected`` rows are centers from the start and are not returned.
@@ -21,15 +22,17 @@ Semantics (exact):
   at positive distance remains; when only such rows remain, a ``ValueError``
   says how many distinct rows could be picked.
 
-Memory: one float32 min-distance vector and one int64 nearest-center vector of
-length N, the (already_selected + k) x D center matrix, and one chunk of
-``chunk_rows`` gathered rows at a time; no N x k matrix.
+Memory: a few length-N vectors (float32 min-distance, int64 stamp, norms), the
+(already_selected + k) x D center matrix, a copy of the active rows and one
+bounded chunk at a time; no N x k matrix.
 
-Speed: besides the torch kernels, an exact triangle-inequality test (as in
-Elkan's accelerated k-means) skips rows that the new center cannot bring
-closer: if ``x``'s nearest center is ``a`` and ``d(a, c) >= 2 d(x, a)`` then
-``d(x, c) >= d(a, c) - d(x, a) >= d(x, a)``.  A small relative margin keeps the
-test safe against float32 rounding, so pruning never changes the result.
+Speed (exact accelerations, see ``_Coverage``): lazy evaluation -- only rows
+near the current radius are updated at every step, the rest catch up in
+batches -- and matrix products as a filter with a rigorous float32 error bound,
+so that only (row, center) pairs that may change a minimum are recomputed
+canonically.  Triangle-inequality pruning (Elkan-style, ``d(a, c) >= 2 d(x, a)``)
+was tried first and dropped: on unit-norm MiniLM embeddings the coverage radius
+stays above 1.1 (of a diameter of 2) at k=1000, so it skipped almost no rows.
 """
 
 from __future__ import annotations
@@ -44,9 +47,6 @@ import torch
 
 __all__ = ["KCenterResult", "k_center_greedy", "first_center"]
 
-# Rows are skipped only when d(a, c) >= 2 * mind * (1 + margin): float32 errors
-# of the distances (~1e-6 relative at D=384) are far below this margin.
-PRUNE_MARGIN = 1e-3
 # Default chunk: ~16 MiB of gathered float32 rows.
 _CHUNK_BYTES = 16 << 20
 
@@ -188,10 +188,11 @@ class _Coverage:
     def _exact(self, rows: torch.Tensor, cidx: torch.Tensor) -> torch.Tensor:
         """Canonical distances of pairs (rows[i], centers[cidx[i]])."""
         out = torch.empty(rows.numel(), dtype=torch.float32, device=self.x.device)
-        for s in range(0, rows.numel(), self.chunk):
-            xr = self.x.index_select(0, rows[s : s + self.chunk]).double()
-            cr = self.centers.index_select(0, cidx[s : s + self.chunk]).double()
-            out[s : s + self.chunk] = (xr - cr).square_().sum(1).sqrt_().float()
+        step = min(self.chunk, 4096)  # float64 temporaries: a few MiB
+        for s in range(0, rows.numel(), step):
+            xr = self.x.index_select(0, rows[s : s + step]).double()
+            cr = self.centers.index_select(0, cidx[s : s + step]).double()
+            out[s : s + step] = (xr - cr).square_().sum(1).sqrt_().float()
         self.pair_evals += rows.numel()
         return out
 
@@ -317,7 +318,8 @@ def k_center_greedy(
         ``int(np.random.default_rng(seed).integers(N))``.
     device: torch device; None means CUDA if available, else CPU.
     chunk_rows: rows per distance chunk (default: about 16 MiB of rows).
-    prune: use the exact triangle-inequality test to skip rows (same result).
+    prune: use the exact lazy/matmul acceleration (same result as prune=False,
+        which updates every row canonically at every step: slow, the reference).
 
     Raises ValueError for non-2-D or non-finite embeddings, k < 0, bad
     already_selected, or k larger than the number of distinct rows that can
