@@ -243,16 +243,25 @@ def _selection_frame(ids: list[str], result: Any) -> pd.DataFrame:
     )
 
 
+def pickable_rows(matrix: np.ndarray, already_selected: list[int]) -> int:
+    """Rows k-center can still pick: distinct vectors that are not a center already
+    (identical instructions embed identically; k-center never picks a duplicate)."""
+    taken = set(already_selected)
+    centers = {matrix[i].tobytes() for i in taken}
+    return len({row.tobytes() for i, row in enumerate(matrix) if i not in taken} - centers)
+
+
 @stage("seed_select", "1", "cpu", ("embed",), "k-center greedy seed set (coverage).")
 def seed_select_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
     from mods.embedding import read_embeddings
     from mods.kcenter import k_center_greedy
 
     ids, vectors = read_embeddings(Artifact.model_validate(inputs["embed"]).file("embeddings.parquet"))
-    k = min(params["k"], len(ids))
+    k = min(params["k"], pickable_rows(vectors, []))
     result = k_center_greedy(vectors, k, seed=params.get("seed", 0))
     write_parquet(_selection_frame(ids, result), out / "selected.parquet")
-    return {"candidates": len(ids), "k": k, "radius": float(result.radii[-1]) if k else None}
+    return {"candidates": len(ids), "k_requested": params["k"], "k": k,
+            "radius": float(result.radii[-1]) if k else None}
 
 
 @stage("seed_train", "1", "gpu", ("high_quality", "seed_select"), "Fine-tune the base LLM on the seed set.", _train_key)
@@ -316,14 +325,15 @@ def augment_select_body(out: Path, inputs: Mapping[str, Artifact], params: dict[
     seed_ids = read_table(inputs["seed_select"], "selected.parquet")["id"].tolist() if params.get("relative_to_seed", True) else []
     candidate_ids = seed_ids + needed
     matrix = vectors[[position[i] for i in candidate_ids]] if candidate_ids else vectors[:0]
-    k = min(params["k"], len(needed))
+    already = list(range(len(seed_ids)))
+    k = min(params["k"], pickable_rows(matrix, already)) if needed else 0
     if k == 0:
         frame = pd.DataFrame({"id": [], "pick_order": [], "pick_distance": [], "radius_after": []})
     else:
-        result = k_center_greedy(matrix, k, already_selected=list(range(len(seed_ids))), seed=params.get("seed", 0))
+        result = k_center_greedy(matrix, k, already_selected=already, seed=params.get("seed", 0))
         frame = _selection_frame(candidate_ids, result)
     write_parquet(frame, out / "selected.parquet")
-    return {"answered": len(necessity), "needed": len(needed), "k": k}
+    return {"answered": len(necessity), "needed": len(needed), "k_requested": params["k"], "k": k}
 
 
 @stage("final_train", "1", "gpu", ("high_quality", "seed_select", "augment_select"), "Fine-tune the base LLM on seed ∪ augmented.", _train_key)
