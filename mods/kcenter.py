@@ -236,14 +236,15 @@ class _Coverage:
             step = max(1, min(self.chunk, (4 << 20) // m))  # bounds the step x m matrix
             for start in range(0, group.numel(), step):
                 g = group[start : start + step]
-                approx = self.sq[g][:, None] + csq[None, :] - 2.0 * (self.x.index_select(0, g) @ cs.T)
+                # approx d^2 minus the row's |x|^2 (a per-row shift: same argmin), fused.
+                approx = torch.addmm(csq[None, :], self.x.index_select(0, g), cs.T, alpha=-2.0)
                 self.pair_evals += approx.numel()
                 amin = approx.min(1).values
                 err = self.gamma * (self.norm[g] + cmax).square()
                 cur = self.mind[g]
                 # A center can hold the exact minimum only if its approximate value
                 # is within 2 err of the approximate minimum; skip rows no center can improve.
-                may = (amin - 2.0 * err) < cur.square()
+                may = (amin + self.sq[g] - 2.0 * err) < cur.square()
                 pairs = torch.nonzero((approx <= (amin + 2.0 * err)[:, None]) & may[:, None])
                 if pairs.numel():
                     d = self._exact(g[pairs[:, 0]], pairs[:, 1] + s)
