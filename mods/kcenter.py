@@ -49,6 +49,8 @@ __all__ = ["KCenterResult", "k_center_greedy", "first_center"]
 
 # Default chunk: ~16 MiB of gathered float32 rows.
 _CHUNK_BYTES = 16 << 20
+# A lazy epoch refreshes stale rows down to the (factor * active_rows)-th largest bound.
+_REFRESH_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,7 @@ class _Coverage:
             if self.active_rows >= self.n:
                 tau = lo = float(ub.min())
             else:
-                top = torch.topk(ub, min(self.n, 2 * self.active_rows)).values
+                top = torch.topk(ub, min(self.n, _REFRESH_FACTOR * self.active_rows)).values
                 tau, lo = float(top[self.active_rows - 1]), float(top[-1])
             if tau == 0.0:
                 pos = ub[ub > 0]
