@@ -13,7 +13,7 @@ from mods.prompts import chat_prompt
 
 class GenerationConfig(BaseModel):
     max_new_tokens: int = Field(
-        96, ge=1, description="Answer length cap (paper: 1,024 with 4 beams, on GPU)."
+        64, ge=1, description="Answer length cap (paper: 1,024 with 4 beams, on GPU)."
     )
     num_beams: int = Field(1, ge=1, description="1 = greedy (fast); the paper used 4.")
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
