@@ -127,7 +127,7 @@ def _check_lengths(instructions: Sequence[str], inputs: Sequence[str], outputs: 
 
 def _text(x: Any) -> str:
     # None / NaN from pandas mean "no input".
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    if x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x)):
         return ""
     return str(x)
 
@@ -276,7 +276,7 @@ class LikelihoodScorer:
         if not self.end_ids and tok.eos_token_id is not None:
             self.end_ids = [tok.eos_token_id]
         # The "neutral" context: the same prompt format with an empty instruction.
-        self.neutral_ids = self._encode(chat_prompt(tok, "", None))
+        self.neutral_ids = self._prompt_ids("", "")
         # Switches for the benchmark's naive baseline only.
         self._sort_by_length = True
         self._trim_logits = True

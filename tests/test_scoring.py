@@ -100,7 +100,8 @@ def test_reward_input_joined_like_reference(tiny_rm: Path) -> None:
     s = _rm(tiny_rm)
     a = s.score(["Do it."], [""], ["Done."], progress=False)["quality_score"].iloc[0]
     b = s.score(["Do it."], [None], ["Done."], progress=False)["quality_score"].iloc[0]  # type: ignore[list-item]
-    assert a == pytest.approx(b)
+    c = s.score(["Do it."], [pd.NA], ["Done."], progress=False)["quality_score"].iloc[0]  # type: ignore[list-item]
+    assert a == pytest.approx(b) and a == pytest.approx(c)
 
 
 def test_reward_two_labels_is_clear_error(tmp_path: Path) -> None:
