@@ -95,10 +95,12 @@ def build_report(out: Path, inputs: Mapping[str, Any], params: Mapping[str, Any]
         "ingest": {k: ingest_report.get(k) for k in ("read", "kept", "duplicates", "quarantined", "decontaminated")},
         "stages": stages,
         "coverage": coverage,
+        # Files of this export are named relative to its folder (it is written under a
+        # temporary name and renamed); other artifacts by their final paths.
         "outputs": {
-            "selected_jsonl": str(out / SELECTED_JSONL),
-            "selected_parquet": str(out / SELECTED_PARQUET),
-            "coverage_png": str(out / COVERAGE_PNG),
+            "selected_jsonl": SELECTED_JSONL,
+            "selected_parquet": SELECTED_PARQUET,
+            "coverage_png": COVERAGE_PNG,
             "final_model": final_model,
             "quarantine": str(Artifact.model_validate(inputs["ingest"]).file("quarantine.parquet")),
         },
