@@ -345,7 +345,7 @@ EXPORT_INPUTS = ("ingest", "sample", "quality", "high_quality", "embed", "seed_s
                  "answers", "necessity", "augment_select", "final_train")
 
 
-@stage("export", "1", "cpu", EXPORT_INPUTS, "selected.jsonl (Alpaca format), selected.parquet with provenance, the run report.")
+@stage("export", "2", "cpu", EXPORT_INPUTS, "selected.jsonl (Alpaca format), selected.parquet with provenance, the run report.")
 def export_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
     from mods.report import build_report
 
