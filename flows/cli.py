@@ -131,6 +131,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     from mods.embedding import read_embeddings
     from mods.kcenter import k_center_greedy
+    from mods.stages import selection_frame
 
     if not Path(args.embeddings).is_file():
         raise UserError(f"{args.embeddings}: no such file (make one with `mods embed`)")
@@ -147,12 +148,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         result = k_center_greedy(vectors, args.k, already_selected=already, seed=args.seed, device=args.device)
     except ValueError as error:
         raise UserError(str(error)) from None
-    frame = pd.DataFrame({
-        "id": [ids[i] for i in result.indices],
-        "pick_order": range(len(result.indices)),
-        "pick_distance": result.pick_distances,
-        "radius_after": result.radii,
-    })
+    frame = selection_frame(ids, result)
     _write_parquet(frame, args.out)
     if len(result.radii):
         print(f"coverage radius after {len(result.radii)} picks: {float(result.radii[-1]):.4f}")

@@ -232,7 +232,8 @@ def embed_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]
     return {"rows": len(rows), "dim": int(vectors.shape[1])}
 
 
-def _selection_frame(ids: list[str], result: Any) -> pd.DataFrame:
+def selection_frame(ids: list[str], result: Any) -> pd.DataFrame:
+    """A k-center result as a table: id, pick order, distance at the pick, radius after."""
     return pd.DataFrame(
         {
             "id": [ids[i] for i in result.indices],
@@ -259,7 +260,7 @@ def seed_select_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str
     ids, vectors = read_embeddings(Artifact.model_validate(inputs["embed"]).file("embeddings.parquet"))
     k = min(params["k"], pickable_rows(vectors, []))
     result = k_center_greedy(vectors, k, seed=params.get("seed", 0))
-    write_parquet(_selection_frame(ids, result), out / "selected.parquet")
+    write_parquet(selection_frame(ids, result), out / "selected.parquet")
     return {"candidates": len(ids), "k_requested": params["k"], "k": k,
             "radius": float(result.radii[-1]) if k else None}
 
@@ -331,7 +332,7 @@ def augment_select_body(out: Path, inputs: Mapping[str, Artifact], params: dict[
         frame = pd.DataFrame({"id": [], "pick_order": [], "pick_distance": [], "radius_after": []})
     else:
         result = k_center_greedy(matrix, k, already_selected=already, seed=params.get("seed", 0))
-        frame = _selection_frame(candidate_ids, result)
+        frame = selection_frame(candidate_ids, result)
     write_parquet(frame, out / "selected.parquet")
     return {"answered": len(necessity), "needed": len(needed), "k_requested": params["k"], "k": k}
 
