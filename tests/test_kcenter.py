@@ -67,7 +67,7 @@ def test_random_data_matches_reference(n, d, k, seed):
     assert_matches_reference(x, res, k, seed=seed)
 
 
-def test_clustered_data_matches_reference():
+def test_clustered_data_matches_reference(backend):
     x = clustered(2000, 16, 30, seed=3)
     res = k_center_greedy(x, 150, seed=5, device="cpu")
     assert_matches_reference(x, res, 150, seed=5)
@@ -83,7 +83,7 @@ def test_radii_are_the_coverage_radius_and_monotone():
     np.testing.assert_array_equal(res.pick_distances[1:], res.radii[:-1])
 
 
-def test_ties_go_to_lowest_index_on_a_grid():
+def test_ties_go_to_lowest_index_on_a_grid(backend):
     # 5 x 5 integer grid: distances are exact in float32, so ties are real ties.
     g = np.array([(i, j) for i in range(5) for j in range(5)], dtype=np.float32)
     res = k_center_greedy(g, 10, already_selected=[12], device="cpu")  # 12 is the middle
@@ -95,7 +95,7 @@ def test_ties_go_to_lowest_index_on_a_grid():
     assert_matches_reference(g, res, 10, already_selected=[12])
 
 
-def test_ties_with_the_maximum_at_both_ends():
+def test_ties_with_the_maximum_at_both_ends(backend):
     # Rows 0 and 9 are tied farthest from the center row 5; the lowest must win
     # even though the row before it in memory order is the other one.
     x = np.zeros((10, 3), dtype=np.float32)
@@ -116,7 +116,7 @@ def test_grid_with_random_first_center(seed):
     assert_matches_reference(g, res, 20, seed=seed)
 
 
-def test_duplicates_are_never_picked_and_exhaustion_is_a_clear_error():
+def test_duplicates_are_never_picked_and_exhaustion_is_a_clear_error(backend):
     rng = np.random.default_rng(0)
     base = rng.normal(size=(10, 6)).astype(np.float32)
     x = np.repeat(base, 3, axis=0)[rng.permutation(30)]
@@ -135,7 +135,7 @@ def test_duplicates_are_never_picked_and_exhaustion_is_a_clear_error():
     assert not np.any(np.all(x[res.indices] == x[0], axis=1))
 
 
-def test_already_selected_rows_are_centers_not_picks():
+def test_already_selected_rows_are_centers_not_picks(backend):
     x = clustered(500, 4, 6, seed=8)
     sel = [3, 77, 250, 499]
     res = k_center_greedy(x, 40, already_selected=sel, seed=123, device="cpu")
@@ -185,23 +185,53 @@ def test_k_zero():
         (np.full((4, 2), 1e30, dtype=np.float64) * np.arange(4)[:, None], {}, "overflow"),
     ],
 )
-def test_invalid_inputs(x, kwargs, message):
+def test_invalid_inputs(x, kwargs, message, backend):
     kwargs = {"k": 1, **kwargs}
     with pytest.raises(ValueError, match=message):
         k_center_greedy(x, device="cpu", **kwargs)
 
 
+BACKENDS = {"numpy": kc._NumpyCoverage, "torch": kc._TorchCoverage}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request, monkeypatch):
+    """The CPU backend class under test (numpy by default; torch is the CUDA code path)."""
+    monkeypatch.setattr(kc, "_NUMPY_ON_CPU", request.param == "numpy")
+    return BACKENDS[request.param]
+
+
+def test_backends_agree_bit_for_bit(monkeypatch):
+    x = clustered(3000, 24, 50, seed=23)
+    out = {}
+    for name in BACKENDS:
+        monkeypatch.setattr(kc, "_NUMPY_ON_CPU", name == "numpy")
+        out[name] = k_center_greedy(x, 200, already_selected=[5, 7], device="cpu")
+    np.testing.assert_array_equal(out["numpy"].indices, out["torch"].indices)
+    np.testing.assert_array_equal(out["numpy"].pick_distances, out["torch"].pick_distances)
+    np.testing.assert_array_equal(out["numpy"].radii, out["torch"].radii)
+    assert_matches_reference(x, out["numpy"], 200, already_selected=[5, 7])
+
+
+def test_coverage_dispatches_on_device(monkeypatch):
+    x = torch.zeros((3, 2))
+    assert type(kc._Coverage(x, 2, 8, prune=True)) is kc._NumpyCoverage
+    assert type(kc._Coverage(x.numpy(), 2, 8, prune=True)) is kc._NumpyCoverage
+    monkeypatch.setattr(kc, "_NUMPY_ON_CPU", False)
+    assert type(kc._Coverage(x, 2, 8, prune=True)) is kc._TorchCoverage
+
+
 @pytest.mark.parametrize("n_clusters", [40, 1])
-def test_pruning_skips_work_and_changes_nothing(monkeypatch, n_clusters):
+def test_pruning_skips_work_and_changes_nothing(monkeypatch, backend, n_clusters):
     x = clustered(2000, 8, n_clusters, seed=21)
     evals = {}
-    orig = kc._Coverage.farthest
+    orig = backend.farthest
 
     def spy(self):
         evals[self.prune] = self.pair_evals
         return orig(self)
 
-    monkeypatch.setattr(kc._Coverage, "farthest", spy)
+    monkeypatch.setattr(backend, "farthest", spy)
     a = k_center_greedy(x, 120, seed=4, device="cpu", prune=True)
     b = k_center_greedy(x, 120, seed=4, device="cpu", prune=False)
     np.testing.assert_array_equal(a.indices, b.indices)
@@ -214,15 +244,17 @@ def test_pruning_skips_work_and_changes_nothing(monkeypatch, n_clusters):
 
 
 @pytest.mark.parametrize("active_rows", [1, 16])
-def test_small_active_sets_many_epochs(monkeypatch, active_rows):
+def test_small_active_sets_many_epochs(monkeypatch, backend, active_rows):
     # Tiny active sets force many lazy epochs and refreshes with mixed stamps.
-    orig = kc._Coverage.__init__
+    orig = backend.__init__
+    seen = []
 
     def init(self, *a, **kw):
         orig(self, *a, **kw)
         self.active_rows = active_rows
+        seen.append(type(self))
 
-    monkeypatch.setattr(kc._Coverage, "__init__", init)
+    monkeypatch.setattr(backend, "__init__", init)
     x = clustered(300, 6, 9, seed=22)
     for sel in ((), (3, 250)):
         res = k_center_greedy(x, 60, already_selected=sel, seed=1, device="cpu")
@@ -233,10 +265,11 @@ def test_small_active_sets_many_epochs(monkeypatch, active_rows):
     assert_matches_reference(g, res, 36, seed=2)
     with pytest.raises(ValueError, match="only 36 distinct"):
         k_center_greedy(g, 37, seed=2, device="cpu")
+    assert seen and set(seen) == {backend}
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 999, 5000])
-def test_chunk_sizes_do_not_change_results(chunk_rows):
+def test_chunk_sizes_do_not_change_results(chunk_rows, backend):
     x = clustered(1001, 12, 15, seed=5)
     base = k_center_greedy(x, 80, seed=0, device="cpu")
     res = k_center_greedy(x, 80, seed=0, device="cpu", chunk_rows=chunk_rows)
