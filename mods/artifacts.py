@@ -117,9 +117,6 @@ class Workspace:
         so that whoever shares the artifacts shares the cache)."""
         return self.root / "prefect-results"
 
-    def artifact(self, spec: StageSpec, key: str) -> Artifact:
-        return Artifact(stage=spec.name, key=key, path=str(self.artifact_dir(spec.name, key)))
-
 
 def is_complete(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()

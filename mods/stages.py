@@ -24,8 +24,6 @@ from mods.artifacts import (
     Workspace,
     artifact_key,
     fingerprint_files,
-    hash_json,
-    read_marker,
     run_stage,
     write_parquet,
 )
@@ -351,15 +349,3 @@ def export_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any
     from mods.report import build_report
 
     return build_report(out, inputs, params)
-
-
-def stage_names() -> list[str]:
-    return list(STAGES)
-
-
-def marker_summary(artifact: Artifact | Mapping[str, Any]) -> dict[str, Any]:
-    return read_marker(Artifact.model_validate(artifact).path)
-
-
-def config_hash(params: Any) -> str:
-    return hash_json(key_params(params))
