@@ -18,6 +18,11 @@ from mods.stages import STAGES, demo_sources, plan_key
 from tasks import STAGE_TASKS
 from tasks._stage import with_workspace_cache
 
+# Where GPU stages run comes from the deployment (its job variables set this in the flow
+# run's environment), never from the caller's config: Prefect merges a caller's
+# parameters one level deep, so a field inside `config` would be lost.
+GPU_DEPLOYMENT_ENV = "MODS_GPU_DEPLOYMENT"
+
 
 def resolve_sources(data: list[str]) -> list[str]:
     """Absolute paths (workers may run elsewhere); the embedded demo pool when empty."""
