@@ -54,7 +54,7 @@ class IngestConfig(BaseModel):
     """How ingestion maps, validates and decontaminates (a Prefect UI form)."""
 
     field_mapping: dict[str, str] = Field(
-        default_factory=dict,
+        default={},  # a plain default (pydantic copies it per instance): the UI form shows it
         description="Canonical field -> field name in your data, e.g. {'output': 'response'}. "
         "Canonical fields: instruction, input, output, history. Unmapped fields are auto-detected.",
     )
@@ -71,7 +71,7 @@ class IngestConfig(BaseModel):
         "later turns go to metadata.later_turns. 'last': the final exchange, earlier turns in history.",
     )
     decontaminate_against: list[str] = Field(
-        default_factory=list,
+        default=[],
         description="Files or folders of evaluation sets; training rows overlapping them are dropped. Empty: no decontamination.",
     )
     decontamination_ngram: int = Field(

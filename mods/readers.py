@@ -182,6 +182,30 @@ _WS = re.compile(r"[ \t\r\n]*")
 _SEP = re.compile(r"[ \t\r\n]*([,\]])?")
 
 
+# Strings (with escapes) and brackets: enough to find where a too-deep value ends.
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep(where: str) -> tuple[str, str]:
+    # json's C decoder recurses once per level: ~1,000 levels raise RecursionError
+    return ("too_deep", f"{where}: nested too deeply to parse (more than ~{sys.getrecursionlimit()} levels)")
+
+
+def _value_end(text: str, pos: int) -> int | None:
+    """End of the array/object that starts at ``pos`` (no parsing, no recursion);
+    None when the text ends before it closes."""
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text, pos):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+        elif tok in "]}":
+            depth -= 1
+            if depth == 0:
+                return m.end()
+    return None
+
+
 def _line_col(text: str, pos: int) -> tuple[int, int]:
     line = text.count("\n", 0, pos) + 1
     return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
@@ -210,11 +234,18 @@ def read_json(src: Source, on_progress: Callable[[int], None] | None = None) -> 
         first_ok = True
     except ValueError:
         first_ok = False
+    except RecursionError:  # a whole line, too deep to parse: JSON lines quarantine it
+        first_ok = True
     if not first_ok:
         try:
             doc = json.loads(text)
         except ValueError:
             doc = None
+        except RecursionError:
+            yield RawRecord(1, error=_too_deep("the document"), raw=text)
+            if on_progress:
+                on_progress(len(text))
+            return
         if isinstance(doc, dict):
             lists = [k for k, v in doc.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
             if len(lists) == 1:
@@ -256,6 +287,9 @@ def _read_lines(text: str, src: Source, on_progress: Callable[[int], None] | Non
             first_error = first_error or err[1]
             yield RawRecord(i + 1, error=err, raw=line)
             continue
+        except RecursionError:
+            yield RawRecord(i + 1, error=_too_deep(f"line {i + 1}"), raw=line)
+            continue
         parsed += 1
         yield RawRecord(i + 1, obj, raw=line)
         if on_progress and parsed % 5000 == 0:
@@ -287,6 +321,15 @@ def _read_array(text: str, start: int, src: Source, on_progress: Callable[[int],
         index += 1
         try:
             obj, end = dec.raw_decode(text, pos)
+        except RecursionError:
+            end = _value_end(text, pos)
+            line, col = _line_col(text, pos)
+            if end is None:
+                yield RawRecord(index, error=_too_deep(f"record {index} (line {line}, column {col})"), raw=text[pos:])
+                break
+            yield RawRecord(index, error=_too_deep(f"record {index} (line {line}, column {col})"),
+                            raw=lambda s=pos, e2=end: text[s:e2])
+            # quarantined; go on after it like after any record
         except ValueError as e:
             err_pos = getattr(e, "pos", pos)
             m = resync.search(text, max(err_pos, pos + 1))
@@ -308,8 +351,9 @@ def _read_array(text: str, start: int, src: Source, on_progress: Callable[[int],
             )
             pos = _WS.match(text, m.end()).end()
             continue
-        s, e2 = pos, end
-        yield RawRecord(index, obj, raw=lambda s=s, e2=e2: text[s:e2])
+        else:
+            s, e2 = pos, end
+            yield RawRecord(index, obj, raw=lambda s=s, e2=e2: text[s:e2])
         sep = _SEP.match(text, end)
         if sep.group(1) == "]":
             rest = text[sep.end():]
@@ -337,7 +381,7 @@ def _cut_off(tail: str) -> bool:
     try:
         json.loads("[" + tail.strip().rstrip("]").rstrip().rstrip(",") + "]")
         return False
-    except ValueError:
+    except (ValueError, RecursionError):
         return tail.count("{") > tail.count("}")
 
 

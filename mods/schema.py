@@ -75,6 +75,7 @@ RAW_MAX_CHARS = 4096
 QUARANTINE_REASONS: dict[str, str] = {
     "json_syntax": "the line / record is not valid JSON",
     "truncated": "the file ends in the middle of a record",
+    "too_deep": "nested too deeply to parse (about 1,000 levels of lists/objects)",
     "not_an_object": "the record is not a JSON object (e.g. a bare string or number)",
     "unknown_shape": "no recognisable fields in this record (others in the file had them)",
     "invalid_utf8": "bytes that are not UTF-8 (or lone surrogates)",

@@ -538,3 +538,43 @@ def test_sharegpt_cut_off_file_recovers() -> None:
     assert rep["records"] == 17_672  # 17,671 whole conversations + the cut-off tail
     assert rep["quarantine_reasons"]["truncated"] == 1
     assert 11_000 <= rep["kept"] + rep["duplicates"] <= 11_200  # first-turn human -> assistant pairs
+
+
+# ------------------------------------------------------------------ pathological nesting
+
+
+def test_deeply_nested_json_is_quarantined_not_a_recursion_error(tmp_path: Path) -> None:
+    """~100k levels overflow json's recursive decoder: the record is quarantined as too_deep
+    and the records around it are kept, in every JSON layout the reader knows."""
+    levels = 100_000
+    deep = "[" * levels + "]" * levels
+    good = json.dumps(GOOD)
+    other = json.dumps({"instruction": "Name a shape.", "input": "", "output": "A circle."})
+    cases = {
+        "array.json": (f"[{good}, {{\"x\": {deep}}}, {other}]", 2, 2),
+        "lines.jsonl": (f"{good}\n{{\"instruction\": {deep}}}\n{other}\n", 2, 2),
+        "whole.json": (deep, 0, 1),
+        "pretty.json": ("{\n  \"data\": " + deep + "\n}\n", 0, 1),
+        "cut.json": (f"[{good}, {{\"x\": " + "[" * levels, 1, 2),
+    }
+    for name, (text, kept, line) in cases.items():
+        res = run([write(tmp_path / name, text)])
+        assert len(res.rows) == kept, name
+        assert reasons(res) == ["too_deep"], name
+        assert res.quarantine[S.SOURCE_LINE].tolist() == [line], name
+        assert "nested too deeply" in res.quarantine[S.DETAIL].iloc[0], name
+    # Nesting that json can parse is not quarantined.
+    res = run([write(tmp_path / "ok.jsonl", f"{{\"instruction\": \"a\", \"output\": \"b\", \"x\": {'[' * 200 + ']' * 200}}}\n")])
+    assert len(res.rows) == 1 and res.quarantine.empty
+
+
+def test_every_ingest_field_has_a_default_in_the_ui_form_schema() -> None:
+    """Prefect's run form fills fields from the JSON schema's `default`; a default_factory
+    leaves list/dict fields (field mapping, decontamination sets) empty there."""
+    properties = IngestConfig.model_json_schema()["properties"]
+    missing = [name for name, prop in properties.items() if "default" not in prop]
+    assert missing == []
+    first, second = IngestConfig(), IngestConfig()
+    first.field_mapping["output"] = "response"
+    first.decontaminate_against.append("evals/")
+    assert second.field_mapping == {} and second.decontaminate_against == []  # not shared between instances
