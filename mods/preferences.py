@@ -41,7 +41,7 @@ def load_preference_pairs(path: str | Path) -> pd.DataFrame:
     (0 = a preferred, 1 = b preferred, by majority of the non-tie votes; <NA> for a
     tie or no majority), ``group`` (an integer id of the instruction text, in order of
     first appearance), ``unanimous`` (all three annotators gave the same verdict, a tie
-    included), ``length_matched`` (both answers non-empty with a character-length ratio
+    included), ``length_matched`` (both answers non-blank with a character-length ratio
     within 0.8-1.25) and ``systems`` (the record's ``cmp_key``: which two models answered).
     """
     path = Path(path)
@@ -64,7 +64,7 @@ def load_preference_pairs(path: str | Path) -> pd.DataFrame:
         for_a, for_b = votes.count(1), votes.count(2)
         human = 0 if for_a >= 2 else 1 if for_b >= 2 else pd.NA
         a, b = _answer(rec["response1"]), _answer(rec["response2"])
-        matched = bool(a) and bool(b) and LENGTH_RATIO_MIN <= len(a) / len(b) <= LENGTH_RATIO_MAX  # type: ignore[arg-type]
+        matched = bool(a and a.strip()) and bool(b and b.strip()) and LENGTH_RATIO_MIN <= len(a) / len(b) <= LENGTH_RATIO_MAX  # type: ignore[arg-type]
         instruction = str(rec["instruction"])
         rows.append(
             {
