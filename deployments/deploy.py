@@ -1,28 +1,56 @@
-"""The one place that declares work pools and deployments (knowledge-graph style).
+"""The one place that declares work pools, deployments and automations.
 
-    python deployments/deploy.py                  # pools + deployments on $PREFECT_API_URL
+    python deployments/deploy.py                  # pools + deployments + automation on $PREFECT_API_URL
+    python deployments/deploy.py --gpus 4         # the mods-gpu pool runs at most 4 stages at once
     python deployments/deploy.py --image mods:gpu # docker pools instead of process pools
 
 Two pools: ``mods-cpu`` runs the pipeline flow (and every CPU stage in its process);
-``mods-gpu`` runs ``mods-gpu-stage``, one stage per flow run, on a machine with a GPU.
-A global concurrency limit ``gpu:0`` keeps one stage per GPU.
+``mods-gpu`` runs ``mods-gpu-stage``, one stage (or one shard of a row-wise stage) per
+flow run. The pipeline finds the GPU deployment through the env variable that the
+``mods-pipeline/weekly`` deployment sets in its job variables, so a caller's ``config``
+cannot lose the routing (Prefect merges a run's parameters one level deep).
+
+Concurrency is bounded by GPUs, nothing else: the ``mods-gpu`` pool's limit is the number
+of GPUs declared with ``--gpus``, and each GPU worker owns one GPU and takes one flow run
+at a time (README, "Deploying"):
+
+    CUDA_VISIBLE_DEVICES=0 prefect worker start --pool mods-gpu --limit 1 --name gpu-host-0
+    CUDA_VISIBLE_DEVICES=1 prefect worker start --pool mods-gpu --limit 1 --name gpu-host-1
+
+Lost workers: every flow run sends a heartbeat event every ``--heartbeat`` seconds
+(``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` in the deployments' job variables), and the
+automation ``mods: crash flow runs without heartbeats`` (Prefect's documented zombie-flow
+automation) marks a flow run *Crashed* when neither a heartbeat nor a terminal state event
+arrived for ``--crash-after`` seconds; the pipeline then resubmits the stage.
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from flows.mods_pipeline import GPU_DEPLOYMENT_ENV  # the env variable the pipeline reads
+
 ROOT = Path(__file__).resolve().parents[1]
+GPU_STAGE_DEPLOYMENT = "mods-gpu-stage/gpu"
+ZOMBIE_AUTOMATION = "mods: crash flow runs without heartbeats"
+# Prefect refuses heartbeat frequencies under 30 s (settings: flows.heartbeat_frequency ge=30).
+MIN_HEARTBEAT_SECONDS = 30
+# Production defaults: a heartbeat every 30 s; Crashed after 90 s of silence (three missed beats,
+# so a busy machine that delays one heartbeat is not declared dead).
+DEFAULT_HEARTBEAT_SECONDS = 30
+DEFAULT_CRASH_AFTER_SECONDS = 90
+# Created by earlier versions of this file and never acquired by anything: removed on deploy.
+_OBSOLETE_GLOBAL_LIMITS = ("gpu:0",)
 
 
 @dataclass(frozen=True)
 class PoolSpec:
     name: str
     resources: str  # "cpu" | "gpu": what the machines behind it have
-    concurrency: int | None
 
 
 @dataclass(frozen=True)
@@ -33,16 +61,27 @@ class DeploymentSpec:
     pool: str
     description: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     cron: str | None = None
-    concurrency_limit: int | None = None
 
 
-POOLS = [
-    PoolSpec("mods-cpu", "cpu", concurrency=None),
-    PoolSpec("mods-gpu", "gpu", concurrency=1),
-]
+@dataclass(frozen=True)
+class Reliability:
+    """How fast a silent flow run is declared Crashed (parameters of deploy_all)."""
 
-GPU_STAGE_DEPLOYMENT = "mods-gpu-stage/gpu"
+    heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS
+    crash_after_seconds: int = DEFAULT_CRASH_AFTER_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_seconds < MIN_HEARTBEAT_SECONDS:
+            raise ValueError(f"heartbeat must be at least {MIN_HEARTBEAT_SECONDS} s (Prefect's minimum), "
+                             f"got {self.heartbeat_seconds}")
+        if self.crash_after_seconds <= self.heartbeat_seconds:
+            raise ValueError(f"crash-after ({self.crash_after_seconds} s) must be longer than the heartbeat "
+                             f"({self.heartbeat_seconds} s), or healthy runs are crashed")
+
+
+POOLS = [PoolSpec("mods-cpu", "cpu"), PoolSpec("mods-gpu", "gpu")]
 
 DEPLOYMENTS = [
     DeploymentSpec(
@@ -50,8 +89,9 @@ DEPLOYMENTS = [
         name="weekly",
         entrypoint="flows/mods_pipeline.py:mods_pipeline",
         pool="mods-cpu",
-        description="MoDS selection; GPU stages are sent to the mods-gpu pool.",
-        parameters={"config": {"execution": {"gpu_deployment": GPU_STAGE_DEPLOYMENT, "progress": False}}},
+        description="MoDS selection; GPU stages are sent to the mods-gpu pool (routing set by this deployment).",
+        parameters={"config": {"execution": {"progress": False}}},
+        env={GPU_DEPLOYMENT_ENV: GPU_STAGE_DEPLOYMENT},
         cron="0 3 * * 1",  # Mondays 03:00: picks up new data (source keys change), else all cached
     ),
     DeploymentSpec(
@@ -59,48 +99,120 @@ DEPLOYMENTS = [
         name="gpu",
         entrypoint="flows/gpu_stage.py:gpu_stage",
         pool="mods-gpu",
-        description="One MoDS stage on a GPU worker (called by mods-pipeline).",
-        concurrency_limit=1,
+        description="One MoDS stage (or one shard of a row-wise stage) on a GPU worker (called by mods-pipeline).",
     ),
 ]
 
 
-def ensure_pools(pool_type: str) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
+def zombie_automation(reliability: Reliability) -> Any:
+    """Prefect's documented zombie-flow automation (docs: "Detect and respond to zombie flows"):
+    after a heartbeat, expect another heartbeat or a terminal state within the window; if
+    none comes, change the flow run to CRASHED."""
+    from prefect.automations import AutomationCore
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
 
+    return AutomationCore(
+        name=ZOMBIE_AUTOMATION,
+        description=f"Flow runs send a heartbeat every {reliability.heartbeat_seconds} s; one silent for "
+        f"{reliability.crash_after_seconds} s lost its worker and is marked Crashed, so the pipeline retries it.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=reliability.crash_after_seconds),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {reliability.crash_after_seconds} s: the worker was lost "
+                f"(automation {ZOMBIE_AUTOMATION!r})",
+            )
+        ],
+    )
+
+
+def ensure_pools(pool_type: str, gpus: int) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    limits = {"mods-cpu": None, "mods-gpu": gpus}
     with get_client(sync_client=True) as client:
         for pool in POOLS:
             try:
-                client.create_work_pool(WorkPoolCreate(name=pool.name, type=pool_type, concurrency_limit=pool.concurrency))
+                client.create_work_pool(WorkPoolCreate(name=pool.name, type=pool_type,
+                                                       concurrency_limit=limits[pool.name]))
             except ObjectAlreadyExists:
+                # a redeploy with another --gpus changes the limit (None clears it)
+                client.update_work_pool(pool.name, WorkPoolUpdate(concurrency_limit=limits[pool.name]))
+        # Older versions created 'gpu:0' and never acquired it: it only misled readers.
+        for name in _OBSOLETE_GLOBAL_LIMITS:
+            try:
+                client.delete_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
                 pass
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu:0", limit=1))
-        except ObjectAlreadyExists:
-            pass
 
 
-def deploy_all(image: str | None = None) -> list[str]:
-    """Create pools and deployments; returns the deployment ids."""
+def ensure_automation(reliability: Reliability) -> str:
+    """Create or update (by name) the zombie-flow automation; returns its id."""
+    from prefect.client.orchestration import get_client
+
+    automation = zombie_automation(reliability)
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        for duplicate in existing[1:]:
+            client.delete_automation(duplicate.id)
+        if existing:
+            client.update_automation(existing[0].id, automation)
+            return str(existing[0].id)
+        return str(client.create_automation(automation))
+
+
+def deploy_all(image: str | None = None, gpus: int = 1,
+               heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS,
+               crash_after_seconds: int = DEFAULT_CRASH_AFTER_SECONDS) -> list[str]:
+    """Create pools, deployments and the zombie-flow automation; returns the deployment ids.
+
+    ``gpus``: how many GPU stages may run at once (the GPUs behind the mods-gpu pool).
+    """
     from prefect import Flow
 
-    ensure_pools("docker" if image else "process")
+    if gpus < 1:
+        raise ValueError(f"gpus must be at least 1, got {gpus}")
+    reliability = Reliability(heartbeat_seconds, crash_after_seconds)
+    ensure_pools("docker" if image else "process", gpus)
+    ensure_automation(reliability)
     ids = []
     for spec in DEPLOYMENTS:
         flow = Flow.from_source(source=str(ROOT), entrypoint=spec.entrypoint)
+        # Job variables reach the flow run's process environment: the routing and the
+        # heartbeat travel with the deployment, whatever parameters a caller passes.
+        env = {**spec.env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(reliability.heartbeat_seconds)}
+        job_variables: dict[str, Any] = {"env": env}
+        if image:
+            job_variables["image"] = image
         ids.append(str(flow.deploy(
             name=spec.name,
             work_pool_name=spec.pool,
             description=spec.description,
             parameters=spec.parameters or None,
             cron=spec.cron,
-            concurrency_limit=spec.concurrency_limit,
             image=image,
             build=False,
             push=False,
-            job_variables={"image": image} if image else None,
+            job_variables=job_variables,
             print_next_steps=False,
             ignore_warnings=True,
         )))
@@ -110,10 +222,23 @@ def deploy_all(image: str | None = None) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", help="docker image for docker-type pools (default: process pools)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="GPUs behind the mods-gpu pool: at most this many GPU stages run at once (default 1)")
+    parser.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_SECONDS,
+                        help=f"seconds between flow-run heartbeats (default {DEFAULT_HEARTBEAT_SECONDS}, "
+                        f"Prefect's minimum {MIN_HEARTBEAT_SECONDS})")
+    parser.add_argument("--crash-after", type=int, default=DEFAULT_CRASH_AFTER_SECONDS,
+                        help=f"seconds without a heartbeat before a flow run is marked Crashed "
+                        f"(default {DEFAULT_CRASH_AFTER_SECONDS})")
     args = parser.parse_args()
-    for deployment_id in deploy_all(args.image):
+    try:
+        ids = deploy_all(args.image, args.gpus, args.heartbeat, args.crash_after)
+    except ValueError as error:
+        parser.error(str(error))
+    for deployment_id in ids:
         print(f"deployed {deployment_id}")
-    print("start workers:  prefect worker start --pool mods-cpu   |   prefect worker start --pool mods-gpu")
+    print("start workers:  prefect worker start --pool mods-cpu\n"
+          "                CUDA_VISIBLE_DEVICES=<i> prefect worker start --pool mods-gpu --limit 1   (one per GPU)")
 
 
 if __name__ == "__main__":

@@ -1,32 +1,93 @@
-"""The declared pools and deployments register on a Prefect server as declared."""
+"""The declared pools, deployments and automation register on a Prefect server as declared."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-pytestmark = pytest.mark.flow
 
-
-def test_deploy_all_creates_pools_deployments_and_gpu_limit(prefect_harness):
+@pytest.mark.flow
+def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(prefect_harness):
+    from prefect import Flow
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.schemas.automations import Posture
+    from prefect.exceptions import ObjectAlreadyExists
 
-    from deployments.deploy import DEPLOYMENTS, GPU_STAGE_DEPLOYMENT, POOLS, deploy_all
+    from deployments.deploy import (
+        DEPLOYMENTS, GPU_STAGE_DEPLOYMENT, POOLS, ROOT, ZOMBIE_AUTOMATION, deploy_all, ensure_pools,
+    )
+    from flows.mods_pipeline import GPU_DEPLOYMENT_ENV
 
-    ids = deploy_all()
+    # What earlier versions left on a server (a 'gpu:0' limit, the GPU deployment limited to
+    # one run at a time): the next deploy removes both.
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu:0", limit=1))
+        except ObjectAlreadyExists:
+            pass
+    ensure_pools("process", gpus=1)
+    Flow.from_source(source=str(ROOT), entrypoint="flows/gpu_stage.py:gpu_stage").deploy(
+        name="gpu", work_pool_name="mods-gpu", concurrency_limit=1, build=False, push=False,
+        print_next_steps=False, ignore_warnings=True)
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment_by_name(GPU_STAGE_DEPLOYMENT).global_concurrency_limit.limit == 1
+
+    ids = deploy_all(gpus=2, heartbeat_seconds=30, crash_after_seconds=45)
     assert len(ids) == len(DEPLOYMENTS)
     with get_client(sync_client=True) as client:
         pools = {pool.name: pool for pool in client.read_work_pools()}
         assert {p.name for p in POOLS} <= set(pools)
-        assert pools["mods-gpu"].concurrency_limit == 1
+        # GPU stages are bounded by the GPUs declared, nothing else.
+        assert pools["mods-gpu"].concurrency_limit == 2
+        assert pools["mods-cpu"].concurrency_limit is None
+        assert "gpu:0" not in {limit.name for limit in client.read_global_concurrency_limits()}
         pipeline = client.read_deployment_by_name("mods-pipeline/weekly")
         gpu = client.read_deployment_by_name(GPU_STAGE_DEPLOYMENT)
         assert pipeline.work_pool_name == "mods-cpu" and gpu.work_pool_name == "mods-gpu"
-        # The UI form: the typed config, with the GPU deployment preset.
+        assert gpu.global_concurrency_limit is None
+        # Routing and heartbeats travel in the job variables (the flow run's environment),
+        # never in parameters that a caller's `config` would replace.
+        assert pipeline.job_variables["env"][GPU_DEPLOYMENT_ENV] == GPU_STAGE_DEPLOYMENT
+        assert "gpu_deployment" not in json.dumps(pipeline.parameters)
+        for deployment in (pipeline, gpu):
+            assert deployment.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+        assert GPU_DEPLOYMENT_ENV not in gpu.job_variables["env"]
+        # The UI form: the typed config.
         assert "config" in pipeline.parameter_openapi_schema["properties"]
-        assert pipeline.parameters["config"]["execution"]["gpu_deployment"] == GPU_STAGE_DEPLOYMENT
         assert [s.schedule.cron for s in pipeline.schedules] == ["0 3 * * 1"]
         assert set(gpu.parameter_openapi_schema["properties"]) == {"workspace", "stage", "params", "inputs"}
-        limits = {limit.name: limit.limit for limit in client.read_global_concurrency_limits()}
-        assert limits.get("gpu:0") == 1
-    # Idempotent: running it again updates, does not fail.
-    assert len(deploy_all()) == len(DEPLOYMENTS)
+
+        [automation] = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        trigger = automation.trigger
+        assert trigger.posture == Posture.Proactive and trigger.within.total_seconds() == 45
+        assert trigger.after == {"prefect.flow-run.heartbeat"}
+        assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                "prefect.flow-run.Crashed", "prefect.flow-run.Cancelled"} == trigger.expect
+        assert trigger.for_each == {"prefect.resource.id"}
+        [action] = automation.actions
+        assert action.type == "change-flow-run-state" and action.state == StateType.CRASHED
+        assert automation.enabled
+
+    # Idempotent: deploying again updates (new GPU count, new window), creates no duplicates.
+    assert len(deploy_all(gpus=3, heartbeat_seconds=30, crash_after_seconds=120)) == len(DEPLOYMENTS)
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool("mods-gpu").concurrency_limit == 3
+        [automation] = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        assert automation.trigger.within.total_seconds() == 120
+    deploy_all()  # back to the defaults for the other tests of this session
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool("mods-gpu").concurrency_limit == 1
+
+
+@pytest.mark.parametrize("heartbeat, crash_after, message", [
+    (10, 60, "at least 30"),  # Prefect's settings refuse < 30 s: the flow run would not even start
+    (30, 30, "longer than the heartbeat"),
+])
+def test_reliability_settings_that_would_break_runs_are_refused(heartbeat: int, crash_after: int, message: str):
+    from deployments.deploy import deploy_all
+
+    with pytest.raises(ValueError, match=message):
+        deploy_all(heartbeat_seconds=heartbeat, crash_after_seconds=crash_after)
