@@ -87,16 +87,17 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _failure_message(work_dir: Path, processes: int, returncode: int, tail: Sequence[str]) -> str:
     reports = sorted(work_dir.glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime)
-    if reports:
-        # The first failure is the cause; later ones are usually peers losing it.
-        first = reports[0]
-        rank = first.stem.removeprefix("error-rank")
-        headline = f"training process {rank} of {processes} failed: {first.read_text().splitlines()[0]}"
-    else:
-        headline = (f"training processes ended with exit code {returncode} without an error report "
-                    "(killed by a signal, or out of memory?)")
-    lines = "".join(tail).rstrip()
-    return f"{headline}\n--- last lines of the training log ---\n{lines}"
+    log = "".join(tail[-15:]).rstrip()
+    if not reports:
+        return (f"training processes ended with exit code {returncode} without an error report "
+                f"(killed by a signal, or out of memory?)\n--- last lines of the training log ---\n{log}")
+    # The first failure is the cause; later ones are usually peers losing it.
+    first = reports[0]
+    rank = first.stem.removeprefix("error-rank")
+    headline, *trace = first.read_text().splitlines()
+    trace_tail = "\n".join(trace[-12:])
+    return (f"training process {rank} of {processes} failed: {headline}\n--- its traceback (last lines) ---\n"
+            f"{trace_tail}\n--- last lines of the training log ---\n{log}")
 
 
 def launch_training(job: Any, encoded: Sequence[Any], tokenizer: Any) -> dict[str, Any]:

@@ -50,9 +50,8 @@ CHECKPOINT_META = "mods_checkpoint.json"
 # Bumped when the checkpoint layout or the meaning of a step changes: an old
 # checkpoint is then ignored instead of being resumed into a different run.
 CHECKPOINT_FORMAT = 1
-# A complete checkpoint is renamed into place before the previous one is deleted, so
-# one kept checkpoint is enough to always have a complete one on disk.
-KEEP_CHECKPOINTS = 1
+# Only the newest checkpoint is kept: it is complete (renamed into place) before the
+# previous one is deleted, so a complete one is always on disk.
 
 
 class TrainConfig(BaseModel):
@@ -408,7 +407,8 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
     if config.gradient_checkpointing and not fsdp:
         # Non-reentrant: works with DDP and frozen LoRA bases, and replays the RNG, so
         # dropout masks are the same as without checkpointing.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    recomputes = bool(fsdp_plugin.activation_checkpointing if fsdp else model.is_activation_checkpointing)
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -546,6 +546,7 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
             "resumed_from_step": start_step,
             "peak_memory_mb": round(peak, 1),
             "fsdp": fsdp,
+            "gradient_checkpointing": recomputes,
         }
         meta = {"base_model": job.base_model, "method": config.method, "summary": summary}
         (out_dir / TRAINED_MODEL_META).write_text(json.dumps(meta, indent=2))
@@ -575,9 +576,9 @@ def _save_checkpoint(accelerator: Any, model: Any, job: TrainJob, step: int,
         _fsync_tree(temporary)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
-        complete = sorted(job.checkpoint_dir.glob("step-*"))
-        for old in complete[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in job.checkpoint_dir.glob("step-*"):
+            if old != final:  # the new one is complete: the older ones are not needed
+                shutil.rmtree(old, ignore_errors=True)
         if job.progress:
             _log(f"checkpoint {final}")
     accelerator.wait_for_everyone()

@@ -93,3 +93,98 @@ def test_generation_rejects_mismatched_lengths(tiny_llama_dir: Path):
     model, tokenizer = load_trained_model(tiny_llama_dir, device="cpu")
     with pytest.raises(ValueError, match="same length"):
         generate_answers(model, tokenizer, ["a", "b"], [""], GenerationConfig(), progress=False)
+
+
+# --- the plan, checkpoints and configuration (processes themselves: test_training_distributed.py)
+
+
+def test_every_process_split_of_a_global_batch_runs_the_same_micro_batches_per_step():
+    from mods.training import training_plan
+
+    lengths = [5, 9, 3, 7, 8, 2, 6, 4, 1, 10, 11]  # 11 rows, batch 2: 6 micro-batches per epoch
+    config = TrainConfig(batch_size=2, epochs=1.5, seed=3)
+    two = training_plan(lengths, config.model_copy(update={"gradient_accumulation": 1}), processes=2)
+    one = training_plan(lengths, config.model_copy(update={"gradient_accumulation": 2}), processes=1)
+    assert two.micro_batches == one.micro_batches and len(two.micro_batches) == 9  # 1.5 epochs of 6
+    assert two.total_steps == one.total_steps == 5
+    for step in range(5):
+        split = two.for_process(step, 0) + two.for_process(step, 1)
+        assert split == one.for_process(step, 0)
+    # the short last step is padded (None: weight 0) so both processes take part
+    assert two.for_process(4, 0) == [8] and two.for_process(4, 1) == [None]
+    # the second epoch is reshuffled; every row is in every full epoch exactly once
+    assert sorted(i for b in two.micro_batches[:6] for i in b) == list(range(11))
+
+
+def test_latest_checkpoint_skips_partial_and_foreign_checkpoints(tmp_path: Path):
+    from mods.training import CHECKPOINT_META, latest_checkpoint
+
+    def checkpoint(name: str, step: int, fingerprint: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CHECKPOINT_META).write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+
+    assert latest_checkpoint(tmp_path, "run") is None
+    checkpoint("step-00000004", 4, "run")
+    checkpoint("step-00000009", 9, "another run")  # other rows or settings
+    checkpoint(".tmp-step-00000008", 8, "run")  # a save cut short by a kill
+    (tmp_path / "step-00000006").mkdir()  # no metadata: never complete
+    folder, meta = latest_checkpoint(tmp_path, "run")
+    assert folder.name == "step-00000004" and meta["step"] == 4
+    assert latest_checkpoint(None, "run") is None
+
+
+def test_train_config_is_strict_and_one_process_on_cpu():
+    from pydantic import ValidationError
+
+    from mods.training import global_batch, resolve_processes
+
+    assert TrainConfig.model_fields["lora_target_modules"].default == ["q_proj", "v_proj"]  # shown in the UI form
+    with pytest.raises(ValidationError, match="extra"):
+        TrainConfig(procs=2)
+    with pytest.raises(ValidationError):
+        TrainConfig(processes=0)
+    assert resolve_processes(TrainConfig(device="cpu")) == 1
+    assert resolve_processes(TrainConfig(device="cpu", processes=3)) == 3
+    assert global_batch(TrainConfig(batch_size=16, gradient_accumulation=8), processes=8) == 1024
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread on 2 busy cores only slows down
+    yield
+    torch.set_num_threads(before)
+
+
+def test_gradient_checkpointing_does_not_change_the_weights(tiny_llama_dir: Path, tmp_path: Path, one_thread):
+    from safetensors.torch import load_file
+
+    config = TrainConfig(epochs=2, learning_rate=5e-3, batch_size=4, max_length=64, precision="fp32", device="cpu",
+                         lora_dropout=0.1)
+    assert not train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "plain", progress=False)["gradient_checkpointing"]
+    assert train_model(str(tiny_llama_dir), ROWS, config.model_copy(update={"gradient_checkpointing": True}),
+                       tmp_path / "recompute", progress=False)["gradient_checkpointing"]
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    recompute = load_file(tmp_path / "recompute" / "adapter_model.safetensors")
+    assert max(float((plain[k] - recompute[k]).abs().max()) for k in plain) <= 1e-5
+
+
+def test_a_rerun_resumes_only_a_checkpoint_of_the_same_run(tiny_llama_dir: Path, tmp_path: Path, one_thread):
+    from safetensors.torch import load_file
+
+    config = TrainConfig(epochs=3, learning_rate=5e-3, batch_size=2, max_length=64, precision="fp32", device="cpu",
+                         checkpoint_every=4)
+    checkpoints = tmp_path / "checkpoints"
+    first = train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "first", progress=False, checkpoint_dir=checkpoints)
+    assert first["optimizer_steps"] == 12 and first["resumed_from_step"] == 0
+    assert [p.name for p in checkpoints.iterdir()] == ["step-00000008"]  # the newest only
+    # the same run again: resumes from step 8, ends at the same weights
+    again = train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "again", progress=False, checkpoint_dir=checkpoints)
+    assert again["resumed_from_step"] == 8 and again["tokens"] == first["tokens"]
+    a = load_file(tmp_path / "first" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    # another learning rate is another run: its checkpoint is not resumed
+    other = train_model(str(tiny_llama_dir), ROWS, config.model_copy(update={"learning_rate": 1e-3}), tmp_path / "other",
+                        progress=False, checkpoint_dir=checkpoints)
+    assert other["resumed_from_step"] == 0

@@ -1,0 +1,235 @@
+"""Training in several processes (gloo on this CPU), FSDP, checkpoints and failures.
+
+Tiny Llama, fp32 (bitwise-comparable arithmetic), one thread per process. Tolerance for
+"the same weights": max |difference| <= 1e-5 on weights of size ~0.1-1 (what differs
+between the runs is only the order of float additions: DDP's all-reduce against
+gradient accumulation, FSDP's sharded reductions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mods.launch import TrainingProcessError
+from mods.training import TrainConfig, train_model
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHT_TOLERANCE = 1e-5
+
+ROWS = pd.DataFrame(
+    {
+        "instruction": [f"Say the number {i}." for i in range(16)],
+        "input": [""] * 16,
+        "output": [f"The number is {i}, and twice it is {2 * i}." for i in range(16)],
+    }
+)
+
+
+def lora_config(**changes) -> TrainConfig:
+    # Dropout on: its masks must not depend on which process runs a micro-batch.
+    values = dict(epochs=4, learning_rate=5e-3, batch_size=2, max_length=64, precision="fp32", device="cpu",
+                  lora_dropout=0.1, checkpoint_every=1, processes=2, gradient_accumulation=1)
+    return TrainConfig(**{**values, **changes})
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(folder / name)
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    shared = a.keys() & b.keys()
+    assert shared and all(k in shared for k in b), f"different tensors: {sorted(a.keys() ^ b.keys())}"
+    return max(float((a[k] - b[k]).abs().max()) for k in shared)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread, like each launched process (2 threads on 2 busy
+    cores make tiny matrices ~20x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_llama_dir: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted 2-process LoRA run (the reference for two tests)."""
+    out = tmp_path_factory.mktemp("ddp") / "model"
+    summary = train_model(str(tiny_llama_dir), ROWS, lora_config(), out, progress=False)
+    return out, summary
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_llama_dir: Path, tmp_path: Path,
+                                                                     two_process_run, one_thread):
+    two_out, two = two_process_run
+    one = train_model(str(tiny_llama_dir), ROWS, lora_config(processes=1, gradient_accumulation=2),
+                      tmp_path / "one", progress=False)
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["global_batch"] == one["global_batch"] == 4
+    assert two["optimizer_steps"] == one["optimizer_steps"] == 16 and two["resumed_from_step"] == 0
+    assert two["tokens"] == one["tokens"] > 0
+    assert two["peak_memory_mb"] > 0 and two["tokens_per_second"] > 0
+    assert abs(two["last_loss"] - one["last_loss"]) < 1e-4  # the same micro-batches, gathered in order
+    assert max_difference(weights(two_out), weights(tmp_path / "one")) <= WEIGHT_TOLERANCE
+    # and training did move the adapter (lora_B starts at zero)
+    assert max(float(w.abs().max()) for k, w in weights(two_out).items() if "lora_B" in k) > 1e-3
+
+
+DRIVER = """
+import json, sys
+from pathlib import Path
+import pandas as pd
+from mods.training import TrainConfig, train_model
+spec = json.loads(Path(sys.argv[1]).read_text())
+summary = train_model(spec["model"], pd.DataFrame(spec["rows"]), TrainConfig(**spec["config"]), Path(spec["out"]),
+                      progress=False, checkpoint_dir=Path(spec["checkpoint_dir"]))
+print(json.dumps(summary))
+"""
+
+
+def start_driver(tmp_path: Path, model: Path, config: TrainConfig, out: Path, checkpoints: Path) -> subprocess.Popen:
+    """train_model in a process of its own (and its own process group), as a worker runs it."""
+    spec = {"model": str(model), "rows": ROWS.to_dict(orient="list"), "config": config.model_dump(mode="json"),
+            "out": str(out), "checkpoint_dir": str(checkpoints)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "spec.json")],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def newest_step(checkpoints: Path) -> int:
+    steps = [int(p.name.removeprefix("step-")) for p in checkpoints.glob("step-*")] if checkpoints.is_dir() else []
+    return max(steps, default=0)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_until_gone(text: str, seconds: float = 30) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_kill_9_at_half_then_rerun_resumes_to_the_same_weights(tiny_llama_dir: Path, tmp_path: Path, two_process_run):
+    reference_out, reference = two_process_run
+    out, checkpoints = tmp_path / "model", tmp_path / "checkpoints"
+    total = reference["optimizer_steps"]
+    driver = start_driver(tmp_path, tiny_llama_dir, lora_config(), out, checkpoints)
+    deadline = time.monotonic() + 120
+    while newest_step(checkpoints) < total // 2 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(driver.pid, signal.SIGKILL)  # the caller and its whole process group
+    driver.wait()
+    killed_at = newest_step(checkpoints)
+    assert 0 < killed_at < total, f"no kill mid-run (newest checkpoint: step {killed_at} of {total})"
+    assert not (out / "adapter_model.safetensors").exists()
+    # the launched processes die with their caller: nothing trains on as an orphan
+    assert wait_until_gone(str(tmp_path)) == []
+
+    summary = train_model(str(tiny_llama_dir), ROWS, lora_config(), out, progress=False, checkpoint_dir=checkpoints)
+    assert summary["resumed_from_step"] >= killed_at > 0
+    assert summary["tokens"] == reference["tokens"]  # per-micro-batch records survive the resume
+    assert abs(summary["last_loss"] - reference["last_loss"]) < 1e-4
+    assert max_difference(weights(out), weights(reference_out)) <= WEIGHT_TOLERANCE
+    # train_model leaves the checkpoints to its caller, and kept only the newest one
+    assert [p.name for p in checkpoints.iterdir()] == [f"step-{total - 1:08d}"]
+
+
+def test_interrupting_the_caller_stops_the_processes(tiny_llama_dir: Path, tmp_path: Path):
+    out, checkpoints = tmp_path / "model", tmp_path / "checkpoints"
+    driver = start_driver(tmp_path, tiny_llama_dir, lora_config(epochs=40), out, checkpoints)
+    deadline = time.monotonic() + 120
+    while newest_step(checkpoints) < 1 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert driver.poll() is None, "training ended before it could be interrupted"
+    os.kill(driver.pid, signal.SIGINT)  # Ctrl+C: KeyboardInterrupt in train_model's caller only
+    output = driver.communicate(timeout=90)[0].decode(errors="replace")
+    assert driver.returncode != 0 and "KeyboardInterrupt" in output
+    assert wait_until_gone(str(tmp_path)) == []
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_a_failing_process_raises_one_clear_error(tiny_llama_dir: Path, tmp_path: Path):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_llama_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # the tokenizer still loads
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("train_model hung after a process failed"))
+    signal.alarm(180)
+    try:
+        with pytest.raises(TrainingProcessError) as caught:
+            train_model(str(broken), ROWS, lora_config(), tmp_path / "model", progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    message = str(caught.value)
+    first_line = message.splitlines()[0]
+    assert first_line.startswith("training process ") and " of 2 failed: " in first_line
+    assert "safetensors" in message.lower() or "header" in message.lower()  # the child's own error
+    assert "last lines of the training log" in message
+    assert not (tmp_path / "model").exists()
+    assert list(tmp_path.glob(".mods-train-*")) == []  # the hand-over folder is cleaned up
+
+
+def _fsdp2_missing() -> str | None:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no FSDP2 (fully_shard), the only FSDP that runs on CPU with gloo"
+    return None
+
+
+@pytest.mark.skipif(_fsdp2_missing() is not None, reason=_fsdp2_missing() or "")
+def test_fsdp_full_fine_tuning_on_two_processes_matches_one_and_resumes(tiny_llama_dir: Path, tmp_path: Path,
+                                                                        one_thread):
+    full = dict(method="full", epochs=2, learning_rate=1e-3, lora_dropout=0.0, checkpoint_every=3)
+    checkpoints = tmp_path / "checkpoints"
+    # FSDP's own activation checkpointing on, to run that path too (it must not change the result)
+    sharded = train_model(str(tiny_llama_dir), ROWS, lora_config(**full, gradient_checkpointing=True),
+                          tmp_path / "fsdp", progress=False, checkpoint_dir=checkpoints)
+    assert sharded["fsdp"] is True and sharded["processes"] == 2 and sharded["optimizer_steps"] == 8
+    assert sharded["gradient_checkpointing"] is True
+    # each process wrote its own shard of the weights and of the optimiser state
+    saved = next(checkpoints.glob("step-*"))
+    assert (saved / "pytorch_model_fsdp_0").is_dir() and (saved / "optimizer_0").is_dir()
+
+    single = train_model(str(tiny_llama_dir), ROWS, lora_config(**full, processes=1, gradient_accumulation=2),
+                         tmp_path / "single", progress=False)
+    assert single["fsdp"] is False
+    assert max_difference(weights(tmp_path / "fsdp"), weights(tmp_path / "single")) <= WEIGHT_TOLERANCE
+
+    # a rerun resumes from the sharded checkpoint (step 6 of 8) and ends at the same weights
+    again = train_model(str(tiny_llama_dir), ROWS, lora_config(**full), tmp_path / "again", progress=False,
+                        checkpoint_dir=checkpoints)
+    assert again["resumed_from_step"] == 6
+    assert max_difference(weights(tmp_path / "again"), weights(tmp_path / "fsdp")) <= WEIGHT_TOLERANCE
+
+    from mods.training import load_trained_model
+
+    model, _ = load_trained_model(tmp_path / "fsdp", device="cpu")
+    assert model.config.use_cache and model.lm_head.weight is model.model.embed_tokens.weight
