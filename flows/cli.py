@@ -1,41 +1,82 @@
 """`mods` command line: the whole flow (`mods run`) and one subcommand per stage on plain files.
 
-Per-stage subcommands call the core (no Prefect, no workspace) so they work alone, for
-users and for dedicated workers. User errors end with a one-line message, not a traceback.
+Per-stage subcommands call the same stage functions as the flow and the GPU workers
+(mods.stages), without Prefect or a workspace. Every failure ends in one line on stderr
+and exit status 2 (130 for Ctrl-C); the detail goes to a log file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
-# Offline by design: no model hub, no telemetry.
+# Offline by design: no model hub, no telemetry. Our own loggers reach the Prefect UI.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mods")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
     """A problem with what the user gave: printed as one line, exit status 2."""
 
 
-def _load_rows(data: list[str], args: argparse.Namespace):
-    """Canonical rows from any supported source (files are validated like `mods ingest`)."""
-    from mods.ingest import IngestConfig, ingest
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
-    result = ingest(data, IngestConfig(), progress=not args.quiet)
-    if result.quarantine is not None and len(result.quarantine):
-        print(f"note: {len(result.quarantine)} rows quarantined (run `mods ingest` to see why)", file=sys.stderr)
-    if result.rows.empty:
+
+# --- rows from files, for the per-stage commands ----------------------------------------------
+
+
+def _load_rows(data: list[str], args: argparse.Namespace, keep_duplicates: bool = False):
+    """Canonical rows from any supported source (validated like `mods ingest`).
+
+    With ``keep_duplicates`` every input row comes back (exact and normalised duplicates as
+    copies of their first occurrence, in input order), so a per-row command gives one
+    result per input row. What was left out is said on stderr, with the reasons."""
+    import pandas as pd
+
+    from mods.ingest import IngestConfig, IngestError, ingest
+
+    try:
+        result = ingest(data, IngestConfig(), progress=not args.quiet)
+    except IngestError as error:
+        raise UserError(first_line(error)) from None
+    quarantine = result.quarantine
+    if quarantine is not None and len(quarantine):
+        reasons = quarantine["reason"].value_counts()
+        said = ", ".join(f"{count} {reason}" for reason, count in reasons.items())
+        print(f"note: {len(quarantine)} input rows left out ({said}); `mods ingest` lists them with line numbers",
+              file=sys.stderr)
+    rows = result.rows
+    if rows.empty:
         raise UserError(f"no usable rows in {', '.join(data)}")
-    return result.rows
+    if keep_duplicates:
+        copies = []
+        for position, metadata in enumerate(rows["metadata"]):
+            for duplicate in json.loads(metadata or "{}").get("duplicates", []):
+                copy = rows.iloc[position].copy()
+                copy["source"], copy["source_line"] = duplicate["source"], duplicate["source_line"]
+                copies.append(copy)
+        if copies:
+            print(f"note: {len(copies)} duplicate input rows share the result of their first copy (same id)",
+                  file=sys.stderr)
+            rows = pd.concat([rows, pd.DataFrame(copies)], ignore_index=True)
+            rows = rows.sort_values(["source", "source_line"], kind="stable").reset_index(drop=True)
+    return rows
 
 
 def _write_parquet(frame, out: str) -> None:
@@ -47,65 +88,244 @@ def _write_parquet(frame, out: str) -> None:
     print(f"wrote {len(frame)} rows to {path}")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _model(model: type, values: dict[str, Any], what: str):
+    """A parameter model from command-line values (None = the model's own default)."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        raise UserError(f"{what}: {'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
+
+
+# --- mods run ---------------------------------------------------------------------------------
+
+
+def _config_from_args(args: argparse.Namespace):
+    import yaml
+
     from mods.config import load_config, set_dotted
 
     overrides: dict[str, Any] = {}
-    for item in args.set or []:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected section.field=value")
-        key, value = item.split("=", 1)
-        set_dotted(overrides, key.strip(), value)
+    try:
+        for item in args.set or []:
+            if "=" not in item:
+                raise UserError(f"--set {item!r}: expected section.field=value")
+            key, value = item.split("=", 1)
+            set_dotted(overrides, key.strip(), value)
+    except yaml.YAMLError as error:
+        raise UserError(f"--set {item!r}: not a YAML value ({first_line(error)})") from None
     if args.data:
         overrides["data"] = args.data
     if args.workspace:
         overrides["workspace"] = args.workspace
     if args.quiet:
         overrides.setdefault("execution", {})["progress"] = False
+    if args.verify:
+        overrides.setdefault("execution", {})["verify"] = True
     try:
-        config = load_config(args.config, overrides)
+        return load_config(args.config, overrides)
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {args.config}: not valid YAML ({' '.join(str(error).split())})") from None
     except ValueError as error:  # pydantic's ValidationError is a ValueError
-        raise UserError(f"configuration: {error}".replace("\n", "; ")) from None
+        raise UserError(f"configuration: {_validation_text(error)}") from None
+
+
+def _validation_text(error: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+    return first_line(error)
+
+
+def _preflight(config) -> Path:
+    """Everything that can be checked before a model is loaded or a server started."""
+    from mods.artifacts import check_workspace
+    from mods.readers import SourceError, discover
+
+    from flows.mods_pipeline import resolve_sources
+
+    try:
+        workspace = check_workspace(config.workspace)
+    except ValueError as error:
+        raise UserError(first_line(error)) from None
+    try:
+        discover(resolve_sources(config.data))
+    except SourceError as error:
+        raise UserError(f"data: {first_line(error)}") from None
+    api_url = os.environ.get("PREFECT_API_URL")
+    if api_url:
+        import httpx
+
+        auth = os.environ.get("PREFECT_API_AUTH_STRING")
+        try:
+            response = httpx.get(api_url.rstrip("/") + "/health", timeout=10,
+                                 auth=tuple(auth.split(":", 1)) if auth and ":" in auth else None)
+            response.raise_for_status()
+        except Exception as error:  # noqa: BLE001 - any failure here means "unreachable"
+            raise UserError(f"cannot reach the Prefect server at PREFECT_API_URL={api_url} ({first_line(error)}); "
+                            "start it, or unset PREFECT_API_URL to use a temporary local one") from None
+    return workspace
+
+
+class _OneLineConsole(logging.Formatter):
+    """Console lines without tracebacks: the detail is in the log file."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            text = self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+        return text.splitlines()[0] if text else text
+
+
+class _QuietFailures(logging.Filter):
+    """Prefect's own error records (task and flow failures) stay out of the console: the
+    command ends with its one-line message instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.name.startswith("prefect"))
+
+
+def _route_logs(log_file: Path) -> None:
+    """All detail to ``log_file``; the console keeps one line per record and no tracebacks."""
+    import prefect  # noqa: F401 - configures logging first
+
+    root = logging.getLogger()
+    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for handler in list(root.handlers):
+        handler.setFormatter(_OneLineConsole(handler.formatter))
+        handler.addFilter(_QuietFailures())
+    root.handlers.insert(0, file_handler)
+    logging.getLogger("mods").setLevel(logging.INFO)
+    for name in ("prefect", "mods"):
+        logger = logging.getLogger(name)
+        if file_handler not in logger.handlers and not logger.propagate:
+            logger.addHandler(file_handler)
+
+
+def _start_local_server():
+    """A temporary Prefect server in its own session, so that Ctrl-C in a terminal (SIGINT
+    to the whole foreground group) stops the run, not the server the run reports to."""
+    import subprocess
+    from unittest import mock
+
+    import prefect.server.api.server as server_module
+
+    server = server_module.SubprocessASGIServer()
+    real_popen = subprocess.Popen
+
+    def popen(*popen_args: Any, **kwargs: Any):
+        kwargs.setdefault("start_new_session", True)
+        return real_popen(*popen_args, **kwargs)
+
+    with mock.patch.object(server_module.subprocess, "Popen", popen):
+        server.start()
+    return server
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    if args.gpu_deployment:
+        from flows.mods_pipeline import GPU_DEPLOYMENT_ENV
+
+        os.environ[GPU_DEPLOYMENT_ENV] = args.gpu_deployment
+    workspace = _preflight(config)
+    log_dir = workspace / "logs"
+    log_dir.mkdir(exist_ok=True)
+    log_file = log_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    _route_logs(log_file)
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.mods_pipeline import mods_pipeline
 
-    result = mods_pipeline(config=config)
+    server = None
+    try:
+        if not os.environ.get("PREFECT_API_URL"):
+            try:
+                server = _start_local_server()
+            except Exception as error:  # noqa: BLE001
+                logging.getLogger("mods").exception("temporary Prefect server failed")
+                raise UserError(f"could not start a temporary Prefect server ({first_line(error)}); details: {log_file}") from None
+        settings = {PREFECT_API_URL: server.api_url} if server else {}
+        with temporary_settings(settings):
+            try:
+                result = mods_pipeline(config=config)
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # noqa: BLE001 - every failure ends in one line
+                logging.getLogger("mods").error("run failed", exc_info=error)
+                raise UserError(f"{first_line(error)} (details: {log_file})") from None
+    finally:
+        if server is not None:
+            server.stop()
     print("\nMoDS selection finished.")
     print(f"  selected data (Alpaca JSONL): {result['selected_jsonl']}")
     print(f"  selected data + provenance:   {result['selected_parquet']}")
     print(f"  report:                       {result['report']}")
     print(f"  coverage plot:                {result['coverage_png']}")
     print(f"  final adapter/model:          {result['final_model']}")
+    print(f"  stages computed this run:     {', '.join(result['executed']) or 'none (all reused)'}")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every artifact of a workspace against its marker (sizes and sha256)."""
+    from mods.artifacts import Workspace, artifact_problem
+
+    ws = Workspace(args.workspace)
+    root = ws.root / "artifacts"
+    if not root.is_dir():
+        raise UserError(f"{ws.root} has no artifacts folder; is it a workspace?")
+    folders = sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith("."))
+    damaged = 0
+    for folder in folders:
+        problem = artifact_problem(folder, verify_hashes=True)
+        if problem is not None:
+            damaged += 1
+            print(f"damaged  {folder.relative_to(ws.root)}: {problem}")
+        elif problem is None and not args.quiet:
+            print(f"ok       {folder.relative_to(ws.root)}")
+    print(f"{len(folders)} artifacts checked, {damaged} damaged" + (" (the next run rebuilds them)" if damaged else ""))
+    return 1 if damaged else 0
 
 
 def cmd_prepare_models(args: argparse.Namespace) -> int:
     from mods.models import prepare_default_models
 
-    paths = prepare_default_models()
-    for name, path in (paths.items() if isinstance(paths, dict) else enumerate(paths)):
+    for name, path in prepare_default_models().items():
         print(f"{name}: {path}")
     return 0
 
 
-def _scorer_config(args: argparse.Namespace):
-    from mods.scoring import ScorerConfig
+# --- per-stage commands (the same stage functions as the flow) --------------------------------
 
-    values = {"kind": args.scorer, "model": args.model}
-    if args.batch_size:
-        values["batch_size"] = args.batch_size
-    if args.max_length:
-        values["max_length"] = args.max_length
-    return ScorerConfig(**{k: v for k, v in values.items() if v is not None})
+
+def _scoring_params(args: argparse.Namespace):
+    from mods.scoring import ScorerConfig
+    from mods.stages import ScoringParams
+
+    scorer = _model(ScorerConfig, {"kind": args.scorer, "model": args.model, "batch_size": args.batch_size,
+                                   "max_length": args.max_length, "device": args.device}, "scorer")
+    return ScoringParams(scorer=scorer)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from mods.scoring import build_scorer
+    from mods.stages import compute_rows
 
-    rows = _load_rows(args.data, args)
-    scores = build_scorer(_scorer_config(args)).score(
-        rows["instruction"].tolist(), rows["input"].tolist(), rows["output"].tolist(), progress=not args.quiet
-    )
+    rows = _load_rows(args.data, args, keep_duplicates=True)
+    scores = compute_rows("quality", _scoring_params(args), rows, progress=not args.quiet)
     for column in scores.columns:
         rows[column] = scores[column].to_numpy()
     _write_parquet(rows, args.out)
@@ -113,13 +333,16 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
     import pyarrow.parquet as pq
 
-    from mods.embedding import EmbeddingConfig, embed_texts, embedding_texts, embeddings_table
+    from mods.embedding import EmbeddingConfig, embedding_texts, embeddings_table
+    from mods.stages import compute_rows
 
-    rows = _load_rows(args.data, args)
-    config = EmbeddingConfig(model=args.model, text=args.text)
-    vectors = embed_texts(embedding_texts(rows, config.text), config, progress=not args.quiet)
+    rows = _load_rows(args.data, args, keep_duplicates=True)
+    config = _model(EmbeddingConfig, {"model": args.model, "text": args.text, "device": args.device}, "embedding")
+    work = rows.assign(text=embedding_texts(rows, config.text))
+    vectors = np.stack(compute_rows("embed", config, work, progress=not args.quiet)["embedding"].tolist())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(embeddings_table(rows["id"].tolist(), vectors), args.out)
     print(f"wrote {len(rows)} embeddings of dimension {vectors.shape[1]} to {args.out}")
@@ -148,48 +371,43 @@ def cmd_select(args: argparse.Namespace) -> int:
         result = k_center_greedy(vectors, args.k, already_selected=already, seed=args.seed, device=args.device)
     except ValueError as error:
         raise UserError(str(error)) from None
-    frame = selection_frame(ids, result)
-    _write_parquet(frame, args.out)
+    _write_parquet(selection_frame(ids, result), args.out)
     if len(result.radii):
         print(f"coverage radius after {len(result.radii)} picks: {float(result.radii[-1]):.4f}")
     return 0
 
 
-def _train_config(args: argparse.Namespace):
-    from mods.training import TrainConfig
-
-    values = {"method": args.method, "epochs": args.epochs, "learning_rate": args.learning_rate,
-              "batch_size": args.batch_size, "max_length": args.max_length, "device": args.device}
-    return TrainConfig(**{k: v for k, v in values.items() if v is not None})
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from mods.training import train_model
+    from mods.training import TrainConfig, train_model
 
     rows = _load_rows(args.data, args)
-    summary = train_model(args.base_model, rows, _train_config(args), Path(args.out), progress=not args.quiet)
+    config = _model(TrainConfig, {"method": args.method, "epochs": args.epochs, "learning_rate": args.learning_rate,
+                                  "batch_size": args.batch_size, "max_length": args.max_length, "device": args.device,
+                                  "processes": args.processes}, "train")
+    out = Path(args.out)
+    summary = train_model(args.base_model, rows, config, out, progress=not args.quiet,
+                          checkpoint_dir=out.parent / f".{out.name}.checkpoints")
     print(json.dumps(summary, indent=2))
     print(f"model written to {args.out}")
     return 0
 
 
 def cmd_necessity(args: argparse.Namespace) -> int:
-    from mods.generation import GenerationConfig, generate_answers
-    from mods.scoring import build_scorer
-    from mods.training import load_trained_model
+    from mods.generation import GenerationConfig
+    from mods.stages import compute_rows
 
     if not Path(args.model_dir).is_dir():
         raise UserError(f"--model-dir {args.model_dir}: not a folder (a `mods train` output or a local HF model)")
-    rows = _load_rows(args.data, args)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size, device=args.device)
-    model, tokenizer = load_trained_model(args.model_dir, device=args.device)
-    answers = generate_answers(model, tokenizer, rows["instruction"].tolist(), rows["input"].tolist(), config,
-                               progress=not args.quiet)
-    del model
-    scores = build_scorer(_scorer_config(args)).score(
-        rows["instruction"].tolist(), rows["input"].tolist(), answers, progress=not args.quiet
-    )
-    rows["model_answer"] = answers
+    rows = _load_rows(args.data, args, keep_duplicates=True)
+    generation = _model(GenerationConfig, {"max_new_tokens": args.max_new_tokens, "batch_size": args.gen_batch_size,
+                                           "device": args.device}, "generation")
+    answers = compute_rows("answers", generation, rows, resources={"seed_model": Path(args.model_dir)},
+                           progress=not args.quiet)
+    rows["seed_answer"] = answers["seed_answer"].to_numpy()
+    from mods.stages import release_models
+
+    release_models()
+    scores = compute_rows("necessity", _scoring_params(args), rows, progress=not args.quiet)
     rows["necessity_score"] = scores["quality_score"].to_numpy()
     _write_parquet(rows, args.out)
     return 0
@@ -200,12 +418,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_scorer(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scorer", choices=["likelihood", "reward-model"], default="likelihood",
-                        help="likelihood (offline default, SmolLM2) or reward-model (a local HF "
-                             "sequence-classification folder, as in the paper)")
+    from mods.scoring import ScorerConfig
+
+    kinds = list(ScorerConfig.model_fields["kind"].annotation.__args__)  # type: ignore[union-attr]
+    parser.add_argument("--scorer", choices=kinds, default=None,
+                        help=f"scorer kind (default: {ScorerConfig.model_fields['kind'].default}); reward-model needs "
+                             "--model, a local HF sequence-classification folder, as in the paper")
     parser.add_argument("--model", dest="model", default=None, help="scorer model folder (required for reward-model)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--device", default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,8 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workspace", help="artifact folder (default: work)")
     run.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                      help="override one value, e.g. --set quality.alpha=0 --set seed_selection.k=100")
+    run.add_argument("--verify", action="store_true", help="check reused artifacts' sha256 (sizes are always checked)")
+    run.add_argument("--gpu-deployment", help="send GPU work to this deployment (e.g. mods-gpu-stage/gpu) on "
+                                              "PREFECT_API_URL's server; default: run everything in this process")
     _add_common(run)
     run.set_defaults(handler=cmd_run)
+
+    verify = sub.add_parser("verify", help="check every artifact of a workspace against its sizes and sha256")
+    verify.add_argument("--workspace", default="work")
+    _add_common(verify)
+    verify.set_defaults(handler=cmd_verify)
 
     prep = sub.add_parser("prepare-models", help="convert/cache the packaged offline models")
     prep.set_defaults(handler=cmd_prepare_models)
@@ -228,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_ingest.register(sub)
 
-    score = sub.add_parser("score", help="add a quality_score column to DATA")
+    score = sub.add_parser("score", help="add a quality_score column to DATA (one score per input row)")
     score.add_argument("data", nargs="+", metavar="DATA")
     score.add_argument("--out", required=True, help="output .parquet")
     _add_scorer(score)
@@ -238,8 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", help="embed DATA's instructions (id, embedding) for `mods select`")
     embed.add_argument("data", nargs="+", metavar="DATA")
     embed.add_argument("--out", required=True, help="output .parquet")
-    embed.add_argument("--model", default="all-minilm-l6-v2")
-    embed.add_argument("--text", default="instruction", choices=["instruction", "instruction+input"])
+    embed.add_argument("--model", default=None)
+    embed.add_argument("--text", default=None, choices=["instruction", "instruction+input"])
+    embed.add_argument("--device", default=None)
     _add_common(embed)
     embed.set_defaults(handler=cmd_embed)
 
@@ -262,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--max-length", type=int)
+    train.add_argument("--processes", type=int, help="training processes (default: every visible GPU, 1 on CPU)")
     train.add_argument("--device", default=None)
     _add_common(train)
     train.set_defaults(handler=cmd_train)
@@ -269,10 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     nec = sub.add_parser("necessity", help="a trained model answers DATA; answers are scored (necessity_score)")
     nec.add_argument("data", nargs="+", metavar="DATA")
     nec.add_argument("--model-dir", dest="model_dir", required=True, help="a `mods train` output or a local HF causal LM")
-    nec.add_argument("--out", required=True, help="output .parquet")
-    nec.add_argument("--max-new-tokens", type=int, default=96)
-    nec.add_argument("--gen-batch-size", type=int, default=16)
-    nec.add_argument("--device", default=None)
+    nec.add_argument("--out", required=True, help="output .parquet (seed_answer, necessity_score)")
+    nec.add_argument("--max-new-tokens", type=int, default=None)
+    nec.add_argument("--gen-batch-size", type=int, default=None)
     _add_scorer(nec)
     _add_common(nec)
     nec.set_defaults(handler=cmd_necessity)
@@ -287,14 +518,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(handler(args) or 0)
     except UserError as error:
         print(f"mods {args.command}: {error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as error:
-        # Errors raised by the core for bad inputs carry a readable message.
-        print(f"mods {args.command}: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(f"mods {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - the core's errors carry a readable message
+        print(f"mods {args.command}: {first_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

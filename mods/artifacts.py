@@ -5,24 +5,40 @@ input artifacts). So a rerun with nothing changed finds every artifact; changing
 parameter changes the keys of that stage and of everything downstream, nothing upstream;
 the same key on another machine sharing the workspace finds the same artifact.
 
-A stage writes into a temporary sibling folder and renames it into place after writing a
-completion marker, so a half-written artifact never carries a key (datatrove's
-completion markers, applied per artifact).
+An artifact is named by (stage, key) only, never by an absolute path, so a workspace can
+be copied, moved or mounted elsewhere (another worker, a container) and still serves it.
+
+Writing is safe against crashes, corruption and concurrent runs:
+- a stage writes into a temporary sibling folder and renames it into place after writing
+  a completion marker, so a half-written artifact never carries a key (datatrove's
+  completion markers, applied per artifact);
+- the marker records every file's size and sha256; a reused artifact is checked against
+  it (sizes always, hashes on request), and a damaged one is rebuilt;
+- one writer per artifact: an exclusive lock file per key. A second process waits for the
+  first and then reuses its artifact; a complete artifact is never deleted or replaced;
+- whoever holds the lock removes the temporary folders that dead writers left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 from pydantic import BaseModel
+
+log = logging.getLogger("mods.artifacts")
 
 MARKER = "_SUCCESS.json"
 KEY_LENGTH = 16
@@ -30,19 +46,19 @@ KEY_LENGTH = 16
 Resource = Literal["cpu", "gpu"]
 
 
+class ArtifactError(Exception):
+    """A stage cannot run: an input artifact is missing or damaged (one-line message)."""
+
+
 class Artifact(BaseModel):
-    """A finished stage output: small, JSON-serialisable, safe to pass between processes."""
+    """A finished stage output, named by (stage, key): small, JSON-serialisable, and the
+    same wherever the workspace is mounted."""
 
     stage: str
     key: str
-    path: str
 
-    @property
-    def dir(self) -> Path:
-        return Path(self.path)
-
-    def file(self, name: str) -> Path:
-        return Path(self.path) / name
+    def dir(self, workspace: "Workspace | str | Path") -> Path:
+        return as_workspace(workspace).artifact_dir(self.stage, self.key)
 
 
 @dataclass(frozen=True)
@@ -86,30 +102,44 @@ def artifact_key(spec: StageSpec, params: Any, inputs: Sequence[Artifact | str])
     return hash_json({"stage": spec.name, "version": spec.version, "params": params, "inputs": input_keys})
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fingerprint_files(paths: Iterable[Path], hash_content: bool = False) -> str:
     """A key for source files: size and mtime of each (fast), or their bytes (exact)."""
     entries = []
     for path in sorted({Path(p).resolve() for p in paths}):
         stat = path.stat()
         if hash_content:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            entries.append([str(path), digest.hexdigest()])
+            entries.append([str(path), sha256_file(path)])
         else:
             entries.append([str(path), stat.st_size, stat.st_mtime_ns])
     return hash_json(entries)
 
 
 class Workspace:
-    """A folder of artifacts: ``<root>/artifacts/<stage>/<key>/``."""
+    """A folder of artifacts: ``<root>/artifacts/<stage>/<key>/``, per-row results under
+    ``<root>/rowstore/``, Prefect's cache records under ``<root>/prefect-results``."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).resolve()
+        self.root = Path(root).expanduser().resolve()
 
     def artifact_dir(self, stage: str, key: str) -> Path:
         return self.root / "artifacts" / stage / key
+
+    def scratch_dir(self, stage: str, key: str) -> Path:
+        """Per-key working space that survives a crash (training checkpoints), removed
+        once the artifact is complete."""
+        return self.root / "artifacts" / stage / f".{key}.scratch"
+
+    @property
+    def rowstore(self) -> Path:
+        return self.root / "rowstore"
 
     @property
     def prefect_results(self) -> Path:
@@ -117,13 +147,132 @@ class Workspace:
         so that whoever shares the artifacts shares the cache)."""
         return self.root / "prefect-results"
 
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        path = self.root / "artifacts" / stage / f".{key}.lock"
+        with file_lock(path, on_wait=on_wait):
+            yield
 
-def is_complete(path: str | Path) -> bool:
-    return (Path(path) / MARKER).is_file()
+
+def as_workspace(workspace: "Workspace | str | Path") -> Workspace:
+    return workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+
+
+def check_workspace(root: str | Path) -> Path:
+    """The workspace folder, created if needed; a one-line ValueError when it cannot be one."""
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"workspace {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"workspace {path} is not writable: {error.strerror or error}") from None
+    return path.resolve()
+
+
+# Locks this process holds, by path, with their depth: a flock on a second descriptor of
+# the same file would block on our own lock (the flow holds a row-wise stage's lock over
+# its shards and then runs the stage, which takes it again).
+_HELD_LOCKS: dict[str, int] = {}
+_HELD_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An exclusive advisory lock (flock) held while the block runs; re-entrant within a
+    process; released by the kernel if the process dies, so a killed writer never blocks
+    the next one."""
+    name = str(Path(path).resolve())
+    with _HELD_LOCKS_GUARD:
+        if _HELD_LOCKS.get(name):
+            _HELD_LOCKS[name] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _HELD_LOCKS_GUARD:
+                _HELD_LOCKS[name] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        with _HELD_LOCKS_GUARD:
+            _HELD_LOCKS[name] = 1
+        try:
+            yield
+        finally:
+            with _HELD_LOCKS_GUARD:
+                _HELD_LOCKS.pop(name, None)
+    finally:
+        handle.close()  # releases the lock
+
+
+# --- completion markers ------------------------------------------------------------------
+
+
+def _manifest(folder: Path, with_hashes: bool = True) -> dict[str, dict[str, Any]]:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER):
+        entry: dict[str, Any] = {"size": path.stat().st_size}
+        if with_hashes:
+            entry["sha256"] = sha256_file(path)
+        files[path.relative_to(folder).as_posix()] = entry
+    return files
 
 
 def read_marker(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / MARKER).read_text())
+    """The completion marker of an artifact folder; ValueError naming the file if unreadable."""
+    marker = Path(path) / MARKER
+    try:
+        value = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{marker}: unreadable completion marker ({error})") from None
+    if not isinstance(value, dict) or not isinstance(value.get("files"), dict) or "key" not in value:
+        raise ValueError(f"{marker}: not a completion marker (no 'key' or 'files')")
+    return value
+
+
+def artifact_problem(path: str | Path, verify_hashes: bool = False) -> str | None:
+    """Why the artifact folder cannot be reused, or None when it is complete and intact.
+
+    Sizes are always compared with the marker (cheap, catches truncation); sha256 only
+    with ``verify_hashes`` (reads every byte)."""
+    folder = Path(path)
+    if not (folder / MARKER).exists():
+        return f"{folder} has no {MARKER}" if folder.exists() else f"{folder} does not exist"
+    try:
+        marker = read_marker(folder)
+    except ValueError as error:
+        return str(error)
+    if marker.get("key") != folder.name:
+        return f"{folder / MARKER} belongs to key {marker.get('key')!r}, not {folder.name!r}"
+    for name, expected in marker["files"].items():
+        file = folder / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            return f"{file} is missing"
+        if size != expected.get("size"):
+            return f"{file} has {size} bytes, its marker says {expected.get('size')}"
+        if verify_hashes and expected.get("sha256") and sha256_file(file) != expected["sha256"]:
+            return f"{file} does not match its sha256 in {MARKER}"
+    return None
+
+
+def is_complete(path: str | Path, verify_hashes: bool = False) -> bool:
+    return artifact_problem(path, verify_hashes) is None
 
 
 @dataclass
@@ -131,65 +280,112 @@ class StageOutcome:
     artifact: Artifact
     executed: bool
     seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """What a stage body gets: where to write, its inputs' folders, a scratch folder for
+    crash-surviving work (checkpoints), and the run's options."""
+
+    out: Path
+    inputs: dict[str, Path]
+    scratch: Path
+    workspace: Workspace
+    progress: bool = True
+
+
+def _remove_leftovers(final: Path, verify_hashes: bool) -> None:
+    """Temporary and damaged folders of this key. Only called with the key's lock held:
+    then nobody else can be writing them."""
+    for leftover in final.parent.glob(f".{final.name}.tmp-*"):
+        log.warning("removing %s, left by a writer that died", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    if final.exists():
+        problem = artifact_problem(final, verify_hashes)
+        if problem is not None:
+            log.warning("rebuilding %s: %s", final, problem)
+            aside = final.parent / f".{final.name}.broken-{uuid.uuid4().hex[:8]}"
+            os.replace(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def run_stage(
     workspace: Workspace,
     spec: StageSpec,
     params: Any,
-    inputs: Sequence[Artifact],
-    body: Callable[[Path], Mapping[str, Any] | None],
+    inputs: Mapping[str, Artifact],
+    body: Callable[[StageContext], Mapping[str, Any] | None],
     extra_key_inputs: Sequence[str] = (),
+    verify_hashes: bool = False,
+    progress: bool = True,
 ) -> StageOutcome:
-    """Run ``body(tmp_dir)`` unless the artifact for this key is already complete.
+    """Run ``body`` unless the artifact for this key is already complete and intact.
 
-    ``body`` writes its files into ``tmp_dir`` and may return a small summary that goes
+    ``body`` writes its files into ``ctx.out`` and may return a small summary that goes
     into the completion marker (row counts, timings). The folder is renamed into place
     only after the marker is written.
     """
-    for artifact in inputs:
-        if not is_complete(artifact.path):
-            raise FileNotFoundError(
-                f"stage {spec.name!r} needs the {artifact.stage!r} artifact {artifact.key}, "
-                f"but {artifact.path} is missing or incomplete; rerun the pipeline to rebuild it"
-            )
-    key = artifact_key(spec, params, [*inputs, *extra_key_inputs])
+    folders: dict[str, Path] = {}
+    for name, artifact in inputs.items():
+        folder = artifact.dir(workspace)
+        problem = artifact_problem(folder, verify_hashes)
+        if problem is not None:
+            raise ArtifactError(f"stage {spec.name!r} needs the {artifact.stage!r} artifact {artifact.key}: {problem}")
+        folders[name] = folder
+    key = artifact_key(spec, params, [*inputs.values(), *extra_key_inputs])
     final = workspace.artifact_dir(spec.name, key)
-    artifact = Artifact(stage=spec.name, key=key, path=str(final))
-    if is_complete(final):
-        return StageOutcome(artifact=artifact, executed=False, seconds=0.0)
+    artifact = Artifact(stage=spec.name, key=key)
+    if artifact_problem(final, verify_hashes) is None:
+        return StageOutcome(artifact=artifact, executed=False, seconds=0.0, summary=read_marker(final)["summary"])
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    started = time.perf_counter()
-    try:
-        summary = body(tmp) or {}
-        seconds = time.perf_counter() - started
-        marker = {
-            "stage": spec.name,
-            "version": spec.version,
-            "key": key,
-            "params": _canonical(params),
-            "inputs": {a.stage: a.key for a in inputs},
-            "seconds": round(seconds, 3),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "summary": _canonical(summary),
-        }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False))
-        if final.exists():  # an incomplete leftover of a crashed run
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return StageOutcome(artifact=artifact, executed=True, seconds=seconds)
+    def waiting() -> None:
+        log.info("%s %s: another process is writing it; waiting for it", spec.name, key)
+
+    with workspace.lock(spec.name, key, on_wait=waiting):
+        if artifact_problem(final, verify_hashes) is None:  # the other writer finished it
+            return StageOutcome(artifact=artifact, executed=False, seconds=0.0, summary=read_marker(final)["summary"])
+        _remove_leftovers(final, verify_hashes)
+        tmp = final.parent / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        scratch = workspace.scratch_dir(spec.name, key)
+        started = time.perf_counter()
+        try:
+            context = StageContext(out=tmp, inputs=folders, scratch=scratch, workspace=workspace, progress=progress)
+            summary = _canonical(dict(body(context) or {}))
+            seconds = time.perf_counter() - started
+            marker = {
+                "stage": spec.name,
+                "version": spec.version,
+                "key": key,
+                "params": _canonical(params),
+                "inputs": {a.stage: a.key for a in inputs.values()},
+                "seconds": round(seconds, 3),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "summary": summary,
+                "files": _manifest(tmp),
+            }
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False))
+            os.replace(tmp, final)  # final is absent: _remove_leftovers moved any broken one aside
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
+    return StageOutcome(artifact=artifact, executed=True, seconds=seconds, summary=summary)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -198,6 +394,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_parquet(frame: "Any", path: Path) -> None:
     """Write a DataFrame to Parquet through a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -90,10 +90,28 @@ class NecessityConfig(_Strict):
 
 
 class ExecutionConfig(_Strict):
-    gpu_deployment: str | None = Field(
-        None,
-        description="Run GPU stages as runs of this deployment (e.g. 'mods-gpu-stage/gpu') on a GPU "
-        "work pool; empty = run every stage in the flow's own process.",
+    """How stages are run. Where GPU stages run is not here: it comes from the deployment
+    (see flows/mods_pipeline.py, GPU_DEPLOYMENT_ENV), so a caller's config cannot lose it."""
+
+    rows_per_shard: int = Field(
+        256,
+        ge=1,
+        description="Rows per shard of the row-wise stages (quality, embed, answers, necessity). A finished "
+        "shard survives any crash; shards of one stage run on all GPU workers at once. Rounded up to whole "
+        "batches; results are identical for any value.",
+    )
+    shard_retries: int = Field(2, ge=0, description="Resubmissions of a shard that failed or whose worker was lost.")
+    stage_retries: int = Field(
+        1, ge=0, description="Resubmissions of a whole GPU stage (training) that failed or whose worker was lost."
+    )
+    pending_timeout_s: float = Field(
+        3600,
+        gt=0,
+        description="Fail a GPU stage whose runs no worker has picked up after this many seconds "
+        "(no worker on the GPU pool), instead of waiting for ever.",
+    )
+    verify: bool = Field(
+        False, description="Check reused artifacts' sha256 against their markers (sizes are always checked)."
     )
     progress: bool = Field(True, description="Show progress bars.")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from mods.prompts import user_message
 
@@ -18,6 +18,8 @@ DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 class EmbeddingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: str = Field(
         DEFAULT_EMBEDDING_MODEL,
         description="Sentence-embedding model: 'all-minilm-l6-v2' (packaged, offline) or a local "
@@ -55,16 +57,20 @@ def embedding_texts(frame: pd.DataFrame, text: str) -> list[str]:
     return [user_message(i, x) for i, x in zip(frame["instruction"], frame["input"])]
 
 
-def embed_texts(texts: Sequence[str], config: EmbeddingConfig, progress: bool = True) -> np.ndarray:
-    """Embed texts as float32 rows (N, D)."""
+def load_embedder(config: EmbeddingConfig):
+    """The sentence-embedding model, on its device, with the configured length cap."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
     from mods.models import pick_device
 
-    device = str(pick_device(config.device))
-    model = SentenceTransformer(resolve_embedding_model(config.model), device=device)
+    model = SentenceTransformer(resolve_embedding_model(config.model), device=str(pick_device(config.device)))
     model.max_seq_length = config.max_length
+    return model
+
+
+def encode_texts(model, texts: Sequence[str], config: EmbeddingConfig, progress: bool = True) -> np.ndarray:
+    """Embed texts with a loaded model as float32 rows (N, D)."""
     if not texts:
         return np.zeros((0, model.get_embedding_dimension() or 0), dtype=np.float32)
     vectors = model.encode(
@@ -75,6 +81,11 @@ def embed_texts(texts: Sequence[str], config: EmbeddingConfig, progress: bool = 
         normalize_embeddings=config.normalize,
     )
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def embed_texts(texts: Sequence[str], config: EmbeddingConfig, progress: bool = True) -> np.ndarray:
+    """Load the model and embed texts as float32 rows (N, D)."""
+    return encode_texts(load_embedder(config), texts, config, progress)
 
 
 def embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:

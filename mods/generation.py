@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from mods.prompts import chat_prompt
 
 
 class GenerationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     max_new_tokens: int = Field(
         64, ge=1, description="Answer length cap (paper: 1,024 with 4 beams, on GPU)."
     )

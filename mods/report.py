@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from mods.artifacts import Artifact, atomic_write_text, read_marker, write_parquet
+from mods.artifacts import atomic_write_text, read_marker, write_parquet
 
 SELECTED_JSONL = "selected.jsonl"
 SELECTED_PARQUET = "selected.parquet"
@@ -18,8 +18,14 @@ REPORT_MD = "report.md"
 COVERAGE_PNG = "coverage.png"
 
 
-def _table(inputs: Mapping[str, Any], stage: str, filename: str) -> pd.DataFrame:
-    return pd.read_parquet(Artifact.model_validate(inputs[stage]).file(filename))
+def _table(inputs: Mapping[str, Path], stage: str, filename: str) -> pd.DataFrame:
+    return pd.read_parquet(Path(inputs[stage]) / filename)
+
+
+def _in_workspace(folder: Path, name: str) -> str:
+    """A file of another artifact, relative to the workspace root (artifacts/<stage>/<key>/name),
+    so the report stays true when the workspace is moved."""
+    return str(Path(*Path(folder).parts[-3:]) / name)
 
 
 def selected_rows(inputs: Mapping[str, Any]) -> pd.DataFrame:
@@ -55,7 +61,7 @@ def coverage_plot(inputs: Mapping[str, Any], path: Path) -> dict[str, Any]:
     from mods.coverage import plot_coverage, random_coverage_curve
     from mods.embedding import read_embeddings
 
-    _, vectors = read_embeddings(Artifact.model_validate(inputs["embed"]).file("embeddings.parquet"))
+    _, vectors = read_embeddings(Path(inputs["embed"]) / "embeddings.parquet")
     seed = _table(inputs, "seed_select", "selected.parquet")
     ks = np.arange(1, len(seed) + 1)
     kcenter = seed["radius_after"].to_numpy(dtype=np.float64)
@@ -68,18 +74,20 @@ def coverage_plot(inputs: Mapping[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
-def build_report(out: Path, inputs: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
+    """Writes the export artifact's files into ``out``; ``inputs`` are the folders of the
+    pipeline's other artifacts by stage name."""
     frame = selected_rows(inputs)
     write_parquet(frame, out / SELECTED_PARQUET)
     write_alpaca_jsonl(frame, out / SELECTED_JSONL)
     coverage = coverage_plot(inputs, out / COVERAGE_PNG)
 
     stages = {}
-    for name, artifact in inputs.items():
-        marker = read_marker(Artifact.model_validate(artifact).path)
+    for name, folder in inputs.items():
+        marker = read_marker(folder)
         stages[name] = {"key": marker["key"], "seconds": marker["seconds"], "summary": marker["summary"]}
-    ingest_report = json.loads(Artifact.model_validate(inputs["ingest"]).file("ingest_report.json").read_text())
-    final_model = str(Artifact.model_validate(inputs["final_train"]).file("model"))
+    ingest_report = json.loads((Path(inputs["ingest"]) / "ingest_report.json").read_text())
+    final_model = _in_workspace(inputs["final_train"], "model")
     counts = {
         "ingested": stages["ingest"]["summary"].get("rows"),
         "sampled": stages["sample"]["summary"].get("rows"),
@@ -96,13 +104,13 @@ def build_report(out: Path, inputs: Mapping[str, Any], params: Mapping[str, Any]
         "stages": stages,
         "coverage": coverage,
         # Files of this export are named relative to its folder (it is written under a
-        # temporary name and renamed); other artifacts by their final paths.
+        # temporary name and renamed); other artifacts relative to the workspace root.
         "outputs": {
             "selected_jsonl": SELECTED_JSONL,
             "selected_parquet": SELECTED_PARQUET,
             "coverage_png": COVERAGE_PNG,
             "final_model": final_model,
-            "quarantine": str(Artifact.model_validate(inputs["ingest"]).file("quarantine.parquet")),
+            "quarantine": _in_workspace(inputs["ingest"], "quarantine.parquet"),
         },
     }
     atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False, default=str))

@@ -1,102 +1,390 @@
-"""The MoDS stages: each one reads input artifacts, writes one artifact, and declares the
-resources it needs. No Prefect here: tasks/ wrap ``execute`` for the orchestrator, the CLI
-and the GPU workers call the same function.
+"""The MoDS stages, each one typed declaration (NeMo Curator style): name, version,
+resources, input artifacts, a parameter model, and either a body that writes the
+artifact or, for the row-wise stages, a batch function with setup. No Prefect here:
+tasks/ wrap these for the orchestrator; the CLI and the GPU workers call the same code.
 
     ingest → sample → quality → high_quality → embed → seed_select → seed_train
       → answers → necessity → augment_select → final_train → export
+
+Row-wise stages (quality, embed, answers, necessity) keep per-row results in a
+``RowStore`` and compute only the rows it lacks, shard by shard (mods/rowstore.py).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from mods.artifacts import (
     Artifact,
+    ArtifactError,
+    StageContext,
     StageOutcome,
     StageSpec,
     Workspace,
     artifact_key,
+    as_workspace,
     fingerprint_files,
+    hash_json,
+    read_marker,
     run_stage,
     write_parquet,
 )
+from mods.config import NecessityConfig, PipelineConfig, SampleConfig, SeedSelectionConfig
+from mods.embedding import EmbeddingConfig
+from mods.faults import is_out_of_memory, release_accelerator_memory
+from mods.generation import GenerationConfig
+from mods.ingest import IngestConfig
+from mods.rowstore import ROW_KEY, RowStore, Shard, blocks, cut_shards
+from mods.scoring import ScorerConfig
+from mods.training import TrainConfig
 
-Body = Callable[[Path, Mapping[str, Artifact], dict[str, Any]], Mapping[str, Any] | None]
+log = logging.getLogger("mods.stages")
+
+# Parameters that change where or how fast a stage runs, not what it writes.
+NOT_IN_KEY = {"device", "progress", "processes", "checkpoint_every"}
+# Also left out of a row store's fingerprint: batch sizes only change speed, so results
+# computed with another batch size are reused.
+NOT_IN_ROW_FINGERPRINT = NOT_IN_KEY | {"batch_size"}
+
+
+def key_params(params: Any, drop: set[str] = NOT_IN_KEY) -> Any:
+    if isinstance(params, BaseModel):
+        params = params.model_dump(mode="json")
+    if isinstance(params, dict):
+        return {k: key_params(v, drop) for k, v in params.items() if k not in drop}
+    if isinstance(params, list):
+        return [key_params(v, drop) for v in params]
+    return params
+
+
+# --- stage parameter models (what each stage's function takes) ------------------------------
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class IngestParams(_Params):
+    sources: list[str] = Field(description="Files, folders, globs or hub ids to read.")
+    ingest: IngestConfig = IngestConfig()
+    hash_content: bool = Field(False, description="Key the sources by their bytes instead of size and mtime.")
+
+
+class ScoringParams(_Params):
+    scorer: ScorerConfig = ScorerConfig()
+
+
+class HighQualityParams(_Params):
+    alpha: float | None = None
+    keep_fraction: float | None = None
+
+
+class TrainingParams(_Params):
+    base_model: str
+    train: TrainConfig = TrainConfig()
+
+
+class AugmentParams(_Params):
+    beta: float | None = None
+    fraction: float | None = None
+    k: int = 16
+    relative_to_seed: bool = True
+    seed: int = 0
+
+
+class ExportParams(_Params):
+    pass
+
+
+# --- declarations ----------------------------------------------------------------------------
+
+Body = Callable[[StageContext, Any], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class Rowwise:
+    """A row-wise stage: rows in, one result row per row out, computed block by block.
+
+    load:      the rows to process, from the input artifacts' folders
+    keys:      each row's store key and its cost (the sort key that groups similar rows)
+    resources: folders the batch function needs (the seed model), from the inputs
+    setup:     load what the batch function needs (a model) once per process
+    compute:   the batch function: result columns for one block, in row order
+    assemble:  write the stage's usual artifact from the rows and their results
+    """
+
+    load: Callable[[Mapping[str, Path], Any], pd.DataFrame]
+    keys: Callable[[pd.DataFrame], tuple[pd.Series, pd.Series]]
+    setup: Callable[[Any, Mapping[str, Path]], Any]
+    compute: Callable[[Any, pd.DataFrame, Any], pd.DataFrame]
+    assemble: Callable[[StageContext, Any, pd.DataFrame, pd.DataFrame], dict[str, Any]]
+    block_rows: Callable[[Any], int]
+    fingerprint_extra: Callable[[Any, Mapping[str, Artifact]], list[str]]
+    resources: Callable[[Mapping[str, Path]], dict[str, Path]] = lambda inputs: {}
 
 
 @dataclass(frozen=True)
 class Stage:
     spec: StageSpec
     inputs: tuple[str, ...]
-    body: Body
-    extra_key: Callable[[dict[str, Any]], list[str]] | None = None
+    params: type[BaseModel]
+    body: Body | None = None
+    rowwise: Rowwise | None = None
+    extra_key: Callable[[Any], list[str]] | None = None
 
 
 STAGES: dict[str, Stage] = {}
 
-# Parameters that change where or how fast a stage runs, not what it writes.
-NOT_IN_KEY = {"device", "progress"}
+
+def declare(stage_: Stage) -> Stage:
+    STAGES[stage_.spec.name] = stage_
+    return stage_
 
 
-def key_params(params: Any) -> Any:
-    if isinstance(params, BaseModel):
-        params = params.model_dump(mode="json")
-    if isinstance(params, dict):
-        return {k: key_params(v) for k, v in params.items() if k not in NOT_IN_KEY}
-    if isinstance(params, list):
-        return [key_params(v) for v in params]
-    return params
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return STAGES[name]
 
 
-def stage(name: str, version: str, resources: str, inputs: tuple[str, ...], description: str, extra_key=None):
-    def register(body: Body) -> Body:
-        STAGES[name] = Stage(StageSpec(name, version, resources, description), inputs, body, extra_key)  # type: ignore[arg-type]
-        return body
-
-    return register
+def parse_params(name: str, params: Any) -> BaseModel:
+    model = get_stage(name).params
+    return params if isinstance(params, model) else model.model_validate(params)
 
 
-def _ordered_inputs(stage_: Stage, inputs: Mapping[str, Artifact]) -> list[Artifact]:
+def _artifacts(stage_: Stage, inputs: Mapping[str, Any]) -> dict[str, Artifact]:
     missing = [name for name in stage_.inputs if name not in inputs]
     if missing:
         raise ValueError(f"stage {stage_.spec.name!r} needs input artifacts {missing}")
-    return [Artifact.model_validate(inputs[name]) for name in stage_.inputs]
+    return {name: Artifact.model_validate(inputs[name]) for name in stage_.inputs}
 
 
-def plan_key(name: str, params: dict[str, Any], inputs: Mapping[str, Artifact]) -> str:
+def _key_parts(stage_: Stage, params: BaseModel, artifacts: Mapping[str, Artifact]) -> tuple[Any, list[Any]]:
+    extra = stage_.extra_key(params) if stage_.extra_key else []
+    return key_params(params), [*artifacts.values(), *extra]
+
+
+def plan_key(name: str, params: Any, inputs: Mapping[str, Any]) -> str:
     """The artifact key ``execute`` will use, without running anything."""
-    stage_ = STAGES[name]
-    extra = stage_.extra_key(params) if stage_.extra_key else []
-    return artifact_key(stage_.spec, key_params(params), [*_ordered_inputs(stage_, inputs), *extra])
+    stage_ = get_stage(name)
+    typed = parse_params(name, params)
+    key_values, key_inputs = _key_parts(stage_, typed, _artifacts(stage_, inputs))
+    return artifact_key(stage_.spec, key_values, key_inputs)
 
 
-def execute(workspace: str | Path, name: str, params: dict[str, Any], inputs: Mapping[str, Any]) -> StageOutcome:
-    """Run one stage unless its artifact exists; the single entry point for every runner."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    stage_ = STAGES[name]
-    artifacts = {k: Artifact.model_validate(v) for k, v in inputs.items()}
-    ordered = _ordered_inputs(stage_, artifacts)
-    extra = stage_.extra_key(params) if stage_.extra_key else []
+# --- row-wise execution ----------------------------------------------------------------------
+
+
+@dataclass
+class RowPlan:
+    """What a row-wise stage still has to compute: shards of the rows its store lacks."""
+
+    stage: str
+    key: str
+    fingerprint: str
+    total: int
+    missing: int
+    plan_id: str | None
+    shard_rows: list[int]
+
+    @property
+    def shards(self) -> int:
+        return len(self.shard_rows)
+
+
+def row_store(workspace: Workspace | str | Path, name: str, params: Any, inputs: Mapping[str, Any]) -> RowStore:
+    stage_ = get_stage(name)
+    assert stage_.rowwise is not None, f"{name} is not a row-wise stage"
+    typed = parse_params(name, params)
+    artifacts = _artifacts(stage_, inputs)
+    fingerprint = hash_json({
+        "stage": name,
+        "version": stage_.spec.version,
+        "params": key_params(typed, NOT_IN_ROW_FINGERPRINT),
+        "extra": stage_.rowwise.fingerprint_extra(typed, artifacts),
+    })
+    return RowStore(as_workspace(workspace), name, fingerprint)
+
+
+def _work(stage_: Stage, workspace: Workspace, typed: BaseModel, artifacts: Mapping[str, Artifact]) -> pd.DataFrame:
+    rowwise = stage_.rowwise
+    assert rowwise is not None
+    folders = {name: a.dir(workspace) for name, a in artifacts.items()}
+    frame = rowwise.load(folders, typed).reset_index(drop=True)
+    keys, cost = rowwise.keys(frame)
+    return frame.assign(**{ROW_KEY: keys.to_numpy(), "cost": cost.to_numpy()})
+
+
+def plan_rows(workspace: Workspace | str | Path, name: str, params: Any, inputs: Mapping[str, Any],
+              rows_per_shard: int) -> RowPlan:
+    """Cut the rows missing from the stage's store into shards, and record the plan."""
+    workspace = as_workspace(workspace)
+    stage_ = get_stage(name)
+    typed = parse_params(name, params)
+    artifacts = _artifacts(stage_, inputs)
+    store = row_store(workspace, name, typed, artifacts)
+    store.remove_stale_tmp()
+    work = _work(stage_, workspace, typed, artifacts).drop_duplicates(ROW_KEY)
+    known = store.known_keys()
+    missing = work[~work[ROW_KEY].isin(known)]
+    shards = cut_shards(missing, stage_.rowwise.block_rows(typed), rows_per_shard)  # type: ignore[union-attr]
+    plan_id = store.write_plan(shards) if shards else None
+    return RowPlan(stage=name, key=plan_key(name, typed, inputs), fingerprint=store.fingerprint, total=len(work),
+                   missing=len(missing), plan_id=plan_id, shard_rows=[len(s.row_keys) for s in shards])
+
+
+# One loaded model per process (a worker's shards, or the flow's in-process shards, share it).
+_SETUP_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def _setup(stage_: Stage, store: RowStore, typed: BaseModel, resources: Mapping[str, Path]) -> Any:
+    key = (stage_.spec.name, store.fingerprint + hash_json({k: str(v) for k, v in resources.items()}))
+    if key not in _SETUP_CACHE:
+        _SETUP_CACHE.clear()  # free the previous stage's model first
+        _SETUP_CACHE[key] = stage_.rowwise.setup(typed, resources)  # type: ignore[union-attr]
+    return _SETUP_CACHE[key]
+
+
+def release_models() -> None:
+    _SETUP_CACHE.clear()
+
+
+def compute_block(rowwise: Rowwise, state: Any, block: pd.DataFrame, typed: BaseModel, stage: str) -> pd.DataFrame:
+    """The batch function on one block; on out-of-memory, the block in halves (down to one
+    row) before giving up."""
+    try:
+        result = rowwise.compute(state, block, typed).reset_index(drop=True)
+    except BaseException as error:  # noqa: BLE001 - only out-of-memory is handled
+        if not is_out_of_memory(error) or len(block) <= 1:
+            raise
+        release_accelerator_memory()
+        half = len(block) // 2
+        log.warning("%s: out of memory on a block of %d rows; retrying as two blocks of %d and %d",
+                    stage, len(block), half, len(block) - half)
+        result = pd.concat([compute_block(rowwise, state, block.iloc[:half], typed, stage),
+                            compute_block(rowwise, state, block.iloc[half:], typed, stage)], ignore_index=True)
+    if len(result) != len(block):
+        raise RuntimeError(f"{stage}: the batch function returned {len(result)} rows for {len(block)}")
+    return result
+
+
+def _compute_shard(stage_: Stage, store: RowStore, typed: BaseModel, work: pd.DataFrame, shard: Shard,
+                   resources: Mapping[str, Path]) -> None:
+    rowwise = stage_.rowwise
+    assert rowwise is not None
+    rows = work.set_index(ROW_KEY).loc[list(shard.row_keys)].reset_index()
+    state = _setup(stage_, store, typed, resources)
+    parts = [compute_block(rowwise, state, block, typed, stage_.spec.name)
+             for block in blocks(rows, rowwise.block_rows(typed))]
+    results = pd.concat(parts, ignore_index=True)
+    results.insert(0, ROW_KEY, rows[ROW_KEY].to_numpy())
+    store.write_part(shard, results)
+
+
+def run_shard(workspace: Workspace | str | Path, name: str, params: Any, inputs: Mapping[str, Any],
+              plan_id: str, index: int) -> dict[str, Any]:
+    """Compute one shard of a plan and write its part (skipped when the part exists)."""
+    workspace = as_workspace(workspace)
+    stage_ = get_stage(name)
+    typed = parse_params(name, params)
+    artifacts = _artifacts(stage_, inputs)
+    store = row_store(workspace, name, typed, artifacts)
+    shard = store.read_shard(plan_id, index)
+    if store.has_part(shard):
+        return {"shard": index, "rows": len(shard.row_keys), "computed": False}
+    folders = {n: a.dir(workspace) for n, a in artifacts.items()}
+    work = _work(stage_, workspace, typed, artifacts).drop_duplicates(ROW_KEY)
+    _compute_shard(stage_, store, typed, work, shard, stage_.rowwise.resources(folders))  # type: ignore[union-attr]
+    return {"shard": index, "rows": len(shard.row_keys), "computed": True}
+
+
+def _rowwise_body(stage_: Stage, typed: BaseModel, artifacts: Mapping[str, Artifact],
+                  counts: Mapping[str, int] | None) -> Body:
+    """The artifact of a row-wise stage: compute what the store still lacks (in this
+    process, shard by shard), then assemble from the store."""
+    rowwise = stage_.rowwise
+    assert rowwise is not None
+
+    def body(ctx: StageContext, _: Any) -> dict[str, Any]:
+        store = row_store(ctx.workspace, stage_.spec.name, typed, artifacts)
+        work = _work(stage_, ctx.workspace, typed, artifacts)
+        unique = work.drop_duplicates(ROW_KEY)
+        known = store.known_keys()
+        missing = unique[~unique[ROW_KEY].isin(known)]
+        shards = cut_shards(missing, rowwise.block_rows(typed), max(1, len(missing)))
+        for shard in shards:
+            _compute_shard(stage_, store, typed, unique, shard, rowwise.resources(ctx.inputs))
+        results = store.read(work[ROW_KEY].tolist()).drop(columns=[ROW_KEY])
+        summary = rowwise.assemble(ctx, typed, work, results)
+        computed = counts["missing"] if counts else len(missing)
+        return {**summary, "rows_computed": computed, "rows_reused": len(unique) - computed,
+                "shards": counts["shards"] if counts else len(shards)}
+
+    return body
+
+
+# --- running a stage -------------------------------------------------------------------------
+
+
+def execute(workspace: str | Path | Workspace, name: str, params: Any, inputs: Mapping[str, Any],
+            progress: bool = True, verify: bool = False, plan: RowPlan | None = None) -> StageOutcome:
+    """Run one stage unless its artifact exists; the single entry point for every runner.
+
+    For a row-wise stage the rows its store lacks are computed here, unless the caller
+    already ran the shards of ``plan`` (the flow does, to spread them over workers)."""
+    stage_ = get_stage(name)
+    typed = parse_params(name, params)
+    artifacts = _artifacts(stage_, inputs)
+    key_values, key_inputs = _key_parts(stage_, typed, artifacts)
+    if stage_.rowwise is not None:
+        counts = {"missing": plan.missing, "shards": plan.shards} if plan else None
+        body = _rowwise_body(stage_, typed, artifacts, counts)
+    else:
+        body = stage_.body  # type: ignore[assignment]
     return run_stage(
-        Workspace(workspace),
-        stage_.spec,
-        key_params(params),
-        ordered,
-        lambda out: stage_.body(out, artifacts, params),
-        extra_key_inputs=extra,
+        as_workspace(workspace), stage_.spec, key_values, artifacts,
+        lambda ctx: body(ctx, typed), extra_key_inputs=key_inputs[len(artifacts):],
+        verify_hashes=verify, progress=progress,
     )
 
 
-def read_table(artifact: Artifact | Mapping[str, Any], filename: str) -> pd.DataFrame:
-    return pd.read_parquet(Artifact.model_validate(artifact).file(filename))
+def compute_rows(name: str, params: Any, frame: pd.DataFrame, resources: Mapping[str, Path] | None = None,
+                 progress: bool = True) -> pd.DataFrame:
+    """A row-wise stage's results for a frame of rows, without a workspace (the per-stage CLI).
+
+    One result row per input row, in input order: rows with the same key (exact duplicates)
+    are computed once and share the result."""
+    stage_ = get_stage(name)
+    rowwise = stage_.rowwise
+    assert rowwise is not None
+    typed = parse_params(name, params)
+    keys, cost = rowwise.keys(frame.reset_index(drop=True))
+    work = frame.reset_index(drop=True).assign(**{ROW_KEY: keys.to_numpy(), "cost": cost.to_numpy()})
+    unique = work.drop_duplicates(ROW_KEY)
+    state = rowwise.setup(typed, resources or {})
+    ordered = unique.sort_values(["cost", ROW_KEY], kind="stable")
+    parts = []
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(ordered), desc=name, unit="row", disable=not progress) as bar:
+        for block in blocks(ordered, rowwise.block_rows(typed)):
+            result = compute_block(rowwise, state, block, typed, name)
+            result.insert(0, ROW_KEY, block[ROW_KEY].to_numpy())
+            parts.append(result)
+            bar.update(len(block))
+    results = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({ROW_KEY: []})
+    return results.set_index(ROW_KEY).loc[work[ROW_KEY].tolist()].reset_index(drop=True)
+
+
+def read_table(folder: Path, filename: str) -> pd.DataFrame:
+    return pd.read_parquet(Path(folder) / filename)
 
 
 # --- model fingerprints: a local folder's files, or a packaged model's name -------------
@@ -109,15 +397,15 @@ def model_fingerprint(name: str | None) -> str:
     return f"name:{name}"
 
 
-def _scorer_key(params: dict[str, Any]) -> list[str]:
+def _scorer_identity(params: ScoringParams, _: Mapping[str, Artifact] | None = None) -> list[str]:
     from mods.scoring import SCORER_VERSION
 
     # The scorer's own definition version: a changed formula must not reuse old scores.
-    return [model_fingerprint(params.get("model")), f"scorer:{SCORER_VERSION}"]
+    return [model_fingerprint(params.scorer.model), f"scorer:{SCORER_VERSION}"]
 
 
-def _train_key(params: dict[str, Any]) -> list[str]:
-    return [model_fingerprint(params.get("base_model"))]
+def _train_key(params: TrainingParams) -> list[str]:
+    return [model_fingerprint(params.base_model)]
 
 
 # --- sources -------------------------------------------------------------------------------
@@ -148,98 +436,186 @@ def source_files(sources: list[str]) -> list[Path]:
     return files
 
 
-def _ingest_key(params: dict[str, Any]) -> list[str]:
-    files = source_files(params["sources"])
-    hash_content = bool(params.get("hash_content", False))
-    decontam = params["ingest"].get("decontaminate_against") or []
+def hub_ids(sources: list[str]) -> list[str]:
+    from mods.readers import discover
+
+    return sorted(s.name for s in discover(list(sources)) if s.kind == "hub")
+
+
+def _ingest_key(params: IngestParams) -> list[str]:
+    files = source_files(params.sources)
+    decontam = params.ingest.decontaminate_against or []
     decontam_files = source_files(decontam) if decontam else []
-    hub_ids = sorted(str(s) for s in params["sources"] if not Path(str(s)).exists() and "/" in str(s) and not any(c in str(s) for c in "*?["))
-    return ["sources:" + fingerprint_files(files, hash_content), "eval:" + fingerprint_files(decontam_files),
-            "hub:" + ",".join(hub_ids)]
+    return ["sources:" + fingerprint_files(files, params.hash_content), "eval:" + fingerprint_files(decontam_files),
+            "hub:" + ",".join(hub_ids(params.sources))]
 
 
-@stage("ingest", "1", "cpu", (), "Read every source file into canonical rows; quarantine the rest.", _ingest_key)
-def ingest_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
-    from mods.ingest import IngestConfig, ingest, write_ingest
+def ingest_body(ctx: StageContext, params: IngestParams) -> dict[str, Any]:
+    from mods.ingest import ingest, write_ingest
 
-    result = ingest(params["sources"], IngestConfig.model_validate(params["ingest"]), progress=params.get("progress", True))
-    write_ingest(result, out)
+    result = ingest(params.sources, params.ingest, progress=ctx.progress)
+    write_ingest(result, ctx.out)
     totals = {k: result.report.get(k) for k in ("read", "kept", "duplicates", "quarantined", "decontaminated")}
     return {"rows": len(result.rows), **totals}
 
 
-@stage("sample", "1", "cpu", ("ingest",), "Seeded subsample of the pool (optional).")
-def sample_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
-    rows = read_table(inputs["ingest"], "rows.parquet")
+declare(Stage(StageSpec("ingest", "1", "cpu", "Read every source file into canonical rows; quarantine the rest."),
+              (), IngestParams, body=ingest_body, extra_key=_ingest_key))
+
+
+def sample_body(ctx: StageContext, params: SampleConfig) -> dict[str, Any]:
+    rows = read_table(ctx.inputs["ingest"], "rows.parquet")
     eligible = rows
-    if params.get("max_chars"):
+    if params.max_chars:
         size = rows["instruction"].str.len() + rows["input"].str.len() + rows["output"].str.len()
-        eligible = rows[size <= params["max_chars"]]
+        eligible = rows[size <= params.max_chars]
     sampled = eligible
-    if params.get("rows") and params["rows"] < len(eligible):
-        sampled = eligible.sample(n=params["rows"], random_state=params.get("seed", 0)).sort_index()
-    write_parquet(sampled.reset_index(drop=True), out / "rows.parquet")
+    if params.rows and params.rows < len(eligible):
+        sampled = eligible.sample(n=params.rows, random_state=params.seed).sort_index()
+    if sampled.empty:
+        raise ValueError(f"sample: no row fits sample.max_chars={params.max_chars} (of {len(rows)} ingested rows)")
+    write_parquet(sampled.reset_index(drop=True), ctx.out / "rows.parquet")
     return {"pool": len(rows), "eligible": len(eligible), "rows": len(sampled)}
 
 
-def _score_rows(params: dict[str, Any], instructions, inputs, outputs) -> pd.DataFrame:
-    from mods.scoring import ScorerConfig, build_scorer
-
-    scorer = build_scorer(ScorerConfig.model_validate({k: v for k, v in params.items() if k != "progress"}))
-    return scorer.score(list(instructions), list(inputs), list(outputs), progress=params.get("progress", True))
+declare(Stage(StageSpec("sample", "1", "cpu", "Seeded subsample of the pool (optional)."),
+              ("ingest",), SampleConfig, body=sample_body))
 
 
-@stage("quality", "1", "gpu", ("sample",), "Score every (instruction, output) pair.", _scorer_key)
-def quality_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
-    rows = read_table(inputs["sample"], "rows.parquet")
-    scores = _score_rows(params, rows["instruction"], rows["input"], rows["output"]).reset_index(drop=True)
+# --- quality (row-wise) -------------------------------------------------------------------------
+
+
+def _text_cost(*columns: pd.Series) -> pd.Series:
+    total = None
+    for column in columns:
+        length = column.fillna("").astype(str).str.len()
+        total = length if total is None else total + length
+    return total
+
+
+def _score_setup(params: ScoringParams, resources: Mapping[str, Path]) -> Any:
+    from mods.scoring import build_scorer
+
+    return build_scorer(params.scorer)
+
+
+def _score_block(answer_column: str) -> Callable[[Any, pd.DataFrame, ScoringParams], pd.DataFrame]:
+    def compute(scorer: Any, block: pd.DataFrame, params: ScoringParams) -> pd.DataFrame:
+        return scorer.score(block["instruction"].tolist(), block["input"].tolist(), block[answer_column].tolist(),
+                            progress=False)
+
+    return compute
+
+
+def _quality_assemble(ctx: StageContext, params: ScoringParams, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
+    scores = results.reset_index(drop=True)
     scores.insert(0, "id", rows["id"].to_numpy())
-    write_parquet(scores, out / "scores.parquet")
-    values = scores["quality_score"].to_numpy(dtype=np.float64)
+    write_parquet(scores, ctx.out / "scores.parquet")
+    values = scores["quality_score"].to_numpy(dtype=np.float64) if len(scores) else np.zeros(0)
     return {"rows": len(scores), "score_mean": float(np.nanmean(values)) if len(values) else None}
 
 
-@stage("high_quality", "1", "cpu", ("sample", "quality"), "Keep rows above alpha (or the top fraction).")
-def high_quality_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
+declare(Stage(
+    StageSpec("quality", "2", "gpu", "Score every (instruction, output) pair."),
+    ("sample",), ScoringParams,
+    rowwise=Rowwise(
+        load=lambda inputs, params: read_table(inputs["sample"], "rows.parquet"),
+        keys=lambda rows: (rows["id"].astype(str), _text_cost(rows["instruction"], rows["input"], rows["output"])),
+        setup=_score_setup,
+        compute=_score_block("output"),
+        assemble=_quality_assemble,
+        block_rows=lambda params: params.scorer.batch_size,
+        fingerprint_extra=_scorer_identity,
+    ),
+    extra_key=_scorer_identity,
+))
+
+
+def high_quality_body(ctx: StageContext, params: HighQualityParams) -> dict[str, Any]:
     from mods.selection import keep_above
 
-    rows = read_table(inputs["sample"], "rows.parquet")
-    scores = read_table(inputs["quality"], "scores.parquet")[["id", "quality_score"]]
+    rows = read_table(ctx.inputs["sample"], "rows.parquet")
+    scores = read_table(ctx.inputs["quality"], "scores.parquet")[["id", "quality_score"]]
     scored = rows.merge(scores, on="id", how="left", validate="one_to_one")
-    mask = keep_above(scored["quality_score"].to_numpy(), params.get("alpha"), params.get("keep_fraction"))
+    mask = keep_above(scored["quality_score"].to_numpy(), params.alpha, params.keep_fraction)
     kept = scored[mask].reset_index(drop=True)
     if kept.empty:
         raise ValueError(
-            f"no row passed the quality filter (alpha={params.get('alpha')}, "
-            f"keep_fraction={params.get('keep_fraction')}) out of {len(scored)}; lower alpha"
+            f"no row passed the quality filter (alpha={params.alpha}, keep_fraction={params.keep_fraction}) "
+            f"out of {len(scored)}; lower quality.alpha"
         )
-    write_parquet(kept, out / "rows.parquet")
+    write_parquet(kept, ctx.out / "rows.parquet")
     return {"scored": len(scored), "kept": len(kept), "threshold": float(kept["quality_score"].min())}
 
 
-@stage("embed", "1", "gpu", ("high_quality",), "Embed the high-quality instructions.")
-def embed_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
+declare(Stage(StageSpec("high_quality", "1", "cpu", "Keep rows above alpha (or the top fraction)."),
+              ("sample", "quality"), HighQualityParams, body=high_quality_body))
+
+
+# --- embed (row-wise) ---------------------------------------------------------------------------
+
+
+def _embed_assemble(ctx: StageContext, params: EmbeddingConfig, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    from mods.embedding import EmbeddingConfig, embed_texts, embedding_texts, embeddings_table
+    from mods.embedding import embeddings_table
 
-    config = EmbeddingConfig.model_validate(params)
-    rows = read_table(inputs["high_quality"], "rows.parquet")
-    vectors = embed_texts(embedding_texts(rows, config.text), config, progress=params.get("progress", True))
-    pq.write_table(embeddings_table(rows["id"].tolist(), vectors), out / "embeddings.parquet")
+    vectors = (np.stack([np.asarray(v, dtype=np.float32) for v in results["embedding"]])
+               if len(results) else np.zeros((0, 0), dtype=np.float32))
+    pq.write_table(embeddings_table(rows["id"].tolist(), vectors), ctx.out / "embeddings.parquet")
     return {"rows": len(rows), "dim": int(vectors.shape[1])}
+
+
+def _embed_compute(model: Any, block: pd.DataFrame, params: EmbeddingConfig) -> pd.DataFrame:
+    from mods.embedding import encode_texts
+
+    vectors = encode_texts(model, block["text"].tolist(), params, progress=False)
+    return pd.DataFrame({"embedding": list(vectors)})
+
+
+def _embed_load(inputs: Mapping[str, Path], params: EmbeddingConfig) -> pd.DataFrame:
+    from mods.embedding import embedding_texts
+
+    rows = read_table(inputs["high_quality"], "rows.parquet")
+    return pd.DataFrame({"id": rows["id"], "text": embedding_texts(rows, params.text)})
+
+
+def _embed_setup(params: EmbeddingConfig, resources: Mapping[str, Path]) -> Any:
+    from mods.embedding import load_embedder
+
+    return load_embedder(params)
+
+
+declare(Stage(
+    StageSpec("embed", "2", "gpu", "Embed the high-quality instructions."),
+    ("high_quality",), EmbeddingConfig,
+    rowwise=Rowwise(
+        load=_embed_load,
+        keys=lambda rows: (rows["id"].astype(str), _text_cost(rows["text"])),
+        setup=_embed_setup,
+        compute=_embed_compute,
+        assemble=_embed_assemble,
+        block_rows=lambda params: params.batch_size,
+        fingerprint_extra=lambda params, inputs: [model_fingerprint(params.model)],
+    ),
+))
 
 
 def selection_frame(ids: list[str], result: Any) -> pd.DataFrame:
     """A k-center result as a table: id, pick order, distance at the pick, radius after."""
     return pd.DataFrame(
         {
-            "id": [ids[i] for i in result.indices],
+            "id": pd.Series([ids[i] for i in result.indices], dtype=str),
             "pick_order": np.arange(len(result.indices), dtype=np.int64),
-            "pick_distance": result.pick_distances.astype(np.float64),
-            "radius_after": result.radii.astype(np.float64),
+            "pick_distance": np.asarray(result.pick_distances, dtype=np.float64),
+            "radius_after": np.asarray(result.radii, dtype=np.float64),
         }
     )
+
+
+def empty_selection() -> pd.DataFrame:
+    return pd.DataFrame({"id": pd.Series([], dtype=str), "pick_order": pd.Series([], dtype=np.int64),
+                         "pick_distance": pd.Series([], dtype=np.float64), "radius_after": pd.Series([], dtype=np.float64)})
 
 
 def pickable_rows(matrix: np.ndarray, already_selected: list[int]) -> int:
@@ -250,102 +626,206 @@ def pickable_rows(matrix: np.ndarray, already_selected: list[int]) -> int:
     return len({row.tobytes() for i, row in enumerate(matrix) if i not in taken} - centers)
 
 
-@stage("seed_select", "1", "cpu", ("embed",), "k-center greedy seed set (coverage).")
-def seed_select_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
+def seed_select_body(ctx: StageContext, params: SeedSelectionConfig) -> dict[str, Any]:
     from mods.embedding import read_embeddings
     from mods.kcenter import k_center_greedy
 
-    ids, vectors = read_embeddings(Artifact.model_validate(inputs["embed"]).file("embeddings.parquet"))
-    k = min(params["k"], pickable_rows(vectors, []))
-    result = k_center_greedy(vectors, k, seed=params.get("seed", 0))
-    write_parquet(selection_frame(ids, result), out / "selected.parquet")
-    return {"candidates": len(ids), "k_requested": params["k"], "k": k,
+    ids, vectors = read_embeddings(ctx.inputs["embed"] / "embeddings.parquet")
+    k = min(params.k, pickable_rows(vectors, []))
+    if k < params.k:
+        log.warning("seed_selection.k=%d, but only %d distinct high-quality rows: the seed set is all of them, "
+                    "and the necessity step has nothing left to add", params.k, k)
+    result = k_center_greedy(vectors, k, seed=params.seed)
+    write_parquet(selection_frame(ids, result), ctx.out / "selected.parquet")
+    return {"candidates": len(ids), "k_requested": params.k, "k": k, "capped": k < params.k,
             "radius": float(result.radii[-1]) if k else None}
 
 
-@stage("seed_train", "1", "gpu", ("high_quality", "seed_select"), "Fine-tune the base LLM on the seed set.", _train_key)
-def seed_train_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
-    return _train(out, inputs, params, ["seed_select"])
+declare(Stage(StageSpec("seed_select", "1", "cpu", "k-center greedy seed set (coverage)."),
+              ("embed",), SeedSelectionConfig, body=seed_select_body))
 
 
-def _train(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any], selections: list[str]) -> dict[str, Any]:
-    from mods.training import TrainConfig, train_model
+def _train(ctx: StageContext, params: TrainingParams, selections: list[str]) -> dict[str, Any]:
+    from mods.training import train_model
 
-    rows = read_table(inputs["high_quality"], "rows.parquet")
+    rows = read_table(ctx.inputs["high_quality"], "rows.parquet")
     chosen: list[str] = []
     for name in selections:
-        chosen += read_table(inputs[name], "selected.parquet")["id"].tolist()
+        chosen += read_table(ctx.inputs[name], "selected.parquet")["id"].tolist()
     chosen = list(dict.fromkeys(chosen))  # seed ∪ augmented, deduplicated, pick order kept
     train_rows = rows.set_index("id").loc[chosen].reset_index()
-    return train_model(
-        params["base_model"], train_rows, TrainConfig.model_validate(params["train"]), out / "model",
-        progress=params.get("progress", True),
-    )
+    config = params.train
+    while True:
+        try:
+            return train_model(params.base_model, train_rows, config, ctx.out / "model", progress=ctx.progress,
+                               checkpoint_dir=ctx.scratch / f"checkpoints-b{config.batch_size}")
+        except BaseException as error:  # noqa: BLE001 - only out-of-memory is handled
+            if not is_out_of_memory(error) or config.batch_size <= 1:
+                raise
+            release_accelerator_memory()
+            # Same global batch, half the rows per forward pass.
+            config = config.model_copy(update={"batch_size": config.batch_size // 2,
+                                               "gradient_accumulation": config.gradient_accumulation * 2})
+            log.warning("training ran out of memory; retrying with batch_size=%d, gradient_accumulation=%d",
+                        config.batch_size, config.gradient_accumulation)
 
 
-@stage("answers", "1", "gpu", ("high_quality", "seed_select", "seed_train"), "The seed model answers every high-quality instruction not in the seed set.")
-def answers_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
-    from mods.generation import GenerationConfig, generate_answers
-    from mods.training import load_trained_model
+declare(Stage(StageSpec("seed_train", "1", "gpu", "Fine-tune the base LLM on the seed set."),
+              ("high_quality", "seed_select"), TrainingParams,
+              body=lambda ctx, params: _train(ctx, params, ["seed_select"]), extra_key=_train_key))
 
-    config = GenerationConfig.model_validate(params)
+
+# --- answers (row-wise) -------------------------------------------------------------------------
+
+
+def _answers_load(inputs: Mapping[str, Path], params: GenerationConfig) -> pd.DataFrame:
     rows = read_table(inputs["high_quality"], "rows.parquet")
     seed_ids = set(read_table(inputs["seed_select"], "selected.parquet")["id"])
     # Seed rows are selected already; asking the model about them would only cost time.
-    todo = rows[~rows["id"].isin(seed_ids)].reset_index(drop=True)
-    model, tokenizer = load_trained_model(Artifact.model_validate(inputs["seed_train"]).file("model"), device=config.device)
-    answers = generate_answers(model, tokenizer, todo["instruction"].tolist(), todo["input"].tolist(), config,
-                               progress=params.get("progress", True))
-    frame = pd.DataFrame({"id": todo["id"], "instruction": todo["instruction"], "input": todo["input"], "seed_answer": answers})
-    write_parquet(frame, out / "answers.parquet")
+    return rows[~rows["id"].isin(seed_ids)][["id", "instruction", "input"]].reset_index(drop=True)
+
+
+def _answers_setup(params: GenerationConfig, resources: Mapping[str, Path]) -> Any:
+    from mods.training import load_trained_model
+
+    return load_trained_model(resources["seed_model"], device=params.device)
+
+
+def _answers_compute(state: Any, block: pd.DataFrame, params: GenerationConfig) -> pd.DataFrame:
+    from mods.generation import generate_answers
+
+    model, tokenizer = state
+    answers = generate_answers(model, tokenizer, block["instruction"].tolist(), block["input"].tolist(), params,
+                               progress=False)
+    return pd.DataFrame({"seed_answer": pd.Series(answers, dtype=str)})
+
+
+def _answers_assemble(ctx: StageContext, params: GenerationConfig, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
+    frame = pd.DataFrame({"id": rows["id"].astype(str), "instruction": rows["instruction"].astype(str),
+                          "input": rows["input"].astype(str), "seed_answer": results["seed_answer"].astype(str)})
+    write_parquet(frame, ctx.out / "answers.parquet")
     return {"rows": len(frame), "empty_answers": int((frame["seed_answer"].str.len() == 0).sum())}
 
 
-@stage("necessity", "1", "gpu", ("answers",), "Score the seed model's answers with the quality scorer.", _scorer_key)
-def necessity_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
-    answers = read_table(inputs["answers"], "answers.parquet")
-    scores = _score_rows(params, answers["instruction"], answers["input"], answers["seed_answer"]).reset_index(drop=True)
-    frame = pd.DataFrame({"id": answers["id"], "necessity_score": scores["quality_score"].to_numpy()})
-    write_parquet(frame, out / "necessity.parquet")
+declare(Stage(
+    StageSpec("answers", "2", "gpu", "The seed model answers every high-quality instruction not in the seed set."),
+    ("high_quality", "seed_select", "seed_train"), GenerationConfig,
+    rowwise=Rowwise(
+        load=_answers_load,
+        keys=lambda rows: (rows["id"].astype(str), _text_cost(rows["instruction"], rows["input"])),
+        setup=_answers_setup,
+        compute=_answers_compute,
+        assemble=_answers_assemble,
+        block_rows=lambda params: params.batch_size,
+        # The seed model is part of what an answer depends on.
+        fingerprint_extra=lambda params, inputs: [f"seed_model:{inputs['seed_train'].key}"],
+        resources=lambda inputs: {"seed_model": Path(inputs["seed_train"]) / "model"},
+    ),
+))
+
+
+# --- necessity (row-wise) -----------------------------------------------------------------------
+
+
+def necessity_key(ids: pd.Series, answers: pd.Series) -> pd.Series:
+    """A row's key for necessity: its id and the hash of the answer being scored."""
+    return pd.Series([hash_json([str(i), str(a)]) for i, a in zip(ids, answers)], index=ids.index, dtype=str)
+
+
+def _necessity_assemble(ctx: StageContext, params: ScoringParams, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
+    frame = pd.DataFrame({"id": rows["id"].astype(str),
+                          "necessity_score": results["quality_score"].to_numpy(dtype=np.float64)})
+    write_parquet(frame, ctx.out / "necessity.parquet")
     return {"rows": len(frame)}
 
 
-@stage("augment_select", "1", "cpu", ("embed", "seed_select", "necessity"), "k-center augmented set from the rows the seed model still lacks.")
-def augment_select_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
+declare(Stage(
+    StageSpec("necessity", "2", "gpu", "Score the seed model's answers with the quality scorer."),
+    ("answers",), ScoringParams,
+    rowwise=Rowwise(
+        load=lambda inputs, params: read_table(inputs["answers"], "answers.parquet"),
+        keys=lambda rows: (necessity_key(rows["id"], rows["seed_answer"]),
+                           _text_cost(rows["instruction"], rows["input"], rows["seed_answer"])),
+        setup=_score_setup,
+        compute=_score_block("seed_answer"),
+        assemble=_necessity_assemble,
+        block_rows=lambda params: params.scorer.batch_size,
+        fingerprint_extra=_scorer_identity,
+    ),
+    extra_key=_scorer_identity,
+))
+
+
+def augment_select_body(ctx: StageContext, params: AugmentParams) -> dict[str, Any]:
     from mods.embedding import read_embeddings
     from mods.kcenter import k_center_greedy
     from mods.selection import keep_below
 
-    ids, vectors = read_embeddings(Artifact.model_validate(inputs["embed"]).file("embeddings.parquet"))
+    ids, vectors = read_embeddings(ctx.inputs["embed"] / "embeddings.parquet")
     position = {row_id: i for i, row_id in enumerate(ids)}
-    necessity = read_table(inputs["necessity"], "necessity.parquet")
-    needed_mask = keep_below(necessity["necessity_score"].to_numpy(), params.get("beta"), params.get("fraction"))
+    necessity = read_table(ctx.inputs["necessity"], "necessity.parquet")
+    needed_mask = keep_below(necessity["necessity_score"].to_numpy(), params.beta, params.fraction)
     needed = necessity["id"][needed_mask].tolist()
-    seed_ids = read_table(inputs["seed_select"], "selected.parquet")["id"].tolist() if params.get("relative_to_seed", True) else []
+    seed_ids = read_table(ctx.inputs["seed_select"], "selected.parquet")["id"].tolist() if params.relative_to_seed else []
     candidate_ids = seed_ids + needed
     matrix = vectors[[position[i] for i in candidate_ids]] if candidate_ids else vectors[:0]
     already = list(range(len(seed_ids)))
-    k = min(params["k"], pickable_rows(matrix, already)) if needed else 0
+    k = min(params.k, pickable_rows(matrix, already)) if needed else 0
     if k == 0:
-        frame = pd.DataFrame({"id": [], "pick_order": [], "pick_distance": [], "radius_after": []})
+        frame = empty_selection()
     else:
-        result = k_center_greedy(matrix, k, already_selected=already, seed=params.get("seed", 0))
+        result = k_center_greedy(matrix, k, already_selected=already, seed=params.seed)
         frame = selection_frame(candidate_ids, result)
-    write_parquet(frame, out / "selected.parquet")
-    return {"answered": len(necessity), "needed": len(needed), "k_requested": params["k"], "k": k}
+    write_parquet(frame, ctx.out / "selected.parquet")
+    return {"answered": len(necessity), "needed": len(needed), "k_requested": params.k, "k": k,
+            "capped": k < params.k}
 
 
-@stage("final_train", "1", "gpu", ("high_quality", "seed_select", "augment_select"), "Fine-tune the base LLM on seed ∪ augmented.", _train_key)
-def final_train_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
-    return _train(out, inputs, params, ["seed_select", "augment_select"])
+declare(Stage(StageSpec("augment_select", "1", "cpu", "k-center augmented set from the rows the seed model still lacks."),
+              ("embed", "seed_select", "necessity"), AugmentParams, body=augment_select_body))
+
+declare(Stage(StageSpec("final_train", "1", "gpu", "Fine-tune the base LLM on seed ∪ augmented."),
+              ("high_quality", "seed_select", "augment_select"), TrainingParams,
+              body=lambda ctx, params: _train(ctx, params, ["seed_select", "augment_select"]), extra_key=_train_key))
 
 
-EXPORT_INPUTS = ("ingest", "sample", "quality", "high_quality", "embed", "seed_select", "seed_train",
-                 "answers", "necessity", "augment_select", "final_train")
-
-
-@stage("export", "2", "cpu", EXPORT_INPUTS, "selected.jsonl (Alpaca format), selected.parquet with provenance, the run report.")
-def export_body(out: Path, inputs: Mapping[str, Artifact], params: dict[str, Any]) -> dict[str, Any]:
+def export_body(ctx: StageContext, params: ExportParams) -> dict[str, Any]:
     from mods.report import build_report
 
-    return build_report(out, inputs, params)
+    return build_report(ctx.out, ctx.inputs)
+
+
+declare(Stage(StageSpec("export", "3", "cpu", "selected.jsonl (Alpaca format), selected.parquet with provenance, the run report."),
+              ("ingest", "sample", "quality", "high_quality", "embed", "seed_select", "seed_train", "answers",
+               "necessity", "augment_select", "final_train"), ExportParams, body=export_body))
+
+# The pipeline's order (each stage after its inputs).
+PIPELINE: tuple[str, ...] = tuple(STAGES)
+
+
+def stage_params(config: PipelineConfig, sources: list[str]) -> dict[str, BaseModel]:
+    """Every stage's parameters from the pipeline configuration: the one place that maps
+    the user's settings onto the stages."""
+    scoring = ScoringParams(scorer=config.quality.scorer)
+    return {
+        "ingest": IngestParams(sources=sources, ingest=config.ingest),
+        "sample": config.sample,
+        "quality": scoring,
+        "high_quality": HighQualityParams(alpha=config.quality.alpha, keep_fraction=config.quality.keep_fraction),
+        "embed": config.embedding,
+        "seed_select": config.seed_selection,
+        "seed_train": TrainingParams(base_model=config.base_model, train=config.seed_training),
+        "answers": config.necessity.generation,
+        "necessity": scoring,
+        "augment_select": AugmentParams(**config.necessity.model_dump(include=set(AugmentParams.model_fields))),
+        "final_train": TrainingParams(base_model=config.base_model, train=config.final_training),
+        "export": ExportParams(),
+    }
+
+
+def outcome_summary(workspace: Workspace | str | Path, artifact: Artifact | Mapping[str, Any]) -> dict[str, Any]:
+    return read_marker(Artifact.model_validate(artifact).dir(workspace))["summary"]
+
+
+__all__ = ["STAGES", "PIPELINE", "ArtifactError", "execute", "plan_key", "plan_rows", "run_shard", "compute_rows",
+           "stage_params", "NecessityConfig"]

@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-answers_task = stage_task("answers", retries=1)
+answers_task = stage_task("answers")

@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-augment_select_task = stage_task("augment_select", retries=0)
+augment_select_task = stage_task("augment_select")

@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-embed_task = stage_task("embed", retries=1)
+embed_task = stage_task("embed")

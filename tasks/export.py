@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-export_task = stage_task("export", retries=0)
+export_task = stage_task("export")

@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-final_train_task = stage_task("final_train", retries=1)
+final_train_task = stage_task("final_train")

@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-high_quality_task = stage_task("high_quality", retries=0)
+high_quality_task = stage_task("high_quality")

@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-ingest_task = stage_task("ingest", retries=0)
+ingest_task = stage_task("ingest")

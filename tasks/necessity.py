@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-necessity_task = stage_task("necessity", retries=1)
+necessity_task = stage_task("necessity")

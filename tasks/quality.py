@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-quality_task = stage_task("quality", retries=1)
+quality_task = stage_task("quality")

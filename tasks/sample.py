@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-sample_task = stage_task("sample", retries=0)
+sample_task = stage_task("sample")

@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-seed_select_task = stage_task("seed_select", retries=0)
+seed_select_task = stage_task("seed_select")

@@ -2,4 +2,4 @@
 
 from tasks._stage import stage_task
 
-seed_train_task = stage_task("seed_train", retries=1)
+seed_train_task = stage_task("seed_train")

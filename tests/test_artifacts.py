@@ -5,18 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from mods.artifacts import Artifact, StageSpec, Workspace, artifact_key, fingerprint_files, is_complete, run_stage
+from mods.artifacts import Artifact, ArtifactError, StageSpec, Workspace, artifact_key, fingerprint_files, is_complete, run_stage
 from mods.stages import key_params
 
 SPEC = StageSpec("demo", "1", "cpu", "test stage")
 
 
 def test_key_depends_on_params_inputs_and_version():
-    a = Artifact(stage="up", key="k1", path="/x")
+    a = Artifact(stage="up", key="k1")
     base = artifact_key(SPEC, {"alpha": 0.0, "k": 3}, [a])
     assert artifact_key(SPEC, {"k": 3, "alpha": 0.0}, [a]) == base  # order of params does not matter
     assert artifact_key(SPEC, {"alpha": 0.5, "k": 3}, [a]) != base
-    assert artifact_key(SPEC, {"alpha": 0.0, "k": 3}, [Artifact(stage="up", key="k2", path="/x")]) != base
+    assert artifact_key(SPEC, {"alpha": 0.0, "k": 3}, [Artifact(stage="up", key="k2")]) != base
     assert artifact_key(StageSpec("demo", "2", "cpu", ""), {"alpha": 0.0, "k": 3}, [a]) != base
     assert artifact_key(StageSpec("other", "1", "cpu", ""), {"alpha": 0.0, "k": 3}, [a]) != base
 
@@ -30,39 +30,39 @@ def test_run_stage_skips_complete_artifacts(tmp_path: Path):
     ws = Workspace(tmp_path)
     calls = []
 
-    def body(out: Path):
-        calls.append(out)
-        (out / "data.txt").write_text("hello")
+    def body(ctx):
+        calls.append(ctx.out)
+        (ctx.out / "data.txt").write_text("hello")
         return {"rows": 1}
 
-    first = run_stage(ws, SPEC, {"k": 1}, [], body)
-    second = run_stage(ws, SPEC, {"k": 1}, [], body)
+    first = run_stage(ws, SPEC, {"k": 1}, {}, body)
+    second = run_stage(ws, SPEC, {"k": 1}, {}, body)
     assert first.executed and not second.executed
     assert len(calls) == 1
     assert first.artifact == second.artifact
-    assert (Path(first.artifact.path) / "data.txt").read_text() == "hello"
-    marker = json.loads((Path(first.artifact.path) / "_SUCCESS.json").read_text())
+    assert (first.artifact.dir(ws) / "data.txt").read_text() == "hello"
+    marker = json.loads((first.artifact.dir(ws) / "_SUCCESS.json").read_text())
     assert marker["summary"] == {"rows": 1} and marker["key"] == first.artifact.key
 
 
 def test_failed_body_leaves_no_artifact_and_no_temp(tmp_path: Path):
     ws = Workspace(tmp_path)
 
-    def body(out: Path):
-        (out / "half.txt").write_text("partial")
+    def body(ctx):
+        (ctx.out / "half.txt").write_text("partial")
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        run_stage(ws, SPEC, {"k": 2}, [], body)
+        run_stage(ws, SPEC, {"k": 2}, {}, body)
     stage_dir = tmp_path / "artifacts" / "demo"
-    assert list(stage_dir.iterdir()) == []
+    assert [p.name for p in stage_dir.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_missing_input_artifact_is_a_clear_error(tmp_path: Path):
     ws = Workspace(tmp_path)
-    ghost = Artifact(stage="embed", key="abc", path=str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="needs the 'embed' artifact abc"):
-        run_stage(ws, SPEC, {}, [ghost], lambda out: None)
+    ghost = Artifact(stage="embed", key="abc")
+    with pytest.raises(ArtifactError, match="needs the 'embed' artifact abc"):
+        run_stage(ws, SPEC, {}, {"embed": ghost}, lambda ctx: None)
 
 
 def test_incomplete_leftover_is_replaced(tmp_path: Path):
@@ -72,7 +72,7 @@ def test_incomplete_leftover_is_replaced(tmp_path: Path):
     leftover.mkdir(parents=True)
     (leftover / "stale.txt").write_text("from a crash")
     assert not is_complete(leftover)
-    outcome = run_stage(ws, SPEC, {"k": 5}, [], lambda out: (out / "fresh.txt").write_text("ok") and None)
+    outcome = run_stage(ws, SPEC, {"k": 5}, {}, lambda ctx: (ctx.out / "fresh.txt").write_text("ok") and None)
     assert outcome.executed
     assert not (leftover / "stale.txt").exists() and (leftover / "fresh.txt").exists()
 

@@ -104,7 +104,7 @@ def test_train_then_necessity_on_files(rows_file: Path, tmp_path: Path, tiny_lla
                  "--max-new-tokens", "4", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     frame = pd.read_parquet(out)
     assert len(frame) == len(ROWS)
-    assert {"model_answer", "necessity_score"} <= set(frame.columns)
+    assert {"seed_answer", "necessity_score"} <= set(frame.columns)
 
 
 def test_embed_writes_one_vector_per_row(rows_file: Path, tmp_path: Path):
@@ -115,3 +115,30 @@ def test_embed_writes_one_vector_per_row(rows_file: Path, tmp_path: Path):
     ids, vectors = read_embeddings(out)
     assert len(ids) == len(ROWS) and vectors.shape == (len(ROWS), 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+
+
+def test_score_gives_one_score_per_input_row_and_says_what_it_left_out(tmp_path: Path, tiny_llama_dir: Path, capsys):
+    rows = ROWS + [ROWS[0], ROWS[2], ROWS[0]]  # three exact duplicates
+    path = tmp_path / "dups.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    out = tmp_path / "scored.parquet"
+    assert main(["score", str(path), "--model", str(tiny_llama_dir), "--device", "cpu", "--out", str(out),
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "1 input rows left out (1 json_syntax)" in err and "3 duplicate input rows" in err
+    scored = pd.read_parquet(out)
+    assert scored["instruction"].tolist() == [r["instruction"] for r in rows]  # input order, every row
+    assert scored["source_line"].tolist() == list(range(1, len(rows) + 1))
+    first, copy = scored.iloc[0], scored.iloc[len(ROWS)]
+    assert first["quality_score"] == copy["quality_score"]
+
+
+def test_score_of_a_missing_file_is_one_line(tmp_path: Path, capsys):
+    assert main(["score", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.parquet"), "--quiet"]) == 2
+    assert "missing.jsonl" in one_line_error(capsys)
+
+
+def test_necessity_without_a_model_folder_is_one_line(rows_file: Path, tmp_path: Path, capsys):
+    assert main(["necessity", str(rows_file), "--model-dir", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "o.parquet"), "--quiet"]) == 2
+    assert "--model-dir" in one_line_error(capsys)

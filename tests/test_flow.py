@@ -29,39 +29,52 @@ def write_pool(path: Path) -> Path:
     return path
 
 
-def tiny_config(tmp_path: Path, tiny_llama: Path, **necessity: Any):
+def tiny_config(tmp_path: Path, tiny_llama: Path, pool: Path | None = None, workspace: str = "ws",
+                rows_per_shard: int = 1000, keep_fraction: float = 0.8, **necessity: Any):
     from mods.config import PipelineConfig
 
     train = {"epochs": 1, "batch_size": 4, "max_length": 64, "device": "cpu"}
     return PipelineConfig.model_validate({
-        "data": [str(write_pool(tmp_path / "pool.jsonl"))],
-        "workspace": str(tmp_path / "ws"),
+        "data": [str(pool or write_pool(tmp_path / "pool.jsonl"))],
+        "workspace": str(tmp_path / workspace),
         "sample": {"rows": None, "max_chars": None},
         "quality": {"scorer": {"model": str(tiny_llama), "max_length": 64, "batch_size": 8, "device": "cpu"},
-                    "keep_fraction": 0.8},
-        "embedding": {"device": "cpu"},
+                    "keep_fraction": keep_fraction},
+        "embedding": {"device": "cpu", "batch_size": 8},
         "seed_selection": {"k": 4},
         "base_model": str(tiny_llama),
         "seed_training": train,
         "final_training": train,
         "necessity": {"generation": {"max_new_tokens": 4, "batch_size": 8, "device": "cpu"}, "k": 3,
                       "fraction": 0.5, **necessity},
-        "execution": {"progress": False},
+        "execution": {"progress": False, "rows_per_shard": rows_per_shard},
     })
 
 
 def task_states(flow_state) -> dict[str, str]:
+    """Task name -> state name; shard tasks collapse to '<stage>-shard' (last state wins)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     flow_run_id = flow_state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in sorted(runs, key=lambda r: r.start_time or r.created)}
+
+
+def stage_states(flow_state) -> dict[str, str]:
+    return {name: state for name, state in task_states(flow_state).items() if name in ALL}
 
 
 ALL = ["ingest", "sample", "quality", "high_quality", "embed", "seed_select", "seed_train", "answers",
        "necessity", "augment_select", "final_train", "export"]
+ROWWISE = ["quality", "embed", "answers", "necessity"]
+
+
+def summary(workspace: Path, stage: str) -> dict[str, Any]:
+    """The _SUCCESS.json summary of the newest artifact of a stage."""
+    folders = sorted((workspace / "artifacts" / stage).glob("[!.]*"), key=lambda p: (p / "_SUCCESS.json").stat().st_mtime)
+    return json.loads((folders[-1] / "_SUCCESS.json").read_text())["summary"]
 
 
 def test_cache_cold_warm_beta_change_and_lost_artifact(prefect_harness, tiny_llama_dir: Path, tmp_path: Path):
@@ -71,8 +84,11 @@ def test_cache_cold_warm_beta_change_and_lost_artifact(prefect_harness, tiny_lla
 
     cold = mods_pipeline(config=config, return_state=True)
     assert cold.is_completed(), cold.message
-    assert task_states(cold) == {name: "Completed" for name in ALL}
+    assert stage_states(cold) == {name: "Completed" for name in ALL}
+    # Each row-wise stage ran its rows as shard tasks before assembling its artifact.
+    assert {f"{name}-shard" for name in ROWWISE} <= set(task_states(cold))
     result = cold.result()
+    assert result["executed"] == ALL
     selected = pd.read_parquet(result["selected_parquet"])
     assert set(selected["selected_by"]) == {"seed", "augmented"}
     assert len(selected) == 4 + 3 and selected["id"].is_unique
@@ -80,10 +96,14 @@ def test_cache_cold_warm_beta_change_and_lost_artifact(prefect_harness, tiny_lla
     assert [r["instruction"] for r in jsonl] == selected["instruction"].tolist()
     assert Path(result["final_model"], "adapter_model.safetensors").is_file()
     assert Path(result["coverage_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    workspace = Path(config.workspace)
+    for name in ROWWISE:
+        info = summary(workspace, name)
+        assert info["rows_reused"] == 0 and info["rows_computed"] == info["rows"] and info["shards"] == 1
 
     warm = mods_pipeline(config=config, return_state=True)
     assert task_states(warm) == {name: "Cached" for name in ALL}
-    assert warm.result() == result
+    assert warm.result() == {**result, "executed": []}
 
     # Changing only the necessity threshold reruns the selection from necessity on.
     changed = tiny_config(tmp_path, tiny_llama_dir, fraction=0.9)
@@ -94,34 +114,63 @@ def test_cache_cold_warm_beta_change_and_lost_artifact(prefect_harness, tiny_lla
     assert all(states[n] == "Cached" for n in ALL if n not in rerun)
 
     # A cache record whose artifact is gone reruns that stage instead of failing.
-    shutil.rmtree(Path(result["selected_parquet"]).parent.parent.parent / "seed_select")
+    shutil.rmtree(workspace / "artifacts" / "seed_select")
     fourth = mods_pipeline(config=config, return_state=True)
     states = task_states(fourth)
     assert states["seed_select"] == "Completed"
     assert all(states[n] == "Cached" for n in ALL if n != "seed_select")
-    assert fourth.result() == result
+    assert fourth.result() == {**result, "executed": ["seed_select"]}
 
 
-def test_gpu_stages_go_to_the_gpu_deployment(prefect_harness, tiny_llama_dir: Path, tmp_path: Path, monkeypatch):
-    """With execution.gpu_deployment set, GPU stages are sent as runs of the gpu-stage
-    deployment (here a stand-in running that flow in-process); CPU stages stay local."""
-    import flows.mods_pipeline as pipeline
-    from flows.gpu_stage import gpu_stage
+ROWWISE_FILES = {"quality": "scores.parquet", "embed": "embeddings.parquet", "answers": "answers.parquet",
+                 "necessity": "necessity.parquet", "export": "selected.jsonl"}
 
-    sent: list[str] = []
 
-    class FakeRun:
-        def __init__(self, state):
-            self.state = state
+def artifact_bytes(workspace: Path) -> dict[str, bytes]:
+    out = {}
+    for stage, name in ROWWISE_FILES.items():
+        (folder,) = [p for p in (workspace / "artifacts" / stage).iterdir() if not p.name.startswith(".")]
+        out[stage] = (folder / name).read_bytes()
+    return out
 
-    def fake_run_deployment(name, parameters, **kwargs):
-        assert name == "mods-gpu-stage/gpu"
-        sent.append(parameters["stage"])
-        return FakeRun(gpu_stage(**parameters, return_state=True))
 
-    monkeypatch.setattr(pipeline, "run_deployment", fake_run_deployment)
-    config = tiny_config(tmp_path, tiny_llama_dir).model_copy(deep=True)
-    config.execution.gpu_deployment = "mods-gpu-stage/gpu"
-    state = pipeline.mods_pipeline(config=config, return_state=True)
+def test_one_shard_and_many_shards_give_identical_bytes(prefect_harness, tiny_llama_dir: Path, tmp_path: Path):
+    from flows.mods_pipeline import mods_pipeline
+
+    one = tiny_config(tmp_path, tiny_llama_dir, workspace="one", rows_per_shard=1000)
+    many = tiny_config(tmp_path, tiny_llama_dir, workspace="many", rows_per_shard=8)  # a shard per batch of 8
+    assert mods_pipeline(config=one, return_state=True).is_completed()
+    assert mods_pipeline(config=many, return_state=True).is_completed()
+    assert summary(Path(many.workspace), "quality")["shards"] == 5  # 40 rows / 8
+    assert summary(Path(one.workspace), "quality")["shards"] == 1
+    assert artifact_bytes(Path(one.workspace)) == artifact_bytes(Path(many.workspace))
+
+
+def test_grown_pool_computes_only_new_rows_and_alpha_rescores_nothing(prefect_harness, tiny_llama_dir: Path,
+                                                                       tmp_path: Path):
+    from flows.mods_pipeline import mods_pipeline
+
+    pool = write_pool(tmp_path / "pool.jsonl")
+    assert mods_pipeline(config=tiny_config(tmp_path, tiny_llama_dir, pool=pool), return_state=True).is_completed()
+    workspace = tmp_path / "ws"
+
+    grown = tmp_path / "grown.jsonl"
+    new_rows = [{"instruction": f"Name a use of {thing}.", "input": "", "output": f"{thing} can be used for work."}
+                for thing in ("copper", "sand", "wool", "salt", "glass")]
+    grown.write_text(pool.read_text() + "".join(json.dumps(r) + "\n" for r in new_rows))
+    state = mods_pipeline(config=tiny_config(tmp_path, tiny_llama_dir, pool=grown), return_state=True)
     assert state.is_completed(), state.message
-    assert sent == ["quality", "embed", "seed_train", "answers", "necessity", "final_train"]
+    quality = summary(workspace, "quality")
+    assert (quality["rows_computed"], quality["rows_reused"]) == (5, 40)
+    embed = summary(workspace, "embed")
+    new_high_quality = embed["rows_computed"]
+    assert embed["rows_reused"] + new_high_quality == embed["rows"] and new_high_quality <= 5
+
+    # Another quality threshold keeps other rows: nothing is scored again, and only the
+    # newly kept rows are embedded.
+    state = mods_pipeline(config=tiny_config(tmp_path, tiny_llama_dir, pool=grown, keep_fraction=0.9),
+                          return_state=True)
+    states = task_states(state)
+    assert states["quality"] == "Cached" and "quality-shard" not in states
+    embed = summary(workspace, "embed")
+    assert embed["rows_reused"] >= 36 and embed["rows_computed"] == embed["rows"] - embed["rows_reused"]

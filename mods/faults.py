@@ -1,0 +1,49 @@
+"""Which failures are worth retrying, and which are the user's to fix.
+
+A retry only helps when the next attempt can pass: a lost worker, memory that was short
+this time, an I/O or network hiccup. A bad row, a wrong path or an impossible parameter
+fails the same way every time, so it fails at once, in one line.
+"""
+
+from __future__ import annotations
+
+import errno
+
+# errno values of I/O that can pass on a second try (network filesystems, busy devices).
+_TRANSIENT_ERRNO = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.ESTALE, errno.ECONNRESET,
+                    errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBUSY}
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return isinstance(error, (RuntimeError, MemoryError)) and (
+        isinstance(error, MemoryError) or "out of memory" in str(error).lower()
+    )
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for failures a retry can fix (out of memory, lost connection, I/O timeout)."""
+    if is_out_of_memory(error):
+        return True
+    if isinstance(error, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNO:
+        return True
+    return bool(error.__cause__ is not None and error.__cause__ is not error and is_transient(error.__cause__))
+
+
+def release_accelerator_memory() -> None:
+    """Give cached GPU memory back after an out-of-memory error, before trying smaller."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass

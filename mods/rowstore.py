@@ -1,0 +1,173 @@
+"""Per-row results of the row-wise stages (quality, embed, answers, necessity).
+
+A store is a folder per (stage, fingerprint), where the fingerprint names everything that
+changes a row's result (stage version, result-changing parameters, model identity, the
+seed model's key for answers). It holds atomic Parquet parts, one per finished shard,
+each with a ``row_key`` column (the row's content id; for necessity, id + the answer's
+hash). A part is the shard's completion marker (datatrove style): a kill loses at most
+the shards in flight, and a stage only computes the rows its store lacks. Results are
+reused across runs, samples, thresholds, pools and datasets in one workspace.
+
+Work is cut deterministically: the missing rows are sorted by (cost, row_key) and cut
+into blocks of the stage's batch size, and a shard is a run of whole blocks. Every block
+is computed by one call of the stage's batch function, so a row's result does not depend
+on how many shards or workers there were: the assembled artifacts are byte-identical for
+any ``rows_per_shard`` and any number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mods.artifacts import Workspace, atomic_write_bytes, hash_json, write_parquet
+
+log = logging.getLogger("mods.rowstore")
+
+ROW_KEY = "row_key"
+# A temporary part older than this was left by a dead writer (writing one takes seconds).
+STALE_TMP_SECONDS = 15 * 60
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    row_keys: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "part-" + hash_json(sorted(self.row_keys))
+
+
+class RowStore:
+    def __init__(self, workspace: Workspace, stage: str, fingerprint: str) -> None:
+        self.stage = stage
+        self.fingerprint = fingerprint
+        self.dir = workspace.rowstore / stage / fingerprint
+
+    # -- parts
+
+    def part_path(self, shard: Shard) -> Path:
+        return self.dir / f"{shard.name}.parquet"
+
+    def has_part(self, shard: Shard) -> bool:
+        return self.part_path(shard).is_file()
+
+    def write_part(self, shard: Shard, results: pd.DataFrame) -> Path:
+        """Results of one shard (a ``row_key`` column + result columns), atomically."""
+        if results[ROW_KEY].tolist() != list(shard.row_keys):
+            raise ValueError(f"{self.stage}: shard {shard.index} results do not match its rows")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.part_path(shard)
+        write_parquet(results.reset_index(drop=True), path)
+        return path
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.dir.glob("part-*.parquet")) if self.dir.is_dir() else []
+
+    def _readable(self, path: Path, columns: list[str] | None = None) -> pa.Table | None:
+        try:
+            return pq.read_table(path, columns=columns)
+        except (OSError, pa.ArrowException) as error:
+            # A damaged part (disk, truncation by hand): set it aside; its rows are recomputed.
+            aside = path.with_name(f".{path.name}.broken-{uuid.uuid4().hex[:8]}")
+            log.warning("%s is damaged (%s); moved to %s, its rows will be recomputed", path, error, aside.name)
+            try:
+                os.replace(path, aside)
+            except OSError:
+                pass
+            return None
+
+    def known_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for path in self._parts():
+            table = self._readable(path, [ROW_KEY])
+            if table is not None:
+                keys.update(table.column(ROW_KEY).to_pylist())
+        return keys
+
+    def read(self, row_keys: Sequence[str]) -> pd.DataFrame:
+        """Results for ``row_keys``, in that order (every key must be in the store).
+
+        When two parts hold the same row (two runs computed it at once), the part whose
+        name sorts first wins, so the answer depends only on the store's contents."""
+        wanted = set(row_keys)
+        frames = []
+        for path in self._parts():
+            table = self._readable(path)
+            if table is None:
+                continue
+            frame = table.to_pandas()
+            frames.append(frame[frame[ROW_KEY].isin(wanted)])
+        if not frames:
+            found = pd.DataFrame({ROW_KEY: pd.Series([], dtype=str)})
+        else:
+            found = pd.concat(frames, ignore_index=True).drop_duplicates(ROW_KEY, keep="first")
+        missing = wanted - set(found[ROW_KEY])
+        if missing:
+            raise LookupError(f"{self.stage}: {len(missing)} rows are missing from {self.dir}")
+        return found.set_index(ROW_KEY).loc[list(row_keys)].reset_index()
+
+    def remove_stale_tmp(self) -> None:
+        if not self.dir.is_dir():
+            return
+        now = time.time()
+        for tmp in self.dir.glob(".part-*.tmp-*"):
+            try:
+                if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                    tmp.unlink()
+            except OSError:
+                pass
+
+    # -- plans: which missing rows go to which shard (read by the workers)
+
+    def plan_path(self, plan_id: str) -> Path:
+        return self.dir / "plans" / f"{plan_id}.parquet"
+
+    def write_plan(self, shards: Sequence[Shard]) -> str:
+        frame = pd.DataFrame(
+            {ROW_KEY: [k for s in shards for k in s.row_keys], "shard": [s.index for s in shards for _ in s.row_keys]}
+        )
+        plan_id = hash_json(frame.to_dict("list"))
+        path = self.plan_path(plan_id)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+            atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        return plan_id
+
+    def read_shard(self, plan_id: str, index: int) -> Shard:
+        path = self.plan_path(plan_id)
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.stage}: shard plan {path} is missing (is the workspace shared with this worker?)")
+        frame = pd.read_parquet(path)
+        keys = frame.loc[frame["shard"] == index, ROW_KEY].tolist()
+        if not keys:
+            raise ValueError(f"{self.stage}: plan {plan_id} has no shard {index}")
+        return Shard(index, tuple(keys))
+
+
+def cut_shards(work: pd.DataFrame, block_rows: int, rows_per_shard: int) -> list[Shard]:
+    """Shards of whole blocks over ``work`` (columns row_key, cost), in (cost, row_key) order."""
+    if work.empty:
+        return []
+    ordered = work.sort_values(["cost", ROW_KEY], kind="stable")[ROW_KEY].tolist()
+    blocks_per_shard = max(1, math.ceil(rows_per_shard / block_rows))
+    size = blocks_per_shard * block_rows
+    return [Shard(i, tuple(ordered[start : start + size])) for i, start in enumerate(range(0, len(ordered), size))]
+
+
+def blocks(shard_rows: pd.DataFrame, block_rows: int) -> list[pd.DataFrame]:
+    """A shard's rows (already in plan order) as the blocks the batch function sees."""
+    return [shard_rows.iloc[i : i + block_rows] for i in range(0, len(shard_rows), block_rows)]
