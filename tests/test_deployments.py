@@ -91,3 +91,35 @@ def test_reliability_settings_that_would_break_runs_are_refused(heartbeat: int, 
 
     with pytest.raises(ValueError, match=message):
         deploy_all(heartbeat_seconds=heartbeat, crash_after_seconds=crash_after)
+
+
+def test_compose_is_closed_by_default():
+    """docker/compose.yaml (not run here: no Docker engine): secrets only from docker/.env,
+    only the server's port published and on 127.0.0.1 unless MODS_BIND says otherwise,
+    the server asks for the auth string and the workers send it."""
+    import re
+
+    import yaml
+
+    from deployments.deploy import ROOT
+
+    text = (ROOT / "docker" / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    assert {name for name, service in services.items() if service.get("ports")} == {"server"}
+    [port] = services["server"]["ports"]
+    assert port.startswith("${MODS_BIND:-127.0.0.1}:")
+    server_env = services["server"]["environment"]
+    assert server_env["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+    assert "${POSTGRES_PASSWORD:?" in server_env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    for worker in ("cpu-worker", "gpu-worker"):
+        env = services[worker]["environment"]
+        assert env["PREFECT_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+        assert env["PREFECT_API_URL"] == "http://server:4200/api"
+    # Every variable the file needs is in the example env file the README tells users to copy.
+    example = (ROOT / "docker" / ".env.example").read_text()
+    defined = set(re.findall(r"^([A-Z_]+)=", example, flags=re.M))
+    used = set(re.findall(r"\$\{([A-Z_]+)", text))
+    assert used <= defined, used - defined
+    assert (ROOT / "docker" / ".gitignore").read_text().split().count(".env") == 1  # secrets stay out of git
