@@ -42,7 +42,7 @@ test: models
 
 # Unit tests only (no real models, no Prefect server).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not e2e and not flow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not e2e and not flow and not realserver" $(PYTEST_ARGS)
 
 bench: models
 	$(BIN)/python benchmarks/kcenter.py

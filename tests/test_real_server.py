@@ -1,0 +1,203 @@
+"""The deployments on a real stack (tests/realserver.py): PostgreSQL, `prefect server start`
+with an auth string, the zombie-flow automation, one process worker per pool.
+
+One stack for the module; each run has its own workspace. The caller's `config` never
+carries `execution`: where GPU stages run must come from the deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from realserver import RealStack, StackUnavailable, postgres_bin_dir
+from test_flow import tiny_config
+
+pytestmark = pytest.mark.realserver
+
+HEARTBEAT_SECONDS = 30  # Prefect's minimum
+CRASH_AFTER_SECONDS = 60  # a silent flow run is Crashed after this (production default: 90)
+RUN_TIMEOUT_SECONDS = 600
+GPU_STAGES = {"quality", "embed", "seed_train", "answers", "necessity", "final_train"}
+PIPELINE_DEPLOYMENT = "mods-pipeline/weekly"
+
+
+@pytest.fixture(scope="module")
+def stack():
+    if postgres_bin_dir() is None:
+        message = ("PostgreSQL binaries not found: install Debian's 'postgresql' package (.ci/run does) "
+                   "or set MODS_PG_BIN")
+        if os.environ.get("CI"):
+            pytest.fail(message)  # in CI a missing database is a failure, never a silent skip
+        pytest.skip(message)
+    try:
+        context = RealStack.start(gpus=1, heartbeat_seconds=HEARTBEAT_SECONDS, crash_after_seconds=CRASH_AFTER_SECONDS)
+        real = context.__enter__()
+    except StackUnavailable as error:
+        if os.environ.get("CI"):
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    try:
+        real.start_worker("mods-cpu", name="cpu-0")
+        real.start_worker("mods-gpu", name="gpu-0", limit=1)
+        yield real
+    finally:
+        context.__exit__(None, None, None)
+
+
+def caller_config(tmp_path: Path, tiny_llama: Path, **overrides: Any) -> dict[str, Any]:
+    """The tiny pipeline's config as a caller passes it: JSON, without `execution`."""
+    config = tiny_config(tmp_path, tiny_llama).model_dump(mode="json")
+    del config["execution"]
+    for section, values in overrides.items():
+        config[section] = {**config[section], **values}
+    return config
+
+
+def submit(parameters: dict[str, Any]):
+    from prefect.deployments import run_deployment
+
+    return run_deployment(PIPELINE_DEPLOYMENT, parameters=parameters, timeout=0)
+
+
+def read_run(run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id)
+
+
+def wait_final(stack: RealStack, run_id, timeout: float = RUN_TIMEOUT_SECONDS):
+    """Poll until the run is final (riding out a server that is briefly away)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            run = read_run(run_id)
+        except (httpx.HTTPError, RuntimeError):
+            time.sleep(2)
+            continue
+        if run.state is not None and run.state.is_final():
+            return run
+        time.sleep(2)
+    pytest.fail(f"flow run {run_id} not final after {timeout:.0f} s\n{stack.worker_logs()}")
+
+
+def gpu_runs(workspace: str) -> list:
+    """The gpu-stage flow runs that worked on this workspace, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["gpu"])),
+                                     sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200)
+    return sorted((r for r in runs if r.parameters.get("workspace") == workspace), key=lambda r: r.created)
+
+
+def markers(workspace: str) -> dict[str, tuple[int, str]]:
+    """Every completed artifact's marker: (mtime_ns, content), by stage/key."""
+    root = Path(workspace) / "artifacts"
+    return {f"{m.parent.parent.name}/{m.parent.name}": (m.stat().st_mtime_ns, m.read_text())
+            for m in root.glob("*/*/_SUCCESS.json")}
+
+
+def explain(stack: RealStack, run) -> str:
+    return f"{run.name}: {run.state.type.value if run.state else None} {run.state.message if run.state else ''}\n" \
+           f"{stack.worker_logs()}"
+
+
+def test_unauthenticated_requests_are_refused(stack: RealStack):
+    assert httpx.get(f"{stack.api_url}/health", timeout=10).status_code == 200
+    assert httpx.post(f"{stack.api_url}/deployments/filter", json={}, timeout=10).status_code == 401
+    assert httpx.post(f"{stack.api_url}/deployments/filter", json={}, timeout=10,
+                      auth=("mods", "wrong")).status_code == 401
+    user, password = stack.auth.split(":", 1)
+    answer = httpx.post(f"{stack.api_url}/deployments/filter", json={}, timeout=10, auth=(user, password))
+    assert answer.status_code == 200 and {d["name"] for d in answer.json()} == {"weekly", "gpu"}
+
+
+def test_caller_config_without_execution_still_runs_gpu_stages_on_the_gpu_pool(
+        stack: RealStack, tiny_llama_dir: Path, tmp_path: Path):
+    config = caller_config(tmp_path, tiny_llama_dir)
+    started = time.monotonic()
+    run = wait_final(stack, submit({"config": config}).id)
+    elapsed = time.monotonic() - started
+    assert run.state.is_completed(), explain(stack, run)
+    assert run.work_pool_name == "mods-cpu"
+    runs = gpu_runs(config["workspace"])
+    assert {r.parameters["stage"] for r in runs} == GPU_STAGES
+    assert all(r.work_pool_name == "mods-gpu" and r.state.is_completed() for r in runs), \
+        [(r.name, r.work_pool_name, r.state.name) for r in runs]
+    exports = list(Path(config["workspace"], "artifacts", "export").glob("*/selected.parquet"))
+    assert len(exports) == 1
+    print(f"\n[realserver] tiny run through {PIPELINE_DEPLOYMENT}: {elapsed:.0f} s, {len(runs)} GPU flow runs")
+
+
+def test_gpu_worker_killed_mid_stage_is_crashed_resubmitted_and_the_run_completes(
+        stack: RealStack, tiny_llama_dir: Path, tmp_path: Path):
+    # Enough epochs on the tiny model that seed_train is still running when it is killed.
+    config = caller_config(tmp_path, tiny_llama_dir, seed_training={"epochs": 400})
+    workspace = config["workspace"]
+    pipeline_run = submit({"config": config})
+
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while True:
+        seed = [r for r in gpu_runs(workspace) if r.parameters["stage"] == "seed_train"]
+        if seed and seed[0].state.is_running():
+            break
+        pipeline = read_run(pipeline_run.id)
+        assert not pipeline.state.is_final(), f"ended before seed_train ran: {explain(stack, pipeline)}"
+        assert time.monotonic() < deadline, f"seed_train never ran\n{stack.worker_logs()}"
+        time.sleep(1)
+    time.sleep(3)  # inside the stage, not at its first line
+    before_kill = markers(workspace)
+    runs_before = {r.id for r in gpu_runs(workspace)}
+    finished_stages = {key.split("/")[0] for key in before_kill}
+    assert {"quality", "embed"} <= finished_stages and "seed_train" not in finished_stages, finished_stages
+
+    killed = stack.workers["gpu-0"].kill_hard()  # the worker, its flow run, the training processes
+    killed_at = time.time()
+    assert len(killed) >= 2, "the flow run's process was not among the worker's children"
+    stack.start_worker("mods-gpu", name="gpu-1", limit=1)
+
+    run = wait_final(stack, pipeline_run.id)
+    assert run.state.is_completed(), explain(stack, run)
+
+    seed = [r for r in gpu_runs(workspace) if r.parameters["stage"] == "seed_train"]
+    assert [r.state.name for r in seed] == ["Crashed", "Completed"], [(r.name, r.state.name) for r in seed]
+    assert "heartbeat" in seed[0].state.message
+    crashed_after = seed[0].state.timestamp.timestamp() - killed_at
+    # Stages finished before the kill were not executed again: no new flow runs, markers untouched.
+    later = [r for r in gpu_runs(workspace) if r.id not in runs_before]
+    assert {r.parameters["stage"] for r in later} <= {"seed_train", "answers", "necessity", "final_train"}
+    after = markers(workspace)
+    assert {key: after[key] for key in before_kill} == before_kill
+    assert any(key.startswith("seed_train/") for key in after)
+    print(f"\n[realserver] worker killed mid seed_train: Crashed {crashed_after:.0f} s after the kill "
+          f"(window {CRASH_AFTER_SECONDS} s, heartbeat {HEARTBEAT_SECONDS} s); resubmitted as {seed[1].name}")
+
+
+def test_server_restarted_mid_run_the_run_completes(stack: RealStack, tiny_llama_dir: Path, tmp_path: Path):
+    config = caller_config(tmp_path, tiny_llama_dir, seed_training={"epochs": 200})
+    workspace = config["workspace"]
+    pipeline_run = submit({"config": config})
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while not any(r.state.is_running() for r in gpu_runs(workspace)):
+        assert time.monotonic() < deadline, f"no GPU stage started\n{stack.worker_logs()}"
+        time.sleep(1)
+    stopped = time.monotonic()
+    stack.stop_server()
+    time.sleep(5)
+    stack.start_server()
+    downtime = time.monotonic() - stopped
+    run = wait_final(stack, pipeline_run.id)
+    assert run.state.is_completed(), explain(stack, run)
+    assert list(Path(workspace, "artifacts", "export").glob("*/selected.parquet"))
+    states = [(r.name, r.state.name) for r in gpu_runs(workspace)]
+    print(f"\n[realserver] server down {downtime:.0f} s mid-run: completed; GPU runs {json.dumps(states)}")
