@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mods import cli_ingest
 
     cli_ingest.register(sub)
+    from flows import cli_evaluate
+
+    cli_evaluate.register(sub)
 
     score = sub.add_parser("score", help="add a quality_score column to DATA (one score per input row)")
     score.add_argument("data", nargs="+", metavar="DATA")

@@ -3,6 +3,7 @@
 from tasks.answers import answers_task
 from tasks.augment_select import augment_select_task
 from tasks.embed import embed_task
+from tasks.evaluate import EVALUATE_TASKS
 from tasks.export import export_task
 from tasks.final_train import final_train_task
 from tasks.high_quality import high_quality_task
@@ -27,3 +28,4 @@ STAGE_TASKS = {
     "final_train": final_train_task,
     "export": export_task,
 }
+STAGE_TASKS.update(EVALUATE_TASKS)  # the evaluation flow's stages (flows/evaluate.py)

@@ -1,0 +1,117 @@
+"""`mods evaluate [--workspace DIR] [--config FILE] [--set KEY=VALUE ...]`: the evaluation flow
+on a finished run, with the table summed up and the output paths printed.
+
+Light at import (the parser is built for every `mods` command); the flow is imported only
+when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class EvaluateUsageError(ValueError):
+    """A bad option or configuration value: one line, no traceback."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `evaluate` subcommand (handler set as both `func` and `handler`)."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="does the selection help? MoDS vs same-size baselines on the paper's test sets (Prefect flow)",
+        description="Train same-size baselines with the run's training settings, answer the test prompts with every "
+        "model, judge MoDS against each baseline, and measure each judge against human votes. Needs a finished "
+        "`mods run` in the workspace; everything is cached.",
+    )
+    p.add_argument("--workspace", help="the pipeline's artifact folder (default: the config file's, else work)")
+    p.add_argument("--config", help="YAML file: its `evaluation:` section (the file `mods run --config` takes), "
+                                    "or EvaluationConfig fields at the top level")
+    p.add_argument("--set", action="append", metavar="[evaluation.]FIELD=VALUE",
+                   help="override one value, e.g. --set evaluation.prompts_per_set=20 --set judge=[scorer,llm]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=handle_evaluate, handler=handle_evaluate)
+
+
+def load_evaluation_config(config_file: str | None, sets: list[str], workspace: str | None,
+                           quiet: bool = False) -> tuple[str, Any]:
+    """(workspace, EvaluationConfig) from a YAML file, --set overrides and --workspace."""
+    import yaml
+    from pydantic import ValidationError
+
+    from mods.config import deep_update, set_dotted
+    from mods.evaluation import EvaluationConfig
+
+    values: dict[str, Any] = {}
+    file_workspace = None
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise EvaluateUsageError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise EvaluateUsageError(f"config file {path}: not valid YAML ({' '.join(str(error).split())})") from None
+        if not isinstance(loaded, dict):
+            raise EvaluateUsageError(f"config file {path} must hold a mapping at the top level")
+        file_workspace = loaded.get("workspace")
+        if "evaluation" in loaded:
+            values = loaded["evaluation"] or {}
+        else:  # EvaluationConfig fields at the top level (pipeline-only fields are left to `mods run`)
+            values = {k: v for k, v in loaded.items() if k in EvaluationConfig.model_fields}
+    overrides: dict[str, Any] = {}
+    for item in sets:
+        if "=" not in item:
+            raise EvaluateUsageError(f"--set {item!r}: expected FIELD=VALUE")
+        key, raw = item.split("=", 1)
+        key = key.strip().removeprefix("evaluation.")
+        try:
+            set_dotted(overrides, key, raw)
+        except yaml.YAMLError as error:
+            raise EvaluateUsageError(f"--set {item!r}: not a YAML value ({' '.join(str(error).split())})") from None
+    values = deep_update(values, overrides)
+    if quiet:
+        values["progress"] = False
+    try:
+        config = EvaluationConfig.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(f"evaluation.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise EvaluateUsageError(f"configuration: {problems}") from None
+    return workspace or file_workspace or "work", config
+
+
+def summary_lines(document: dict[str, Any]) -> list[str]:
+    """MoDS against each baseline, summed over test sets, per judge, with the judge's trust."""
+    lines = []
+    judges = [document["judge"]] if isinstance(document["judge"], str) else document["judge"]
+    for judge in judges:
+        agreement = document["judge_agreement"][judge]
+        value = agreement.get("agreement")
+        trust = "usable" if agreement.get("trusted") else "NOT TRUSTWORTHY: no verdict"
+        lines.append(f"  {judge} judge (human agreement {value:.0%} on {agreement['pairs']} pairs: {trust})")
+        for baseline in dict.fromkeys(c["b"] for c in document["comparisons"] if c["judge"] == judge):
+            rows = [c for c in document["comparisons"] if c["judge"] == judge and c["b"] == baseline]
+            w, t, lo = (sum(c[k] for c in rows) for k in ("win", "tie", "lose"))
+            lines.append(f"    MoDS vs {baseline:<12} win {w:>3}  tie {t:>3}  lose {lo:>3}")
+    return lines
+
+
+def handle_evaluate(args: argparse.Namespace) -> int:
+    try:
+        workspace, config = load_evaluation_config(args.config, args.set or [], args.workspace, args.quiet)
+    except EvaluateUsageError as error:
+        print(f"mods evaluate: {error}", file=sys.stderr)
+        return 2
+    from flows.evaluate import mods_evaluate
+
+    result = mods_evaluate(workspace=workspace, config=config)
+    document = json.loads(Path(result["evaluation_json"]).read_text())
+    print("\nMoDS evaluation finished (export " + result["export_key"] + ").")
+    print("\n".join(summary_lines(document)))
+    print(f"  table (JSON): {result['evaluation_json']}")
+    print(f"  chart:        {result['chart']}")
+    print(f"  report:       {result['report']}")
+    return 0

@@ -1,0 +1,770 @@
+"""Does the selection help? The paper's evaluation, as cached stages over a finished run.
+
+A finished pipeline run (its ``export`` artifact) gives the pool, the high-quality rows,
+the MoDS selection and the model trained on it. This module adds what the paper compares
+it with, and the judging:
+
+* **baselines of the same size, trained the same way** (``baseline_rows``): ``random``
+  rows of the sampled pool; ``quality_top``, the best-scoring rows by quality alone;
+  ``seed_only``, the seed-selection step alone (k-center over the high-quality rows, no
+  necessity), grown to the selection's size; optionally ``full``, every high-quality row;
+* **prompts** from the paper's five test sets or the user's own files, a seeded draw per
+  set (``mods.testsets``);
+* **answers** from every model to every prompt, and where a prompt has a reference
+  answer, the reference's mean per-token log-likelihood under the model;
+* **judges** (``mods.judges``) comparing MoDS with each baseline per test set, each
+  measured against human votes (``mods.preferences``), so every table says how far its
+  judge can be trusted;
+* **the outputs**: ``evaluation.json``, a win/tie/lose chart like the paper's, ``report.md``.
+
+Everything here is plain functions on DataFrames and paths; the stage declarations at the
+end wire them into the project's artifact mechanism (``mods.stages``). No Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from mods.artifacts import (
+    Artifact,
+    ArtifactError,
+    StageContext,
+    StageSpec,
+    artifact_problem,
+    atomic_write_text,
+    fingerprint_files,
+    hash_json,
+    read_marker,
+    write_parquet,
+)
+from mods.generation import GenerationConfig
+from mods.judges import LLMJudgeConfig, count_outcomes, winning_score
+from mods.scoring import ScorerConfig
+from mods.stages import Stage, declare, model_fingerprint, read_table
+from mods.testsets import PAPER_TEST_SETS
+from mods.training import TrainConfig
+
+Baseline = Literal["random", "quality_top", "seed_only", "full"]
+JudgeKind = Literal["scorer", "llm"]
+MODS = "mods"
+
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_PNG = "evaluation.png"
+REPORT_MD = "report.md"
+
+DEFAULT_TEST_SETS_DIR = "../shared/data/testsets"
+DEFAULT_PREFERENCES = "../shared/data/preferences/pandalm_testset_v1.json"
+
+
+class EvaluationConfig(BaseModel):
+    """How a finished MoDS run is evaluated (the ``mods-evaluate`` flow's form)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    export_key: str | None = Field(
+        None, description="Which finished pipeline run (its export artifact key); empty = the latest one."
+    )
+    test_sets_dir: str = Field(
+        DEFAULT_TEST_SETS_DIR, description="Folder holding the paper's five test sets (relative to the working folder)."
+    )
+    test_sets: list[Literal["koala", "wizardlm", "selfinstruct", "vicuna", "lima"]] = Field(
+        default=list(PAPER_TEST_SETS), description="Which of the paper's test sets to use."
+    )
+    test_files: list[str] = Field(
+        default=[],
+        description="Your own prompt files (JSON, JSON lines, CSV, Parquet; a prompt/instruction/question field per "
+        "record, optionally input and reference/output): each becomes a test set named by its file name.",
+    )
+    prompts_per_set: int | None = Field(
+        6, ge=1, description="Prompts drawn (seeded) per test set that every model answers; empty = all (the paper)."
+    )
+    reference_rows_per_set: int | None = Field(
+        16, ge=1,
+        description="Prompts with a reference answer (Self-instruct, Vicuna's GPT-4 references) whose reference "
+        "log-likelihood is measured per model; empty = all.",
+    )
+    seed: int = Field(0, description="Seed of the prompt draw, the preference-pair draw and the random baseline.")
+    baselines: list[Baseline] = Field(
+        default=["random", "quality_top", "seed_only"],
+        description="Models trained on other data of the selection's size, with the run's final-training settings: "
+        "'random' (sampled pool), 'quality_top' (best quality scores), 'seed_only' (k-center without necessity); "
+        "'full' = every high-quality row (not the same size).",
+    )
+    judge: list[JudgeKind] = Field(
+        default=["scorer", "llm"],
+        description="Judges: 'scorer' (the run's quality scorer scores both answers) and/or 'llm' (a local causal LM "
+        "reads the paper's pairwise judging prompt, both orders).",
+    )
+    tie_margin: float = Field(
+        0.1, ge=0, description="Scorer judge: a score gap below this is a tie (likelihood scores are in nats)."
+    )
+    scorer: ScorerConfig | None = Field(
+        None, description="The scorer judge's scorer; empty = the quality scorer the pipeline run used."
+    )
+    llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig, description="The pairwise LLM judge.")
+    generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=96),
+        description="How every model answers the test prompts (greedy by default).",
+    )
+    reference_max_length: int = Field(
+        512, ge=16, description="Tokens of prompt + reference answer scored for the reference log-likelihood."
+    )
+    preferences: str = Field(
+        DEFAULT_PREFERENCES,
+        description="PandaLM human-preference file the judges are measured against (unanimous, non-tie pairs).",
+    )
+    agreement_pairs: int | None = Field(
+        64, ge=1,
+        description="Human pairs (seeded draw) each judge is measured on; empty = all 742 (the GPU setting: on 2 CPU "
+        "cores the LLM judge needs ~2 s per pair).",
+    )
+    trust_threshold: float = Field(
+        0.6, gt=0, le=1,
+        description="Agreement with people below which a judge's tables are reported as not trustworthy.",
+    )
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+# --- the pipeline run being evaluated ---------------------------------------------------------
+
+
+def latest_export(workspace_root: Path, export_key: str | None = None) -> str:
+    """The key of the named, else the most recently finished, complete export artifact."""
+    folder = Path(workspace_root) / "artifacts" / "export"
+    if export_key:
+        if artifact_problem(folder / export_key) is not None:
+            raise ValueError(f"no complete export artifact {export_key!r} in {folder}")
+        return export_key
+    finished = []
+    for path in folder.glob("*") if folder.is_dir() else []:
+        if path.name.startswith(".") or artifact_problem(path) is not None:
+            continue
+        finished.append((read_marker(path).get("finished_at", ""), path.stat().st_mtime, path.name))
+    if not finished:
+        raise ValueError(f"no finished pipeline run in {workspace_root} (no complete export artifact): "
+                         "run `mods run` (or `make run`) with this workspace first")
+    return max(finished)[2]
+
+
+def pipeline_inputs(workspace_root: Path, export_key: str) -> dict[str, dict[str, str]]:
+    """The export artifact's input artifacts, {stage: {"stage", "key"}}, plus the export itself."""
+    marker = read_marker(Path(workspace_root) / "artifacts" / "export" / export_key)
+    found = {stage: {"stage": stage, "key": key} for stage, key in marker["inputs"].items()}
+    needed = {"sample", "quality", "high_quality", "embed", "seed_select", "augment_select", "final_train"}
+    missing = sorted(needed - set(found))
+    if missing:
+        raise ValueError(f"export {export_key} does not list the input artifacts {missing}; rerun the pipeline")
+    return {**found, "export": {"stage": "export", "key": export_key}}
+
+
+def selection_ids(seed_selected: pd.DataFrame, augment_selected: pd.DataFrame) -> list[str]:
+    """The MoDS selection: seed ∪ augmented, deduplicated, in pick order."""
+    return list(dict.fromkeys([*seed_selected["id"].astype(str), *augment_selected["id"].astype(str)]))
+
+
+# --- baselines ----------------------------------------------------------------------------------
+
+
+def baseline_rows(
+    name: Baseline,
+    size: int,
+    sample_rows: pd.DataFrame,
+    quality_scores: pd.DataFrame,
+    high_quality_rows: pd.DataFrame,
+    embeddings: tuple[list[str], np.ndarray] | None,
+    seed: int,
+    kcenter_seed: int = 0,
+) -> pd.DataFrame:
+    """The rows a baseline model is trained on: ``size`` of them (all high-quality rows for ``full``).
+
+    random       seeded draw from the sampled pool (before the quality filter)
+    quality_top  the pool's ``size`` best quality scores (quality alone: no coverage, no necessity)
+    seed_only    k-center over the high-quality embeddings with k = ``size``: the seed step alone,
+                 grown to the selection's size (its first picks are the run's seed set)
+    full         every high-quality row
+    """
+    if name == "full":
+        return high_quality_rows.reset_index(drop=True)
+    if size < 1:
+        raise ValueError("the selection is empty: nothing to match a baseline's size to")
+    if name == "random":
+        if size > len(sample_rows):
+            raise ValueError(f"random baseline: {size} rows asked for, the sampled pool has {len(sample_rows)}")
+        return sample_rows.sample(n=size, random_state=seed).reset_index(drop=True)
+    if name == "quality_top":
+        scored = sample_rows.merge(quality_scores[["id", "quality_score"]], on="id", how="left", validate="one_to_one")
+        if size > len(scored):
+            raise ValueError(f"quality_top baseline: {size} rows asked for, the pool has {len(scored)}")
+        order = np.argsort(-np.nan_to_num(scored["quality_score"].to_numpy(dtype=np.float64), nan=-np.inf),
+                           kind="stable")
+        return scored.iloc[order[:size]].drop(columns=["quality_score"]).reset_index(drop=True)
+    if name == "seed_only":
+        from mods.kcenter import k_center_greedy
+
+        if embeddings is None:
+            raise ValueError("seed_only baseline needs the run's embeddings")
+        ids, vectors = embeddings
+        if size > len(ids):
+            raise ValueError(f"seed_only baseline: {size} rows asked for, {len(ids)} high-quality rows embedded")
+        picks = [ids[i] for i in k_center_greedy(vectors, size, seed=kcenter_seed).indices]
+        if len(set(picks)) < size:  # identical instructions: k-center stops short of size
+            raise ValueError(f"seed_only baseline: only {len(set(picks))} distinct rows to pick from, {size} needed")
+        return high_quality_rows.set_index("id").loc[picks].reset_index()
+    raise ValueError(f"unknown baseline {name!r}")
+
+
+# --- answers and reference likelihood -----------------------------------------------------------
+
+
+def reference_loglik(model: Any, tokenizer: Any, frame: pd.DataFrame, max_length: int, batch_size: int = 8) -> np.ndarray:
+    """Mean per-token log-likelihood of each row's ``reference`` answer after its prompt.
+
+    The tokens and the masking are the training loss's (``mods.training.encode_rows``: the
+    model's prompt format, the answer plus its end-of-answer token, prompt tokens not scored),
+    so it reads as "how likely this model finds the reference", minus the training loss."""
+    import torch
+
+    from mods.training import collate, encode_rows
+
+    rows = pd.DataFrame({"instruction": frame["instruction"].astype(str), "input": frame["input"].astype(str),
+                         "output": frame["reference"].astype(str)})
+    encoded = encode_rows(tokenizer, rows, max_length)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = np.full(len(encoded), np.nan)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            tensors = {k: v.to(device) for k, v in collate([encoded[i] for i in batch], pad).items()}
+            logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits.float()
+            labels = tensors["labels"][:, 1:]
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            scored = labels != -100
+            token_lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * scored
+            means = token_lp.sum(-1) / scored.sum(-1).clamp(min=1)
+            for row, value, count in zip(batch, means.cpu().numpy(), scored.sum(-1).cpu().numpy()):
+                out[row] = float(value) if count else np.nan
+    return out
+
+
+def answer_prompts(model_dir: Path, prompts: pd.DataFrame, generation: GenerationConfig, reference_max_length: int,
+                   progress: bool = True) -> pd.DataFrame:
+    """One model's answers to the prompts marked ``answer`` and its reference log-likelihood
+    on those marked ``reference_loglik``: columns test_set, prompt_id, answer, reference_loglik."""
+    from mods.generation import generate_answers
+    from mods.training import load_trained_model
+
+    model, tokenizer = load_trained_model(model_dir, device=generation.device)
+    answers = pd.Series([None] * len(prompts), dtype=object)
+    todo = prompts.index[prompts["answer"]].tolist()
+    if todo:
+        texts = generate_answers(model, tokenizer, prompts.loc[todo, "instruction"].tolist(),
+                                 prompts.loc[todo, "input"].tolist(), generation, progress=progress)
+        answers.loc[todo] = texts
+    loglik = np.full(len(prompts), np.nan)
+    with_reference = prompts.index[prompts["reference_loglik"]].tolist()
+    if with_reference:
+        loglik[with_reference] = reference_loglik(model, tokenizer, prompts.loc[with_reference], reference_max_length,
+                                                  batch_size=generation.batch_size)
+    return pd.DataFrame({"test_set": prompts["test_set"], "prompt_id": prompts["prompt_id"], "answer": answers,
+                         "reference_loglik": loglik})
+
+
+# --- judging ------------------------------------------------------------------------------------
+
+
+def judge_pairs(judge: JudgeKind, prompts: pd.DataFrame, answers_a: pd.DataFrame, answers_b: pd.DataFrame,
+                scorer: Any = None, llm: Any = None, tie_margin: float = 0.0, progress: bool = False) -> pd.DataFrame:
+    """A's outcome against B on every prompt both answered: test_set, prompt_id, outcome and
+    the judge's evidence (scores per order, or the two quality scores)."""
+    from mods.judges import llm_judge_pairs, scorer_judge_pairs
+
+    keys = ["test_set", "prompt_id"]
+    asked = prompts[prompts["answer"]][keys + ["instruction", "input"]]
+    both = (asked.merge(answers_a[keys + ["answer"]], on=keys, validate="one_to_one")
+            .merge(answers_b[keys + ["answer"]], on=keys, suffixes=("_a", "_b"), validate="one_to_one"))
+    if len(both) != len(asked):
+        raise ValueError(f"{len(asked) - len(both)} prompts lack an answer from one of the two models")
+    args = (both["instruction"].tolist(), both["input"].tolist(), both["answer_a"].astype(str).tolist(),
+            both["answer_b"].astype(str).tolist())
+    if judge == "scorer":
+        verdicts = scorer_judge_pairs(scorer, *args, tie_margin=tie_margin, progress=progress)
+    elif judge == "llm":
+        verdicts = llm_judge_pairs(llm, *args, progress=progress)
+    else:
+        raise ValueError(f"unknown judge {judge!r}")
+    return pd.concat([both[keys].reset_index(drop=True), verdicts.reset_index(drop=True)], axis=1)
+
+
+def human_pair_sample(path: str | Path, pairs: int | None, seed: int) -> pd.DataFrame:
+    """PandaLM's unanimous non-tie pairs with two non-empty answers (742), or a seeded draw of them."""
+    from mods.preferences import human_pairs
+
+    frame = human_pairs(path)
+    if pairs is not None and pairs < len(frame):
+        frame = frame.sample(n=pairs, random_state=seed).sort_index()
+    return frame.reset_index(drop=True)
+
+
+def wilson_interval(hits: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95% interval of a proportion (Wilson): how far a measured agreement could be off."""
+    if n <= 0:
+        return None
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def measure_judge(judge: JudgeKind, pairs: pd.DataFrame, scorer: Any = None, llm: Any = None,
+                  tie_margin: float = 0.0, progress: bool = False) -> tuple[dict[str, Any], pd.DataFrame]:
+    """A judge's agreement with people on human pairs (answer_a/answer_b, human 0 = a), overall
+    and on the length-matched pairs, beside the "longer answer wins" rule on the same pairs."""
+    from mods.judges import answer_length, judge_agreement, llm_judge_pairs, rule_outcomes, scorer_judge_pairs
+
+    args = (pairs["instruction"].tolist(), pairs["input"].tolist(), pairs["answer_a"].tolist(),
+            pairs["answer_b"].tolist())
+    if judge == "scorer":
+        verdicts = scorer_judge_pairs(scorer, *args, tie_margin=tie_margin, progress=progress)
+    else:
+        verdicts = llm_judge_pairs(llm, *args, progress=progress)
+    outcomes = verdicts["outcome"].tolist()
+    human = pairs["human"].astype(int).tolist()
+    result = judge_agreement(outcomes, human)
+    hits = result["agreement"] * result["pairs"]
+    result["ci95"] = wilson_interval(hits, result["pairs"])
+    matched = pairs["length_matched"].to_numpy(dtype=bool)
+    result["length_matched"] = judge_agreement([o for o, m in zip(outcomes, matched) if m],
+                                               [h for h, m in zip(human, matched) if m]) if matched.any() else None
+    longer = rule_outcomes([answer_length(a) for a in pairs["answer_a"]], [answer_length(b) for b in pairs["answer_b"]])
+    result["length_only"] = judge_agreement(longer, human)["agreement"]
+    detail = pd.concat([pairs[["pair_id", "human", "length_matched"]].reset_index(drop=True),
+                        verdicts.reset_index(drop=True)], axis=1)
+    return result, detail
+
+
+# --- the evaluation table, chart and report ---------------------------------------------------------
+
+
+def sign_test_p(wins: int, losses: int) -> float | None:
+    """Two-sided sign test of wins against losses (ties left out): the chance of a split at
+    least this uneven if neither model were better."""
+    n = wins + losses
+    if n == 0:
+        return None
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def comparison_rows(judge: str, a: str, b: str, judged: pd.DataFrame, test_sets: Sequence[str]) -> list[dict[str, Any]]:
+    """One {"a", "b", "test_set", "win", "tie", "lose", "judge"} per test set (in the given order)."""
+    rows = []
+    for name in test_sets:
+        counts = count_outcomes(judged.loc[judged["test_set"] == name, "outcome"].tolist())
+        rows.append({"a": a, "b": b, "test_set": name, **counts, "judge": judge})
+    return rows
+
+
+def trusted(agreement: Mapping[str, Any] | None, threshold: float) -> bool:
+    return bool(agreement) and agreement.get("agreement") is not None and agreement["agreement"] >= threshold
+
+
+def evaluation_document(judges: Sequence[str], comparisons: list[dict[str, Any]], reference: dict[str, dict[str, float]],
+                        agreement: Mapping[str, Mapping[str, Any]], threshold: float, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation.json content: the issue's shape, plus each judge's measured agreement."""
+    return {
+        "judge": judges[0] if len(judges) == 1 else list(judges),
+        "comparisons": comparisons,
+        "reference_loglik": reference,
+        "judge_agreement": {j: {**agreement[j], "trusted": trusted(agreement[j], threshold)} for j in judges},
+        "trust_threshold": threshold,
+        **meta,
+    }
+
+
+JUDGE_TITLES = {"scorer": "scorer judge", "llm": "pairwise LLM judge"}
+
+
+def plot_evaluation(document: Mapping[str, Any], path: Path) -> None:
+    """Win/tie/lose bars per test set, one panel per (judge, baseline): the paper's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comparisons = document["comparisons"]
+    panels = list(dict.fromkeys((c["judge"], c["b"]) for c in comparisons))
+    test_sets = list(dict.fromkeys(c["test_set"] for c in comparisons))
+    columns = len({b for _, b in panels}) or 1
+    judges = list(dict.fromkeys(j for j, _ in panels)) or [""]
+    fig, axes = plt.subplots(len(judges), columns, figsize=(4.2 * columns, 0.45 * len(test_sets) + 1.6 * len(judges) + 0.4),
+                             squeeze=False, dpi=90)
+    colours = {"win": "#4c9a6a", "tie": "#c9c9c9", "lose": "#c8553d"}
+    baselines = list(dict.fromkeys(b for _, b in panels))
+    for (judge, baseline) in panels:
+        ax = axes[judges.index(judge)][baselines.index(baseline)]
+        rows = [next(c for c in comparisons if c["judge"] == judge and c["b"] == baseline and c["test_set"] == t)
+                for t in test_sets]
+        left = np.zeros(len(rows))
+        for outcome in ("win", "tie", "lose"):
+            values = np.array([r[outcome] for r in rows], dtype=float)
+            bars = ax.barh(test_sets, values, left=left, color=colours[outcome], height=0.6,
+                           label={"win": "MoDS wins", "tie": "tie", "lose": f"{baseline} wins"}[outcome])
+            ax.bar_label(bars, labels=[str(int(v)) if v else "" for v in values], label_type="center", fontsize=8)
+            left += values
+        ax.invert_yaxis()
+        ax.set_xticks([])
+        agreement = document["judge_agreement"].get(judge, {})
+        value = agreement.get("agreement")
+        verdict = "" if agreement.get("trusted") else " — NOT TRUSTWORTHY"
+        ax.set_title(f"MoDS vs {baseline}\n{JUDGE_TITLES.get(judge, judge)}: "
+                     f"{'?' if value is None else f'{value:.0%}'} human agreement{verdict}", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right", ncols=3, bbox_to_anchor=(1.0, -0.25), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(value: float | None, spec: str = ".0%") -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def report_markdown(document: Mapping[str, Any]) -> str:
+    """report.md: judges' trust first, then the tables, then reference likelihoods."""
+    threshold = document["trust_threshold"]
+    judges = [document["judge"]] if isinstance(document["judge"], str) else document["judge"]
+    lines = ["# Does the selection help?", ""]
+    meta = document
+    lines += [
+        f"Pipeline run: export `{meta.get('export_key')}` in `{meta.get('workspace')}`. "
+        f"MoDS selection: **{meta.get('selection_size')} rows**; every baseline but `full` is trained on the same "
+        f"number of rows with the run's final-training settings ({meta.get('training')}).",
+        f"Prompts per test set: {meta.get('prompts_per_set') or 'all'} (seed {meta.get('seed')}); "
+        f"answers: {meta.get('generation')}.",
+        "",
+        "## How far the judges can be trusted",
+        "",
+        f"Each judge is measured on human votes (PandaLM, unanimous non-tie pairs; {meta.get('agreement_pairs_note')}). "
+        "A judge's tie counts as half a match, so a judge that cannot tell answers apart sits at 50%. "
+        f"Below {threshold:.0%} a judge's win/tie/lose tables are **not trustworthy**.",
+        "",
+        "| judge | pairs | agreement (95% interval) | length-matched pairs | ties | 'longer answer wins' on the same pairs | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for judge in judges:
+        a = document["judge_agreement"][judge]
+        ci = a.get("ci95")
+        lm = a.get("length_matched") or {}
+        lines.append(
+            f"| {JUDGE_TITLES.get(judge, judge)} ({a.get('model', '')}) | {a['pairs']} | {_fmt(a['agreement'])} "
+            f"({_fmt(ci[0]) if ci else '–'}–{_fmt(ci[1]) if ci else '–'}) | {_fmt(lm.get('agreement'))} "
+            f"({lm.get('pairs', 0)}) | {_fmt(a.get('tie_rate'))} | {_fmt(a.get('length_only'))} | "
+            f"{'usable' if a['trusted'] else '**not trustworthy**'} |"
+        )
+    untrusted = [j for j in judges if not document["judge_agreement"][j]["trusted"]]
+    if untrusted:
+        lines += ["", f"**No verdict from {', '.join(JUDGE_TITLES.get(j, j) for j in untrusted)}:** "
+                      f"{'its' if len(untrusted) == 1 else 'their'} agreement with people is below {threshold:.0%}, "
+                      "so the tables below do not say whether the selection helps. "
+                      "They are shown so the run can be checked, not as a result."]
+    for judge in judges:
+        rows = [c for c in document["comparisons"] if c["judge"] == judge]
+        a = document["judge_agreement"][judge]
+        lines += ["", f"## {JUDGE_TITLES.get(judge, judge).capitalize()} — human agreement {_fmt(a['agreement'])}"
+                      f"{'' if a['trusted'] else ' (not trustworthy)'}", "",
+                  "| MoDS vs | test set | win | tie | lose | winning score |", "|---|---|---|---|---|---|"]
+        for c in rows:
+            lines.append(f"| {c['b']} | {c['test_set']} | {c['win']} | {c['tie']} | {c['lose']} | "
+                         f"{_fmt(winning_score(c['win'], c['tie'], c['lose']), '.2f')} |")
+        for baseline in dict.fromkeys(c["b"] for c in rows):
+            w = sum(c["win"] for c in rows if c["b"] == baseline)
+            t = sum(c["tie"] for c in rows if c["b"] == baseline)
+            lo = sum(c["lose"] for c in rows if c["b"] == baseline)
+            p = sign_test_p(w, lo)
+            lines.append(f"| {baseline} | **all** | **{w}** | **{t}** | **{lo}** | "
+                         f"**{_fmt(winning_score(w, t, lo), '.2f')}** (sign test p = {_fmt(p, '.2f')}) |")
+    lines += ["", "Winning score = (win − lose) / prompts + 1 (Cherry LLM's summary): above 1, MoDS is ahead. "
+                  "The sign test asks how often a split of wins and losses this uneven happens when neither "
+                  "model is better; p above 0.05 is noise."]
+    reference = document.get("reference_loglik") or {}
+    if reference:
+        models = list(dict.fromkeys(m for per_set in reference.values() for m in per_set if m != "prompts"))
+        lines += ["", "## Reference answers: mean per-token log-likelihood (higher = closer to the reference)", "",
+                  "| test set | prompts | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+        for name, per_set in reference.items():
+            lines.append(f"| {name} | {per_set.get('prompts', '')} | "
+                         + " | ".join(_fmt(per_set.get(m), '.3f') for m in models) + " |")
+    lines += ["", f"Chart: `{EVALUATION_PNG}`; numbers: `{EVALUATION_JSON}` (both beside this report)."]
+    return "\n".join(lines) + "\n"
+
+
+def reference_table(answers: Mapping[str, pd.DataFrame], prompts: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """{test_set: {model: mean reference log-likelihood, "prompts": n}} over the sets with references."""
+    table: dict[str, dict[str, float]] = {}
+    marked = prompts[prompts["reference_loglik"]]
+    for name in dict.fromkeys(marked["test_set"]):
+        ids = set(marked.loc[marked["test_set"] == name, "prompt_id"])
+        entry: dict[str, Any] = {"prompts": len(ids)}
+        for model, frame in answers.items():
+            values = frame.loc[(frame["test_set"] == name) & frame["prompt_id"].isin(ids), "reference_loglik"]
+            entry[model] = float(np.nanmean(values)) if values.notna().any() else None
+        table[name] = entry
+    return table
+
+
+def write_outputs(out: Path, document: dict[str, Any]) -> None:
+    """evaluation.json, evaluation.png and report.md into ``out``."""
+    atomic_write_text(out / EVALUATION_JSON, json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False,
+                                                        default=str) + "\n")
+    plot_evaluation(document, out / EVALUATION_PNG)
+    atomic_write_text(out / REPORT_MD, report_markdown(document))
+
+
+# --- the stages (declared in the project's registry; tasks/evaluate*.py wrap them) ---------------
+
+
+# The run's artifacts a baseline is built from.
+BASELINE_INPUTS = ("sample", "quality", "high_quality", "embed", "seed_select", "augment_select")
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class PromptsParams(_Params):
+    test_sets_dir: str
+    test_sets: list[str]
+    test_files: list[str] = []
+    prompts_per_set: int | None = None
+    reference_rows_per_set: int | None = None
+    seed: int = 0
+
+
+class BaselineParams(_Params):
+    baseline: Baseline
+    seed: int = 0
+    kcenter_seed: int = Field(0, description="The run's seed-selection seed (seed_only starts where the run did).")
+    base_model: str
+    train: TrainConfig = TrainConfig()
+
+
+class AnswersParams(_Params):
+    generation: GenerationConfig = GenerationConfig()
+    reference_max_length: int = 512
+
+
+class JudgeParams(_Params):
+    judge: JudgeKind
+    scorer: ScorerConfig | None = None
+    llm: LLMJudgeConfig | None = None
+    tie_margin: float = 0.0
+
+
+class AgreementParams(JudgeParams):
+    preferences: str
+    pairs: int | None = None
+    seed: int = 0
+
+
+class ReportParams(_Params):
+    artifacts: dict[str, Artifact] = Field(description="label -> artifact: prompts, answers/<model>, "
+                                           "judge/<judge>/<baseline>, agreement/<judge>")
+    judges: list[JudgeKind]
+    baselines: list[Baseline]
+    trust_threshold: float = 0.6
+    meta: dict[str, Any] = {}
+
+
+def prompt_files(params: PromptsParams) -> list[tuple[str, Path, Path | None]]:
+    from mods.testsets import find_test_sets
+
+    return find_test_sets(params.test_sets_dir, params.test_sets, params.test_files)
+
+
+def _prompts_key(params: PromptsParams) -> list[str]:
+    files = [p for _, path, ref in prompt_files(params) for p in (path, ref) if p is not None]
+    # Test files are small: key them by their bytes.
+    return ["testsets:" + fingerprint_files(files, hash_content=True)]
+
+
+def prompts_body(ctx: StageContext, params: PromptsParams) -> dict[str, Any]:
+    from mods.testsets import read_test_set, sample_prompts
+
+    parts, skipped, available = [], {}, {}
+    for name, path, references in prompt_files(params):
+        read = read_test_set(path, name, references)
+        parts.append(read.rows)
+        available[name] = len(read.rows)
+        if read.skipped:
+            skipped[name] = read.skipped
+    prompts = sample_prompts(pd.concat(parts, ignore_index=True), params.prompts_per_set,
+                             params.reference_rows_per_set, params.seed)
+    write_parquet(prompts, ctx.out / "prompts.parquet")
+    return {"available": available, "answered": prompts.groupby("test_set", sort=False)["answer"].sum().to_dict(),
+            "with_reference": prompts.groupby("test_set", sort=False)["reference_loglik"].sum().to_dict(),
+            "skipped_records": skipped}
+
+
+declare(Stage(StageSpec("evaluate_prompts", "1", "cpu", "Read the test sets; seeded draw of the prompts to answer."),
+              (), PromptsParams, body=prompts_body, extra_key=_prompts_key))
+
+
+def baseline_body(ctx: StageContext, params: BaselineParams) -> dict[str, Any]:
+    from mods.embedding import read_embeddings
+    from mods.training import train_model
+
+    selection = selection_ids(read_table(ctx.inputs["seed_select"], "selected.parquet"),
+                              read_table(ctx.inputs["augment_select"], "selected.parquet"))
+    embeddings = read_embeddings(ctx.inputs["embed"] / "embeddings.parquet") if params.baseline == "seed_only" else None
+    rows = baseline_rows(params.baseline, len(selection), read_table(ctx.inputs["sample"], "rows.parquet"),
+                         read_table(ctx.inputs["quality"], "scores.parquet"),
+                         read_table(ctx.inputs["high_quality"], "rows.parquet"), embeddings, params.seed,
+                         params.kcenter_seed)
+    write_parquet(rows, ctx.out / "selected.parquet")
+    summary = train_model(params.base_model, rows, params.train, ctx.out / "model", progress=ctx.progress,
+                          checkpoint_dir=ctx.scratch / "checkpoints")
+    overlap = len(set(rows["id"].astype(str)) & set(selection))
+    return {"baseline": params.baseline, "rows": len(rows), "selection_size": len(selection),
+            "overlap_with_selection": overlap, "training": summary}
+
+
+declare(Stage(StageSpec("evaluate_baseline", "1", "gpu", "A baseline of the selection's size (random, quality_top, "
+                        "seed_only, full), trained like the final model."),
+              BASELINE_INPUTS, BaselineParams, body=baseline_body,
+              extra_key=lambda params: [model_fingerprint(params.base_model)]))
+
+
+def answers_body(ctx: StageContext, params: AnswersParams) -> dict[str, Any]:
+    prompts = read_table(ctx.inputs["prompts"], "prompts.parquet")
+    frame = answer_prompts(ctx.inputs["model"] / "model", prompts, params.generation, params.reference_max_length,
+                           progress=ctx.progress)
+    write_parquet(frame, ctx.out / "answers.parquet")
+    answered = frame["answer"].notna()
+    return {"answers": int(answered.sum()), "empty_answers": int((frame.loc[answered, "answer"].str.len() == 0).sum()),
+            "reference_rows": int(frame["reference_loglik"].notna().sum())}
+
+
+declare(Stage(StageSpec("evaluate_answers", "1", "gpu", "One model answers every test prompt; reference log-likelihoods."),
+              ("prompts", "model"), AnswersParams, body=answers_body))
+
+
+def judge_identity(params: JudgeParams) -> list[str]:
+    """What a judge's verdicts depend on beyond its parameters: its model's files and the
+    scorer's definition version, or the judging prompt."""
+    from mods.judges import JUDGE_CRITERIA, JUDGE_SYSTEM, JUDGE_TEMPLATE
+    from mods.scoring import SCORER_VERSION
+
+    if params.judge == "scorer":
+        model = params.scorer.model if params.scorer else None
+        return [model_fingerprint(model), f"scorer:{SCORER_VERSION}"]
+    model = params.llm.model if params.llm else None
+    return [model_fingerprint(model), "prompt:" + hash_json([JUDGE_SYSTEM, JUDGE_TEMPLATE, JUDGE_CRITERIA])]
+
+
+def build_judge(params: JudgeParams) -> dict[str, Any]:
+    """The loaded judge, as keyword arguments for ``judge_pairs`` / ``measure_judge``."""
+    if params.judge == "scorer":
+        from mods.scoring import build_scorer
+
+        if params.scorer is None:
+            raise ValueError("the scorer judge needs a scorer configuration")
+        return {"scorer": build_scorer(params.scorer), "tie_margin": params.tie_margin}
+    from mods.judges import LLMJudge
+
+    return {"llm": LLMJudge(params.llm or LLMJudgeConfig())}
+
+
+def judge_label(params: JudgeParams) -> str:
+    if params.judge == "scorer":
+        scorer = params.scorer or ScorerConfig()
+        return f"{scorer.kind}: {scorer.model or 'smollm2-135m-instruct'}"
+    return (params.llm or LLMJudgeConfig()).model
+
+
+def judge_body(ctx: StageContext, params: JudgeParams) -> dict[str, Any]:
+    prompts = read_table(ctx.inputs["prompts"], "prompts.parquet")
+    judged = judge_pairs(params.judge, prompts, read_table(ctx.inputs["answers_a"], "answers.parquet"),
+                         read_table(ctx.inputs["answers_b"], "answers.parquet"), progress=ctx.progress,
+                         **build_judge(params))
+    write_parquet(judged, ctx.out / "judgments.parquet")
+    return {"judge": params.judge, "pairs": len(judged), **count_outcomes(judged["outcome"].tolist())}
+
+
+declare(Stage(StageSpec("evaluate_judge", "1", "gpu", "A judge compares two models' answers on every prompt."),
+              ("prompts", "answers_a", "answers_b"), JudgeParams, body=judge_body, extra_key=judge_identity))
+
+
+def agreement_body(ctx: StageContext, params: AgreementParams) -> dict[str, Any]:
+    pairs = human_pair_sample(params.preferences, params.pairs, params.seed)
+    result, detail = measure_judge(params.judge, pairs, progress=ctx.progress, **build_judge(params))
+    result = {"judge": params.judge, "model": judge_label(params), "of_pairs": len(human_pair_sample(params.preferences, None, 0)),
+              **result}
+    write_parquet(detail, ctx.out / "pairs.parquet")
+    (ctx.out / "agreement.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _agreement_key(params: AgreementParams) -> list[str]:
+    return [*judge_identity(params), "preferences:" + fingerprint_files([Path(params.preferences)], hash_content=True)]
+
+
+declare(Stage(StageSpec("evaluate_agreement", "1", "gpu", "A judge measured against human votes (PandaLM pairs)."),
+              (), AgreementParams, body=agreement_body, extra_key=_agreement_key))
+
+
+def report_body(ctx: StageContext, params: ReportParams) -> dict[str, Any]:
+    folders = {}
+    for label, artifact in params.artifacts.items():
+        problem = artifact_problem(artifact.dir(ctx.workspace))
+        if problem is not None:
+            raise ArtifactError(f"the evaluation report needs {label} ({artifact.stage} {artifact.key}): {problem}")
+        folders[label] = artifact.dir(ctx.workspace)
+    prompts = read_table(folders["prompts"], "prompts.parquet")
+    models = [MODS, *params.baselines]
+    answers = {m: read_table(folders[f"answers/{m}"], "answers.parquet") for m in models}
+    test_sets = list(dict.fromkeys(prompts.loc[prompts["answer"], "test_set"]))
+    comparisons = []
+    for judge in params.judges:
+        for baseline in params.baselines:
+            judged = read_table(folders[f"judge/{judge}/{baseline}"], "judgments.parquet")
+            comparisons += comparison_rows(judge, MODS, baseline, judged, test_sets)
+    agreement = {j: json.loads((folders[f"agreement/{j}"] / "agreement.json").read_text()) for j in params.judges}
+    document = evaluation_document(params.judges, comparisons, reference_table(answers, prompts), agreement,
+                                   params.trust_threshold, params.meta)
+    write_outputs(ctx.out, document)
+    return {"comparisons": len(comparisons),
+            "trusted_judges": [j for j in params.judges if document["judge_agreement"][j]["trusted"]]}
+
+
+declare(Stage(StageSpec("evaluate", "1", "cpu", "evaluation.json, the win/tie/lose chart and report.md."),
+              (), ReportParams, body=report_body))
+
+
+# --- what the flow needs from the run being evaluated --------------------------------------------
+
+
+def run_settings(workspace_root: Path, run: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    """The run's final-training settings, quality scorer, seed-selection seed and selection size,
+    read from its artifacts' completion markers."""
+    def folder(stage: str) -> Path:
+        return Path(workspace_root) / "artifacts" / stage / run[stage]["key"]
+
+    training = read_marker(folder("final_train"))["params"]
+    scorer = read_marker(folder("quality"))["params"]
+    scorer = scorer.get("scorer", scorer)  # {"scorer": {...}} (typed stage parameters) or the scorer itself
+    seed_params = read_marker(folder("seed_select"))["params"]
+    size = len(selection_ids(read_table(folder("seed_select"), "selected.parquet"),
+                             read_table(folder("augment_select"), "selected.parquet")))
+    return {"base_model": training["base_model"], "train": TrainConfig.model_validate(training["train"]),
+            "scorer": ScorerConfig.model_validate(scorer), "kcenter_seed": int(seed_params.get("seed", 0)),
+            "selection_size": size}
