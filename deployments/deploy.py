@@ -101,6 +101,15 @@ DEPLOYMENTS = [
         pool="mods-gpu",
         description="One MoDS stage (or one shard of a row-wise stage) on a GPU worker (called by mods-pipeline).",
     ),
+    DeploymentSpec(
+        flow_name="mods-evaluate",
+        name="evaluate",
+        entrypoint="flows/evaluate.py:mods_evaluate",
+        pool="mods-cpu",
+        description="Does the selection help? MoDS vs same-size baselines on the paper's test sets (GPU stages to mods-gpu).",
+        parameters={"config": {"progress": False}},
+        env={GPU_DEPLOYMENT_ENV: GPU_STAGE_DEPLOYMENT},
+    ),
 ]
 
 
