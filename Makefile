@@ -1,4 +1,5 @@
 # make run   — set up (.venv, project, offline models) and run the pipeline on the embedded demo
+# make eval  — after make run: MoDS vs same-size baselines on the paper's test sets
 # make test  — set up and run the test suite (what .ci/run calls)
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -18,7 +19,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models run test test-fast bench clean-work
+.PHONY: setup models run eval test test-fast bench clean-work
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,10 @@ models: setup
 
 run: models
 	$(BIN)/mods run $(ARGS)
+
+# Does the selection help? Evaluates the last `make run` (same workspace) against baselines.
+eval: models
+	$(BIN)/mods evaluate $(ARGS)
 
 test: models
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -99,9 +99,10 @@ class EvaluationConfig(BaseModel):
         "'full' = every high-quality row (not the same size).",
     )
     judge: list[JudgeKind] = Field(
-        default=["scorer", "llm"],
+        default=["scorer"],
         description="Judges: 'scorer' (the run's quality scorer scores both answers) and/or 'llm' (a local causal LM "
-        "reads the paper's pairwise judging prompt, both orders).",
+        "reads the paper's pairwise judging prompt, both orders; ~2 s per judged pair on 2 CPU cores with the "
+        "packaged 135M model, so not in the CPU default).",
     )
     tie_margin: float = Field(
         0.1, ge=0, description="Scorer judge: a score gap below this is a tie (likelihood scores are in nats)."
