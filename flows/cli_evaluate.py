@@ -105,6 +105,13 @@ def handle_evaluate(args: argparse.Namespace) -> int:
     except EvaluateUsageError as error:
         print(f"mods evaluate: {error}", file=sys.stderr)
         return 2
+    from mods.evaluation import latest_export
+
+    try:  # before the flow starts: a missing run is the user's, one line, no Prefect traceback
+        latest_export(Path(workspace).expanduser().resolve(), config.export_key)
+    except ValueError as error:
+        print(f"mods evaluate: {error}", file=sys.stderr)
+        return 2
     from flows.evaluate import mods_evaluate
 
     result = mods_evaluate(workspace=workspace, config=config)

@@ -90,7 +90,7 @@ def mods_evaluate(workspace: str = "work", config: EvaluationConfig = Evaluation
     answers = {name: runner("evaluate_answers", answer_params, {"prompts": prompts, "model": model})
                for name, model in models.items()}
 
-    judges = {kind: JudgeParams(judge=kind, scorer=config.scorer or settings["scorer"] if kind == "scorer" else None,
+    judges = {kind: JudgeParams(judge=kind, scorer=(config.scorer or settings["scorer"]) if kind == "scorer" else None,
                                 llm=config.llm_judge if kind == "llm" else None,
                                 tie_margin=config.tie_margin if kind == "scorer" else 0.0)
               for kind in config.judge}
