@@ -7,7 +7,12 @@ Baselines, measured here in the same process on the same rows:
   ours: bf16 autocast where the CPU has it, length-grouped batches.
 - generation: the LoRA adapter left unmerged, one prompt at a time (the paper's
   batch size 1); ours: adapter merged into the weights, length-sorted batches.
+- processes: the same LoRA training in 2 processes (DDP over gloo, 1 thread each,
+  accumulation 1) against 1 process (2 threads, accumulation 2): the same global batch,
+  so the same updates. Tokens/s of the training loop, and the wall time of the whole
+  ``train_model`` call (which for 2 processes includes starting them).
 Prints tokens/s for each and the ratio. Rows: real ShareGPT rows (the demo pool).
+``--parts`` picks what to run (default: all three).
 Both sides get an untimed warm-up first (the first batches on this CPU are slow), then
 they alternate ``--repeats`` times and the best time of each counts, so neither side
 pays for warm-up or for a burst of load on the shared cores.
@@ -57,6 +62,74 @@ def time_training(rows: pd.DataFrame, out: Path, precision: str, grouped: bool) 
     return summary["seconds"], summary["tokens"]
 
 
+def time_processes(rows: pd.DataFrame, out: Path, processes: int) -> tuple[float, float, int]:
+    """(training-loop seconds, whole-call seconds, tokens) for one run at global batch 8."""
+    config = TrainConfig(epochs=1, batch_size=4, gradient_accumulation=2 // processes, processes=processes,
+                         max_length=256, device="cpu")
+    started = time.perf_counter()
+    summary = train_model("smollm2-135m-instruct", rows, config, out, progress=False)
+    return summary["seconds"], time.perf_counter() - started, summary["tokens"]
+
+
+def compare_processes(rows: pd.DataFrame, tmp: Path, repeats: int) -> None:
+    time_processes(rows.head(8), tmp / "warm-p", 1)  # warm-up, untimed
+    one, two = [], []
+    for _ in range(repeats):
+        one.append(time_processes(rows, tmp / "p1", 1))
+        two.append(time_processes(rows, tmp / "p2", 2))
+    one_s, one_wall, one_tok = min(one)
+    two_s, two_wall, two_tok = min(two)
+    one_wall, two_wall = min(w for _, w, _ in one), min(w for _, w, _ in two)
+    print(f"processes  1 process, 2 threads, acc 2 : {one_tok / one_s:7.1f} tok/s ({one_tok} tokens, loop {one_s:.1f} s, call {one_wall:.1f} s)")
+    print(f"processes  2 processes, 1 thread each  : {two_tok / two_s:7.1f} tok/s ({two_tok} tokens, loop {two_s:.1f} s, call {two_wall:.1f} s)")
+    print(f"processes  2 against 1 (tokens/s, loop): {(two_tok / two_s) / (one_tok / one_s):.2f}x; whole call: {one_wall / two_wall:.2f}x")
+
+
+def fsdp_memory_estimate(gpus: int = 8, micro_batch: int = 16, seq: int = 512) -> None:
+    """Per-GPU memory of full fine-tuning Llama-2-7B with FSDP full sharding, bf16 mixed
+    precision, AdamW: an estimate from the parameter count (the architecture is built on
+    the meta device, nothing is downloaded) and the shapes; not a measurement."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    h, i, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    tokens = micro_batch * seq
+    gb = 1e9
+    # fp32 master weights, fp32 gradients, AdamW's two fp32 moments: 16 bytes per parameter, sharded
+    states = 16 * params / gpus
+    # bf16 copies of the layer being computed and the one prefetched, plus the
+    # unsharded embedding and output layer (the tail unit stays gathered)
+    gathered = 2 * layer * 2 + 2 * (2 * v * h)
+    grads_in_flight = 2 * layer * 2  # bf16 gradients of two layers before their reduce-scatter
+    # tensors a decoder layer keeps for its backward, per token: bf16 q, k, v (+ roped q, k),
+    # attention output, o_proj input, two norm outputs (2 bytes each); fp32 norm inputs
+    # (4 bytes, RMSNorm upcasts); gate, up, act(gate), act(gate)*up in bf16
+    per_token_layer = 2 * (3 * h + 2 * h + h + h + 2 * h) + 4 * (2 * h) + 2 * (4 * i)
+    activations = per_token_layer * layers * tokens
+    checkpointed = 2 * h * layers * tokens + per_token_layer * tokens  # layer inputs + one layer recomputed
+    logits = tokens * v * (2 + 4 + 4)  # bf16 logits, fp32 upcast for the loss, fp32 gradient
+    print(f"Llama-2-7B: {params:,} parameters ({layer:,} per decoder layer); {gpus} GPUs, "
+          f"micro-batch {micro_batch} x {seq} tokens per GPU")
+    rows = [
+        ("weights + gradients + AdamW (fp32, sharded 1/%d)" % gpus, states, states),
+        ("gathered bf16 layers (2) + embedding + output layer", gathered, gathered),
+        ("unsharded bf16 gradients in flight (2 layers)", grads_in_flight, grads_in_flight),
+        ("activations kept for backward", activations, checkpointed),
+        ("logits and loss (bf16 + fp32)", logits, logits),
+    ]
+    print(f"{'':56s} {'no checkpointing':>17s} {'checkpointing':>14s}")
+    for name, plain, recompute in rows:
+        print(f"{name:56s} {plain / gb:14.1f} GB {recompute / gb:11.1f} GB")
+    print(f"{'total (before CUDA context, allocator slack ~2-4 GB)':56s} {sum(r[1] for r in rows) / gb:14.1f} GB "
+          f"{sum(r[2] for r in rows) / gb:11.1f} GB")
+    print(f"without sharding, one GPU would hold {16 * params / gb:.0f} GB of weights, gradients and AdamW states")
+
+
 def time_generation(model, tokenizer, rows: pd.DataFrame, batch_size: int, new_tokens: int) -> tuple[float, int]:
     config = GenerationConfig(max_new_tokens=new_tokens, batch_size=batch_size, device="cpu")
     started = time.perf_counter()
@@ -72,7 +145,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=24, help="prompts to answer")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--parts", default="train,generate,processes",
+                        help="comma-separated: train, generate, processes, memory (the 7B FSDP estimate)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if "memory" in parts:
+        fsdp_memory_estimate()
+        if parts == {"memory"}:
+            return
     torch.manual_seed(0)
     resolve_model_path("smollm2-135m-instruct")  # prepare outside the timings
     rows = demo_rows(args.rows + args.prompts)
@@ -80,6 +160,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 CPU: {training.cpu_supports_bf16()}")
 
     with tempfile.TemporaryDirectory() as tmp:
+        if "processes" in parts:
+            compare_processes(train_rows, Path(tmp), args.repeats)
+        if not parts & {"train", "generate"}:
+            return
         time_training(train_rows.head(4), Path(tmp) / "warm", "auto", grouped=True)  # warm-up, untimed
         base, ours = [], []
         for _ in range(args.repeats):
@@ -87,9 +171,12 @@ def main() -> None:
             ours.append(time_training(train_rows, Path(tmp) / "ours", "auto", grouped=True))
         base_s, base_tok = min(base)
         ours_s, ours_tok = min(ours)
-        print(f"training   baseline fp32, input order : {base_tok / base_s:7.1f} tok/s ({base_tok} tokens, best {base_s:.1f} s)")
-        print(f"training   ours bf16-auto, grouped    : {ours_tok / ours_s:7.1f} tok/s ({ours_tok} tokens, best {ours_s:.1f} s)")
-        print(f"training   speed-up (tokens/s)        : {(ours_tok / ours_s) / (base_tok / base_s):.2f}x")
+        if "train" in parts:
+            print(f"training   baseline fp32, input order : {base_tok / base_s:7.1f} tok/s ({base_tok} tokens, best {base_s:.1f} s)")
+            print(f"training   ours bf16-auto, grouped    : {ours_tok / ours_s:7.1f} tok/s ({ours_tok} tokens, best {ours_s:.1f} s)")
+            print(f"training   speed-up (tokens/s)        : {(ours_tok / ours_s) / (base_tok / base_s):.2f}x")
+        if "generate" not in parts:
+            return
 
         from peft import PeftModel
 

@@ -371,9 +371,11 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
             reshard_after_forward=True,  # full sharding: parameters gathered only while a layer runs
             state_dict_type="SHARDED_STATE_DICT",  # checkpoints: each process writes its own shard
             activation_checkpointing=config.gradient_checkpointing,
-            cpu_ram_efficient_loading=True,  # only rank 0 reads the weights from disk
+            # Every process reads the fp32 weights, then keeps only its shard: transformers
+            # 5.24 still reads the whole file on every rank even with accelerate's
+            # cpu_ram_efficient_loading (checked here), so it would only add a broadcast.
+            cpu_ram_efficient_loading=False,
         )
-        os.environ["ACCELERATE_USE_FSDP"] = "true"  # transformers then loads on rank 0 only
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed_precision,
