@@ -468,6 +468,8 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
     accelerator.wait_for_everyone()
 
     in_process = job.work_dir is None
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)  # this run's peak, not the process's
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=not (job.progress and in_process and main))
     log_every = max(1, total_steps // 20)
