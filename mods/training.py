@@ -438,6 +438,7 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
         optimizer, lr_lambda(config.lr_scheduler, int(config.warmup_ratio * total_steps), total_steps)
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
     def keep_trainable(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
         # LoRA checkpoints hold the adapter, not a copy of the frozen base model. The
         # names come from the models save_state hands over (not wrapped in DDP).
