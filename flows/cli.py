@@ -195,6 +195,10 @@ class _QuietFailures(logging.Filter):
         return not (record.levelno >= logging.ERROR and record.name.startswith("prefect"))
 
 
+# Detail that belongs in the log file only (not the console, not the Prefect API).
+DETAIL = logging.getLogger("mods-run-detail")
+
+
 def _route_logs(log_file: Path) -> None:
     """All detail to ``log_file``; the console keeps one line per record and no tracebacks."""
     import prefect  # noqa: F401 - configures logging first
@@ -207,6 +211,8 @@ def _route_logs(log_file: Path) -> None:
         handler.setFormatter(_OneLineConsole(handler.formatter))
         handler.addFilter(_QuietFailures())
     root.handlers.insert(0, file_handler)
+    DETAIL.addHandler(file_handler)
+    DETAIL.propagate = False
     logging.getLogger("mods").setLevel(logging.INFO)
     for name in ("prefect", "mods"):
         logger = logging.getLogger(name)
@@ -214,9 +220,22 @@ def _route_logs(log_file: Path) -> None:
             logger.addHandler(file_handler)
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before it starts: Linux sends it SIGTERM when the `mods run`
+    that started it dies, even by kill -9, so no orphaned server is left behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the atexit handler still stops it on a normal exit
+        pass
+
+
 def _start_local_server():
     """A temporary Prefect server in its own session, so that Ctrl-C in a terminal (SIGINT
-    to the whole foreground group) stops the run, not the server the run reports to."""
+    to the whole foreground group) stops the run, not the server the run reports to; it
+    ends with its parent whatever way the parent ends."""
     import subprocess
     from unittest import mock
 
@@ -227,11 +246,29 @@ def _start_local_server():
 
     def popen(*popen_args: Any, **kwargs: Any):
         kwargs.setdefault("start_new_session", True)
+        kwargs.setdefault("preexec_fn", _die_with_parent)
         return real_popen(*popen_args, **kwargs)
 
     with mock.patch.object(server_module.subprocess, "Popen", popen):
         server.start()
     return server
+
+
+def _drain_prefect_clients() -> None:
+    """Send the logs and events still queued, then stop sending: after the temporary server
+    is gone, nothing may try to reach it (each try prints an error at exit)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler, APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=5)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        if isinstance(logger, logging.Logger):
+            for handler in [h for h in logger.handlers if isinstance(h, APILogHandler)]:
+                logger.removeHandler(handler)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -256,7 +293,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             try:
                 server = _start_local_server()
             except Exception as error:  # noqa: BLE001
-                logging.getLogger("mods").exception("temporary Prefect server failed")
+                DETAIL.exception("temporary Prefect server failed")
                 raise UserError(f"could not start a temporary Prefect server ({first_line(error)}); details: {log_file}") from None
         settings = {PREFECT_API_URL: server.api_url} if server else {}
         with temporary_settings(settings):
@@ -265,10 +302,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 raise
             except Exception as error:  # noqa: BLE001 - every failure ends in one line
-                logging.getLogger("mods").error("run failed", exc_info=error)
+                DETAIL.error("run failed", exc_info=error)
                 raise UserError(f"{first_line(error)} (details: {log_file})") from None
     finally:
         if server is not None:
+            _drain_prefect_clients()
             server.stop()
     print("\nMoDS selection finished.")
     print(f"  selected data (Alpaca JSONL): {result['selected_jsonl']}")

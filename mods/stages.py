@@ -306,9 +306,10 @@ def run_shard(workspace: Workspace | str | Path, name: str, params: Any, inputs:
 
 
 def _rowwise_body(stage_: Stage, typed: BaseModel, artifacts: Mapping[str, Artifact],
-                  counts: Mapping[str, int] | None) -> Body:
+                  counts: Mapping[str, int] | None, rows_per_shard: int | None) -> Body:
     """The artifact of a row-wise stage: compute what the store still lacks (in this
-    process, shard by shard), then assemble from the store."""
+    process, shard by shard, each shard's part written as it finishes), then assemble
+    from the store."""
     rowwise = stage_.rowwise
     assert rowwise is not None
 
@@ -318,10 +319,16 @@ def _rowwise_body(stage_: Stage, typed: BaseModel, artifacts: Mapping[str, Artif
         unique = work.drop_duplicates(ROW_KEY)
         known = store.known_keys()
         missing = unique[~unique[ROW_KEY].isin(known)]
-        shards = cut_shards(missing, rowwise.block_rows(typed), max(1, len(missing)))
+        shards = cut_shards(missing, rowwise.block_rows(typed), rows_per_shard or max(1, len(missing)))
         for shard in shards:
             _compute_shard(stage_, store, typed, unique, shard, rowwise.resources(ctx.inputs))
-        results = store.read(work[ROW_KEY].tolist()).drop(columns=[ROW_KEY])
+        if work.empty:
+            # Nothing to do (e.g. every high-quality row is in the seed set): the batch
+            # function on no rows gives the result columns, and the artifact is empty.
+            state = _setup(stage_, store, typed, rowwise.resources(ctx.inputs))
+            results = compute_block(rowwise, state, work, typed, stage_.spec.name)
+        else:
+            results = store.read(work[ROW_KEY].tolist()).drop(columns=[ROW_KEY])
         summary = rowwise.assemble(ctx, typed, work, results)
         computed = counts["missing"] if counts else len(missing)
         return {**summary, "rows_computed": computed, "rows_reused": len(unique) - computed,
@@ -334,18 +341,20 @@ def _rowwise_body(stage_: Stage, typed: BaseModel, artifacts: Mapping[str, Artif
 
 
 def execute(workspace: str | Path | Workspace, name: str, params: Any, inputs: Mapping[str, Any],
-            progress: bool = True, verify: bool = False, plan: RowPlan | None = None) -> StageOutcome:
+            progress: bool = True, verify: bool = False, plan: RowPlan | None = None,
+            rows_per_shard: int | None = None) -> StageOutcome:
     """Run one stage unless its artifact exists; the single entry point for every runner.
 
-    For a row-wise stage the rows its store lacks are computed here, unless the caller
-    already ran the shards of ``plan`` (the flow does, to spread them over workers)."""
+    For a row-wise stage the rows its store lacks are computed here, in shards of
+    ``rows_per_shard`` (one shard when None), unless the caller already ran the shards
+    of ``plan`` (the flow does, to spread them over workers)."""
     stage_ = get_stage(name)
     typed = parse_params(name, params)
     artifacts = _artifacts(stage_, inputs)
     key_values, key_inputs = _key_parts(stage_, typed, artifacts)
     if stage_.rowwise is not None:
         counts = {"missing": plan.missing, "shards": plan.shards} if plan else None
-        body = _rowwise_body(stage_, typed, artifacts, counts)
+        body = _rowwise_body(stage_, typed, artifacts, counts, rows_per_shard)
     else:
         body = stage_.body  # type: ignore[assignment]
     return run_stage(

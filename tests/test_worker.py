@@ -1,10 +1,12 @@
-"""GPU stages on a dedicated worker, for real: the declared deployments on the test server,
-a `prefect worker` process polling the `mods-gpu` pool, and the pipeline sending its GPU
-stages there (tiny models; this machine has no GPU, the routing is what is tested)."""
+"""GPU work on dedicated workers, for real: the declared deployments on the test server, two
+`prefect worker` processes polling the `mods-gpu` pool, and the pipeline sending them its
+shards and training stages (tiny models; this machine has no GPU, the routing is what is
+tested). Routing comes from the environment the deployment sets, not from the config."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,51 +14,91 @@ from pathlib import Path
 
 import pytest
 
-from test_flow import ALL, task_states, tiny_config
+from test_flow import ALL, artifact_bytes, stage_states, tiny_config
 
 pytestmark = pytest.mark.flow
 
+ROOT = Path(__file__).resolve().parents[1]
 GPU_STAGES = ["quality", "embed", "seed_train", "answers", "necessity", "final_train"]
 
 
-def test_gpu_stages_run_as_flow_runs_on_the_gpu_pool_worker(prefect_harness, tiny_llama_dir: Path, tmp_path: Path):
+def start_worker(tmp_path: Path, name: str, api_url: str) -> tuple[subprocess.Popen, Path]:
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO",
+           "PREFECT_HOME": str(tmp_path / f"home-{name}")}
+    log = tmp_path / f"worker-{name}.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "mods-gpu", "--type", "process",
+         "--limit", "1", "--name", name],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+    )
+    return worker, log
+
+
+def test_shards_fan_out_over_two_gpu_workers(prefect_harness, tiny_llama_dir: Path, tmp_path: Path, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
     from prefect.settings import PREFECT_API_URL
 
     from deployments.deploy import GPU_STAGE_DEPLOYMENT, deploy_all
-    from flows.mods_pipeline import mods_pipeline
+    from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, mods_pipeline
 
-    deploy_all()
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_HOME": str(tmp_path / "worker-home")}
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "mods-gpu", "--type", "process"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
-    )
+    deploy_all(gpus=2)  # the pool runs as many GPU flow runs at once as it has GPUs
+    workers = [start_worker(tmp_path, name, PREFECT_API_URL.value()) for name in ("gpu-a", "gpu-b")]
     try:
-        config = tiny_config(tmp_path, tiny_llama_dir).model_copy(deep=True)
-        config.execution.gpu_deployment = GPU_STAGE_DEPLOYMENT
+        monkeypatch.setenv(GPU_DEPLOYMENT_ENV, GPU_STAGE_DEPLOYMENT)
+        config = tiny_config(tmp_path, tiny_llama_dir, rows_per_shard=8)
         started = time.time()
         state = mods_pipeline(config=config, return_state=True)
-        assert state.is_completed(), f"{state.message}\nworker log:\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
-        states = task_states(state)
-        # CPU stages ran in the pipeline's process; GPU stages did not (the other six
-        # task runs are run_deployment's placeholders linking to the subflow runs).
-        assert {name for name in states if name in ALL} == set(ALL) - set(GPU_STAGES)
-        assert len(states) == len(ALL)
+        logs = {name: log.read_text() for (_, log), name in zip(workers, ("gpu-a", "gpu-b"))}
+        assert state.is_completed(), f"{state.message}\n{logs['gpu-a'][-2000:]}\n{logs['gpu-b'][-2000:]}"
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(),
                 deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["gpu"])),
             )
-        recent = [r for r in runs if r.created and r.created.timestamp() >= started - 1]
-        assert sorted(r.name for r in recent) == sorted(GPU_STAGES)
-        assert all(r.state.is_completed() for r in recent)
-        assert all(r.work_pool_name == "mods-gpu" for r in recent)
-        assert Path(state.result()["final_model"], "adapter_model.safetensors").is_file()
+        runs = [r for r in runs if r.created and r.created.timestamp() >= started - 1]
+        assert all(r.state.is_completed() and r.work_pool_name == "mods-gpu" for r in runs)
+        names = sorted(r.name for r in runs)
+        # 40 rows in shards of 8: five quality shards; training stages as whole runs.
+        assert [n for n in names if n.startswith("quality-shard")] == [f"quality-shard-{i:04d}" for i in range(5)]
+        assert {"seed_train", "final_train"} <= set(names)
+        assert {n.split("-shard")[0] for n in names} == set(GPU_STAGES)
+        # CPU stages ran in the pipeline's process; GPU stages came back from the workers' artifacts.
+        assert set(stage_states(state)) == set(ALL)
+
+        # Both workers took shards of the quality stage, at the same time.
+        by_worker = {name: {str(r.id) for r in runs if r.name.startswith("quality-shard") and str(r.id) in text}
+                     for name, text in logs.items()}
+        assert by_worker["gpu-a"] and by_worker["gpu-b"], by_worker
+        spans = {str(r.id): (r.start_time, r.end_time) for r in runs}
+        overlap = any(spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+                      for a in by_worker["gpu-a"] for b in by_worker["gpu-b"])
+        assert overlap, "the two workers never ran quality shards at the same time"
+
+        # The same bytes as a run in one process with one shard.
+        local = tiny_config(tmp_path, tiny_llama_dir, workspace="local", rows_per_shard=1000)
+        monkeypatch.delenv(GPU_DEPLOYMENT_ENV)
+        assert mods_pipeline(config=local, return_state=True).is_completed()
+        assert artifact_bytes(Path(config.workspace)) == artifact_bytes(Path(local.workspace))
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-        log.close()
+        for worker, _ in workers:
+            worker.terminate()
+        for worker, _ in workers:
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, 9)
+
+
+def test_no_worker_fails_the_stage_in_bounded_time(prefect_harness, tiny_llama_dir: Path, tmp_path: Path, monkeypatch):
+    """A GPU stage whose runs nobody picks up fails with a message naming the stage, not never."""
+    from deployments.deploy import deploy_all
+    from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, mods_pipeline
+
+    deploy_all()
+    monkeypatch.setenv(GPU_DEPLOYMENT_ENV, "mods-gpu-stage/gpu")
+    config = tiny_config(tmp_path, tiny_llama_dir).model_copy(deep=True)
+    config.execution.pending_timeout_s = 5
+    state = mods_pipeline(config=config, return_state=True)
+    assert state.is_failed()
+    assert re.search(r"GPU stage 'quality'.*no worker.*picked it up in 5 s", state.message or str(state.result(raise_on_failure=False)))

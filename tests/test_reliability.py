@@ -1,0 +1,255 @@
+"""Faults made for real against `mods run`: kill -9, Ctrl-C to the process group, two runs
+on one workspace, a moved workspace, corrupt artifacts, k larger than the data, bad input.
+Each test runs the real command line (its own temporary Prefect server) on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from test_flow import ALL, summary, tiny_config, write_pool
+
+pytestmark = pytest.mark.flow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def big_pool(path: Path, rows: int = 320) -> Path:
+    """Enough rows that the quality stage takes many shards (8 rows each)."""
+    if not path.exists():
+        words = ["river", "stone", "cloud", "lamp", "garden", "engine", "letter", "market", "island", "violin"]
+        lines = []
+        for i in range(rows):
+            a, b = words[i % 10], words[(i // 10) % 10]
+            lines.append(json.dumps({"instruction": f"Describe a {a} near a {b} in story {i}.", "input": "",
+                                     "output": f"The {a} stood by the {b}; story {i} says it was quiet."}))
+        path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_config(tmp_path: Path, tiny_llama: Path, name: str, workspace: str, pool: Path | None = None,
+                 rows_per_shard: int = 1000, **overrides) -> Path:
+    config = tiny_config(tmp_path, tiny_llama, pool=pool, workspace=workspace, rows_per_shard=rows_per_shard)
+    values = config.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        section, field = dotted.split("__")
+        values[section][field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(ROOT)})
+    return env
+
+
+def mods(tmp_path: Path, *args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def start_mods(tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=cli_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def computed_stages(stdout: str) -> list[str]:
+    line = next(l for l in stdout.splitlines() if "stages computed this run:" in l)
+    listed = line.split(":", 1)[1].strip()
+    return [] if listed.startswith("none") else [s.strip() for s in listed.split(",")]
+
+
+def quality_parts(workspace: Path) -> list[Path]:
+    return sorted((workspace / "rowstore" / "quality").glob("*/part-*.parquet"))
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def leftovers(workspace: Path) -> list[str]:
+    return [str(p) for p in workspace.rglob("*") if ".tmp-" in p.name]
+
+
+def test_kill_9_in_the_middle_of_quality_resumes_only_unfinished_rows(prefect_harness, tiny_llama_dir: Path,
+                                                                      tmp_path: Path):
+    from flows.mods_pipeline import mods_pipeline
+
+    pool = big_pool(tmp_path / "big.jsonl")
+    config = write_config(tmp_path, tiny_llama_dir, "killed", "killed", pool=pool, rows_per_shard=8)
+    workspace = tmp_path / "killed"
+    run = start_mods(tmp_path, "run", "--config", str(config), "--quiet")
+    wait_for(lambda: len(quality_parts(workspace)) >= 3 or run.poll() is not None, 300, "quality shards")
+    children = child_pids(run.pid)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    # The temporary Prefect server (its own session, so Ctrl-C does not reach it) ends with it.
+    wait_for(lambda: not alive(children), 30, "the temporary server to end with its parent")
+    done_rows = sum(len(pd.read_parquet(p)) for p in quality_parts(workspace))
+    assert 0 < done_rows < 320, "the kill must land in the middle of quality"
+
+    rerun = mods(tmp_path, "run", "--config", str(config), "--quiet")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    quality = summary(workspace, "quality")
+    assert quality["rows_computed"] == 320 - done_rows and quality["rows_reused"] == done_rows
+
+    # The same selection as a run that was never interrupted.
+    whole = tiny_config(tmp_path, tiny_llama_dir, pool=pool, workspace="whole", rows_per_shard=8)
+    result = mods_pipeline(config=whole, return_state=True).result()
+    assert (workspace / "artifacts" / "export").exists()
+    (resumed,) = [p for p in (workspace / "artifacts" / "export").iterdir() if not p.name.startswith(".")]
+    assert (resumed / "selected.jsonl").read_bytes() == Path(result["selected_jsonl"]).read_bytes()
+
+
+def test_ctrl_c_to_the_process_group_exits_130_promptly_and_leaves_nothing(tiny_llama_dir: Path, tmp_path: Path):
+    pool = big_pool(tmp_path / "big.jsonl")
+    config = write_config(tmp_path, tiny_llama_dir, "interrupted", "ws", pool=pool, rows_per_shard=8)
+    workspace = tmp_path / "ws"
+    run = start_mods(tmp_path, "run", "--config", str(config), "--quiet")
+    wait_for(lambda: len(quality_parts(workspace)) >= 1 or run.poll() is not None, 300, "quality shards")
+    children = child_pids(run.pid)
+    sent = time.time()
+    os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, err = run.communicate(timeout=120)
+    took = time.time() - sent
+    assert run.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "mods run: interrupted"
+    assert "Traceback" not in err
+    assert took < 60, f"Ctrl-C took {took:.0f} s"
+    assert leftovers(workspace) == []
+    wait_for(lambda: not alive(children), 30, "the temporary server to stop")
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == pid]
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists() and _state(pid) not in ("Z", "gone")]
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_two_concurrent_runs_on_one_workspace_execute_each_stage_once(tiny_llama_dir: Path, tmp_path: Path):
+    config = write_config(tmp_path, tiny_llama_dir, "shared", "shared")
+    runs = [start_mods(tmp_path, "run", "--config", str(config), "--quiet") for _ in range(2)]
+    outputs = [run.communicate(timeout=900) for run in runs]
+    for run, (out, err) in zip(runs, outputs):
+        assert run.returncode == 0, err[-2000:]
+    first, second = (computed_stages(out) for out, _ in outputs)
+    assert sorted(first + second) == sorted(ALL), (first, second)
+    assert leftovers(tmp_path / "shared") == []
+
+
+def test_moved_workspace_and_corrupt_artifacts(tiny_llama_dir: Path, tmp_path: Path):
+    config = write_config(tmp_path, tiny_llama_dir, "first", "W")
+    first = mods(tmp_path, "run", "--config", str(config), "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    # cp -a W W2; mv W W.x; run on W2: everything upstream is reused from W2.
+    shutil.copytree(tmp_path / "W", tmp_path / "W2", symlinks=True)
+    os.rename(tmp_path / "W", tmp_path / "W.x")
+    moved = mods(tmp_path, "run", "--config", str(config), "--workspace", str(tmp_path / "W2"),
+                 "--set", "necessity.k=2", "--quiet")
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    assert computed_stages(moved.stdout) == ["augment_select", "final_train", "export"]
+
+    # A truncated scores.parquet (marker intact) and a garbage marker, with Prefect's records gone.
+    w2 = tmp_path / "W2"
+    (scores,) = (w2 / "artifacts" / "quality").glob("[!.]*/scores.parquet")
+    scores.write_bytes(scores.read_bytes()[:100])
+    (marker,) = (w2 / "artifacts" / "seed_select").glob("[!.]*/_SUCCESS.json")
+    marker.write_text("garbage")
+    shutil.rmtree(w2 / "prefect-results")
+    repaired = mods(tmp_path, "run", "--config", str(config), "--workspace", str(w2), "--set", "necessity.k=2",
+                    "--quiet")
+    assert repaired.returncode == 0, repaired.stderr[-2000:]
+    assert {"quality", "seed_select"} <= set(computed_stages(repaired.stdout))
+    assert summary(w2, "quality")["rows_computed"] == 0  # rebuilt from the row store, nothing rescored
+    log = max((w2 / "logs").glob("run-*.log"), key=lambda p: p.stat().st_mtime).read_text()
+    assert f"rebuilding {scores.parent}" in log and str(marker) in log
+    verify = mods(tmp_path, "verify", "--workspace", str(w2), "--quiet")
+    assert verify.returncode == 0, verify.stdout
+
+
+def test_k_above_the_high_quality_rows_is_capped_and_reported(prefect_harness, tiny_llama_dir: Path, tmp_path: Path):
+    from flows.mods_pipeline import mods_pipeline
+
+    config = tiny_config(tmp_path, tiny_llama_dir).model_copy(deep=True)
+    config.seed_selection.k = 1000
+    state = mods_pipeline(config=config, return_state=True)
+    assert state.is_completed(), state.message
+    workspace = Path(config.workspace)
+    seed = summary(workspace, "seed_select")
+    assert seed["capped"] and seed["k_requested"] == 1000 and seed["k"] == seed["candidates"] == 32
+    assert summary(workspace, "answers")["rows"] == 0  # nothing left to answer: an empty artifact
+    assert summary(workspace, "augment_select")["k"] == 0
+    report = Path(state.result()["report"]).read_text()
+    assert "k_requested=1000" in report and "capped=True" in report
+
+
+BAD_INPUTS = {
+    "missing path": (["--data", "{tmp}/nope.jsonl"], "nope.jsonl"),
+    "empty file": (["--data", "{tmp}/empty.jsonl"], "empty.jsonl"),
+    "no usable field": (["--data", "{tmp}/foo.json"], "foo.json"),
+    "empty folder": (["--data", "{tmp}/empty_dir"], "empty_dir"),
+    "glob matching nothing": (["--data", "{tmp}/*.nothing"], "matches no data"),
+    "workspace is a file": (["--workspace", "{tmp}/afile"], "is a file"),
+    "malformed --set": (["--set", "quality.alpha=[1"], "quality.alpha"),
+    "bad config file": (["--config", "{tmp}/bad.yaml"], "bad.yaml"),
+    "unknown nested field": (["--set", "seed_training.epoch=1"], "seed_training.epoch"),
+    "unreachable server": (["--data", "{tmp}/ok.jsonl"], "PREFECT_API_URL"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_ends_in_one_line_and_exit_2(case: str, tmp_path: Path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "foo.json").write_text('[{"foo": 1}]')
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "bad.yaml").write_text("sample: {rows: [1\n")
+    write_pool(tmp_path / "ok.jsonl")
+    args, expected = BAD_INPUTS[case]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--workspace" not in args:
+        args += ["--workspace", str(tmp_path / "ws")]
+    extra = {"env": {**cli_env(tmp_path), "PREFECT_API_URL": "http://127.0.0.1:9/api"}} if case == "unreachable server" else {}
+    if extra:
+        result = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args, "--quiet"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600, **extra)
+    else:
+        result = mods(tmp_path, "run", *args, "--quiet")
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[-1].startswith("mods run: ") and expected in lines[-1], lines[-5:]
+    assert len(lines) <= 3, lines  # the error, and at most a note or two from the reader
