@@ -84,7 +84,7 @@ class EvaluationConfig(BaseModel):
         "record, optionally input and reference/output): each becomes a test set named by its file name.",
     )
     prompts_per_set: int | None = Field(
-        6, ge=1, description="Prompts drawn (seeded) per test set that every model answers; empty = all (the paper)."
+        5, ge=1, description="Prompts drawn (seeded) per test set that every model answers; empty = all (the paper)."
     )
     reference_rows_per_set: int | None = Field(
         16, ge=1,
@@ -112,8 +112,9 @@ class EvaluationConfig(BaseModel):
     )
     llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig, description="The pairwise LLM judge.")
     generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=96),
-        description="How every model answers the test prompts (greedy by default).",
+        default_factory=GenerationConfig,
+        description="How every model answers the test prompts (greedy, 64 new tokens by default: a CPU budget; the "
+        "paper's answers run to 1,024).",
     )
     reference_max_length: int = Field(
         512, ge=16, description="Tokens of prompt + reference answer scored for the reference log-likelihood."
