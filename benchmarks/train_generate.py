@@ -8,9 +8,9 @@ Baselines, measured here in the same process on the same rows:
 - generation: the LoRA adapter left unmerged, one prompt at a time (the paper's
   batch size 1); ours: adapter merged into the weights, length-sorted batches.
 - processes: the same LoRA training in 2 processes (DDP over gloo, 1 thread each,
-  accumulation 1) against 1 process (2 threads, accumulation 2): the same global batch,
-  so the same updates. Tokens/s of the training loop, and the wall time of the whole
-  ``train_model`` call (which for 2 processes includes starting them).
+  accumulation 1) against 1 process (all threads, and 1 thread; accumulation 2): the
+  same global batch, so the same updates. Tokens/s of the training loop, and the wall
+  time of the whole ``train_model`` call (which for 2 processes includes starting them).
 Prints tokens/s for each and the ratio. Rows: real ShareGPT rows (the demo pool).
 ``--parts`` picks what to run (default: all three).
 Both sides get an untimed warm-up first (the first batches on this CPU are slow), then
@@ -62,27 +62,41 @@ def time_training(rows: pd.DataFrame, out: Path, precision: str, grouped: bool) 
     return summary["seconds"], summary["tokens"]
 
 
-def time_processes(rows: pd.DataFrame, out: Path, processes: int) -> tuple[float, float, int]:
+def time_processes(rows: pd.DataFrame, out: Path, processes: int, threads: int | None = None) -> tuple[float, float, int]:
     """(training-loop seconds, whole-call seconds, tokens) for one run at global batch 8."""
     config = TrainConfig(epochs=1, batch_size=4, gradient_accumulation=2 // processes, processes=processes,
                          max_length=256, device="cpu")
-    started = time.perf_counter()
-    summary = train_model("smollm2-135m-instruct", rows, config, out, progress=False)
-    return summary["seconds"], time.perf_counter() - started, summary["tokens"]
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        started = time.perf_counter()
+        summary = train_model("smollm2-135m-instruct", rows, config, out, progress=False)
+        return summary["seconds"], time.perf_counter() - started, summary["tokens"]
+    finally:
+        torch.set_num_threads(before)
 
 
 def compare_processes(rows: pd.DataFrame, tmp: Path, repeats: int) -> None:
     time_processes(rows.head(8), tmp / "warm-p", 1)  # warm-up, untimed
-    one, two = [], []
+    runs: dict[str, list[tuple[float, float, int]]] = {"one": [], "one-thread": [], "two": []}
     for _ in range(repeats):
-        one.append(time_processes(rows, tmp / "p1", 1))
-        two.append(time_processes(rows, tmp / "p2", 2))
-    one_s, one_wall, one_tok = min(one)
-    two_s, two_wall, two_tok = min(two)
-    one_wall, two_wall = min(w for _, w, _ in one), min(w for _, w, _ in two)
-    print(f"processes  1 process, 2 threads, acc 2 : {one_tok / one_s:7.1f} tok/s ({one_tok} tokens, loop {one_s:.1f} s, call {one_wall:.1f} s)")
-    print(f"processes  2 processes, 1 thread each  : {two_tok / two_s:7.1f} tok/s ({two_tok} tokens, loop {two_s:.1f} s, call {two_wall:.1f} s)")
-    print(f"processes  2 against 1 (tokens/s, loop): {(two_tok / two_s) / (one_tok / one_s):.2f}x; whole call: {one_wall / two_wall:.2f}x")
+        runs["one"].append(time_processes(rows, tmp / "p1", 1))
+        runs["one-thread"].append(time_processes(rows, tmp / "p1t", 1, threads=1))
+        runs["two"].append(time_processes(rows, tmp / "p2", 2))
+    labels = {"one": f"1 process, {torch.get_num_threads()} threads, acc 2", "one-thread": "1 process, 1 thread, acc 2",
+              "two": "2 processes, 1 thread each"}
+    rates = {}
+    for name, results in runs.items():
+        loop, _, tokens = min(results)
+        call = min(r[1] for r in results)
+        rates[name] = (tokens / loop, call)
+        print(f"processes  {labels[name]:28s}: {tokens / loop:7.1f} tok/s ({tokens} tokens, loop {loop:.1f} s, "
+              f"whole call {call:.1f} s)")
+    print(f"processes  2 processes against 1 process (all threads): {rates['two'][0] / rates['one'][0]:.2f}x tokens/s "
+          f"in the loop, {rates['one'][1] / rates['two'][1]:.2f}x on the whole call")
+    print(f"processes  2 processes against 1 process (1 thread)   : {rates['two'][0] / rates['one-thread'][0]:.2f}x "
+          f"tokens/s in the loop")
 
 
 def fsdp_memory_estimate(gpus: int = 8, micro_batch: int = 16, seq: int = 512) -> None:
