@@ -524,19 +524,29 @@ def _quality_assemble(ctx: StageContext, params: ScoringParams, rows: pd.DataFra
     return {"rows": len(scores), "score_mean": float(np.nanmean(values)) if len(values) else None}
 
 
-declare(Stage(
-    StageSpec("quality", "2", "gpu", "Score every (instruction, output) pair."),
-    ("sample",), ScoringParams,
-    rowwise=Rowwise(
-        load=lambda inputs, params: read_table(inputs["sample"], "rows.parquet"),
-        keys=lambda rows: (rows["id"].astype(str), _text_cost(rows["instruction"], rows["input"], rows["output"])),
-        setup=_score_setup,
-        compute=_score_block("output"),
-        assemble=_quality_assemble,
-        block_rows=lambda params: params.scorer.batch_size,
-        fingerprint_extra=_scorer_identity,
-    ),
-    extra_key=_scorer_identity,
+def _scoring_stage(name: str, description: str, source: str, table: str, answer_column: str,
+                   keys: Callable[[pd.DataFrame], tuple[pd.Series, pd.Series]],
+                   assemble: Callable[..., dict[str, Any]]) -> Stage:
+    """quality and necessity: the same scorer on (instruction, input, some answer column)."""
+    return Stage(
+        StageSpec(name, "2", "gpu", description), (source,), ScoringParams,
+        rowwise=Rowwise(
+            load=lambda inputs, params: read_table(inputs[source], table),
+            keys=keys,
+            setup=_score_setup,
+            compute=_score_block(answer_column),
+            assemble=assemble,
+            block_rows=lambda params: params.scorer.batch_size,
+            fingerprint_extra=_scorer_identity,
+        ),
+        extra_key=_scorer_identity,
+    )
+
+
+declare(_scoring_stage(
+    "quality", "Score every (instruction, output) pair.", "sample", "rows.parquet", "output",
+    keys=lambda rows: (rows["id"].astype(str), _text_cost(rows["instruction"], rows["input"], rows["output"])),
+    assemble=_quality_assemble,
 ))
 
 
@@ -748,20 +758,12 @@ def _necessity_assemble(ctx: StageContext, params: ScoringParams, rows: pd.DataF
     return {"rows": len(frame)}
 
 
-declare(Stage(
-    StageSpec("necessity", "2", "gpu", "Score the seed model's answers with the quality scorer."),
-    ("answers",), ScoringParams,
-    rowwise=Rowwise(
-        load=lambda inputs, params: read_table(inputs["answers"], "answers.parquet"),
-        keys=lambda rows: (necessity_key(rows["id"], rows["seed_answer"]),
-                           _text_cost(rows["instruction"], rows["input"], rows["seed_answer"])),
-        setup=_score_setup,
-        compute=_score_block("seed_answer"),
-        assemble=_necessity_assemble,
-        block_rows=lambda params: params.scorer.batch_size,
-        fingerprint_extra=_scorer_identity,
-    ),
-    extra_key=_scorer_identity,
+declare(_scoring_stage(
+    "necessity", "Score the seed model's answers with the quality scorer.", "answers", "answers.parquet",
+    "seed_answer",
+    keys=lambda rows: (necessity_key(rows["id"], rows["seed_answer"]),
+                       _text_cost(rows["instruction"], rows["input"], rows["seed_answer"])),
+    assemble=_necessity_assemble,
 ))
 
 
