@@ -90,7 +90,7 @@ def _failure_message(work_dir: Path, processes: int, returncode: int, tail: Sequ
     log = "".join(tail[-15:]).rstrip()
     if not reports:
         return (f"training processes ended with exit code {returncode} without an error report "
-                f"(killed by a signal, or out of memory?)\n--- last lines of the training log ---\n{log}")
+                f"(killed by a signal?)\n--- last lines of the training log ---\n{log}")
     # The first failure is the cause; later ones are usually peers losing it.
     first = reports[0]
     rank = first.stem.removeprefix("error-rank")
