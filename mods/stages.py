@@ -47,8 +47,9 @@ from mods.training import TrainConfig
 
 log = logging.getLogger("mods.stages")
 
-# Parameters that change where or how fast a stage runs, not what it writes.
-NOT_IN_KEY = {"device", "progress", "processes", "checkpoint_every"}
+# Parameters that change where or how fast a stage runs, not what it writes. (Training's
+# `processes` is not here: it sets the global batch, hence the weights.)
+NOT_IN_KEY = {"device", "progress", "checkpoint_every", "gradient_checkpointing"}
 # Also left out of a row store's fingerprint: batch sizes only change speed, so results
 # computed with another batch size are reused.
 NOT_IN_ROW_FINGERPRINT = NOT_IN_KEY | {"batch_size"}

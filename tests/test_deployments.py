@@ -58,7 +58,7 @@ def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(pref
         # The UI form: the typed config.
         assert "config" in pipeline.parameter_openapi_schema["properties"]
         assert [s.schedule.cron for s in pipeline.schedules] == ["0 3 * * 1"]
-        assert set(gpu.parameter_openapi_schema["properties"]) == {"workspace", "stage", "params", "inputs"}
+        assert set(gpu.parameter_openapi_schema["properties"]) == {"workspace", "stage", "params", "inputs", "verify", "plan_id", "shard"}
 
         [automation] = client.read_automations_by_name(ZOMBIE_AUTOMATION)
         trigger = automation.trigger
