@@ -30,8 +30,9 @@ from tasks._stage import shard_task, with_workspace_cache
 # run's environment), never from the caller's config: Prefect merges a caller's
 # parameters one level deep, so a field inside `config` would be lost.
 GPU_DEPLOYMENT_ENV = "MODS_GPU_DEPLOYMENT"
-# How often the states of GPU runs are read while waiting for them.
+# How often the states of GPU runs are read while waiting for them, and how many per read.
 POLL_SECONDS = 2.0
+READ_PAGE = 200
 # Marks a GPU run that failed in a way a retry cannot fix (flows/gpu_stage.py raises it).
 PERMANENT_FAILURE = PermanentStageError.__name__
 
@@ -171,7 +172,11 @@ class StageRunner:
         with get_client(sync_client=True) as client:
             while waiting:
                 time.sleep(POLL_SECONDS)
-                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(waiting))))
+                ids = list(waiting)
+                runs = []  # in pages: the server answers at most 200 runs per read
+                for start in range(0, len(ids), READ_PAGE):
+                    runs += client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                        id=FlowRunFilterId(any_=ids[start:start + READ_PAGE])), limit=READ_PAGE)
                 for run in runs:
                     job = waiting[run.id]
                     state = run.state
