@@ -227,7 +227,9 @@ class RealStack:
         home = self.root / "server-home"
         home.mkdir(exist_ok=True)
         env = _clean_env(PREFECT_HOME=str(home), PREFECT_API_DATABASE_CONNECTION_URL=self.postgres.url,
-                         PREFECT_SERVER_API_AUTH_STRING=self.auth, PREFECT_SERVER_LOGGING_LEVEL="WARNING")
+                         PREFECT_SERVER_API_AUTH_STRING=self.auth, PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+                         # the UI's API address: `--port` alone leaves it at the default 4200
+                         PREFECT_UI_API_URL=self.api_url)
         started = time.monotonic()
         self.server = Managed("server", [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
                                          "--port", str(self.port)], env, self.root / "server.log")
