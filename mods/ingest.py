@@ -26,7 +26,7 @@ from typing import Any, Literal
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from mods import schema as S
@@ -52,6 +52,8 @@ class AccountingError(IngestError):
 
 class IngestConfig(BaseModel):
     """How ingestion maps, validates and decontaminates (a Prefect UI form)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
 
     field_mapping: dict[str, str] = Field(
         default={},  # a plain default (pydantic copies it per instance): the UI form shows it

@@ -578,3 +578,10 @@ def test_every_ingest_field_has_a_default_in_the_ui_form_schema() -> None:
     first.field_mapping["output"] = "response"
     first.decontaminate_against.append("evals/")
     assert second.field_mapping == {} and second.decontaminate_against == []  # not shared between instances
+
+
+def test_a_misspelt_ingest_field_is_an_error() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="field_maping"):
+        IngestConfig.model_validate({"field_maping": {"output": "response"}})
