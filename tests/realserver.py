@@ -278,8 +278,9 @@ class RealStack:
         """Postgres, the server, this process's Prefect settings pointing at it, deploy_all()."""
         root = Path(tempfile.mkdtemp(prefix="mods-realserver-"))  # in /tmp: the postgres user can enter it
         root.chmod(0o755)
-        stack = cls(root)
+        stack: RealStack | None = None
         try:
+            stack = cls(root)
             stack.postgres.start()
             stack.start_server()
             with stack.settings():
@@ -288,7 +289,8 @@ class RealStack:
                 deploy_all(**deploy_args)
                 yield stack
         finally:
-            stack.close()
+            if stack is not None:
+                stack.close()
             if os.environ.get("MODS_REALSERVER_KEEP"):  # debugging: logs and database stay
                 print(f"real-server stack kept in {root}")
             else:
