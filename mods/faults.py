@@ -27,15 +27,35 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def is_transient(error: BaseException) -> bool:
-    """True for failures a retry can fix (out of memory, lost connection, I/O timeout)."""
+# Errors of the orchestration's HTTP client (a server restarting), named here so the core
+# need not import it: httpx's transport errors, and Prefect's failure to get a concurrency
+# slot from a server that is away.
+_TRANSIENT_NAMES = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "ReadError",
+                    "WriteError", "RemoteProtocolError", "TransportError", "NetworkError",
+                    "ConcurrencySlotAcquisitionError"}
+
+
+def _one_is_transient(error: BaseException) -> bool:
     if is_out_of_memory(error):
         return True
     if isinstance(error, (TimeoutError, ConnectionError)):
         return True
     if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNO:
         return True
-    return bool(error.__cause__ is not None and error.__cause__ is not error and is_transient(error.__cause__))
+    return any(cls.__name__ in _TRANSIENT_NAMES for cls in type(error).__mro__)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for failures a retry can fix (out of memory, lost connection, I/O timeout), here
+    or anywhere in the chain of causes."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if _one_is_transient(current):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def release_accelerator_memory() -> None:

@@ -84,3 +84,29 @@ def test_training_out_of_memory_retries_with_half_the_batch_and_the_same_global_
     params = TrainingParams(base_model="x", train=TrainConfig(batch_size=8, gradient_accumulation=1))
     assert _train(ctx, params, ["seed_select"]) == {"ok": True}
     assert tried == [(8, 1), (4, 2), (2, 4)]
+
+
+def test_a_server_away_is_transient_a_bad_value_is_not():
+    import httpx
+
+    from mods.faults import is_transient
+
+    class ConcurrencySlotAcquisitionError(Exception):  # Prefect's, by name
+        pass
+
+    try:
+        try:
+            raise httpx.ConnectError("connection refused")
+        except httpx.ConnectError as cause:
+            raise ConcurrencySlotAcquisitionError("could not acquire a slot") from cause
+    except ConcurrencySlotAcquisitionError as error:
+        assert is_transient(error)
+    try:
+        try:
+            raise httpx.ConnectError("refused")
+        except httpx.ConnectError:
+            raise RuntimeError("wrapped without 'from'")
+    except RuntimeError as error:
+        assert is_transient(error)
+    assert not is_transient(ValueError("no row passed the quality filter"))
+    assert not is_transient(KeyError("seed_answer"))
