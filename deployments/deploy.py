@@ -115,8 +115,8 @@ DEPLOYMENTS = [
 
 def zombie_automation(reliability: Reliability) -> Any:
     """Prefect's documented zombie-flow automation (docs: "Detect and respond to zombie flows"):
-    after a heartbeat, expect another heartbeat or a terminal state within the window; if
-    none comes, change the flow run to CRASHED."""
+    after a heartbeat (or the run's start), expect another heartbeat or a terminal state
+    within the window; if none comes, change the flow run to CRASHED."""
     from prefect.automations import AutomationCore
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
@@ -128,7 +128,9 @@ def zombie_automation(reliability: Reliability) -> Any:
         description=f"Flow runs send a heartbeat every {reliability.heartbeat_seconds} s; one silent for "
         f"{reliability.crash_after_seconds} s lost its worker and is marked Crashed, so the pipeline retries it.",
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
+            # Also from the moment a run starts: a worker killed before the run's first
+            # heartbeat must not leave it Running for ever.
+            after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
             expect={
                 "prefect.flow-run.heartbeat",
                 "prefect.flow-run.Completed",

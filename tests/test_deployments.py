@@ -63,7 +63,7 @@ def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(pref
         [automation] = client.read_automations_by_name(ZOMBIE_AUTOMATION)
         trigger = automation.trigger
         assert trigger.posture == Posture.Proactive and trigger.within.total_seconds() == 45
-        assert trigger.after == {"prefect.flow-run.heartbeat"}
+        assert trigger.after == {"prefect.flow-run.heartbeat", "prefect.flow-run.Running"}
         assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                 "prefect.flow-run.Crashed", "prefect.flow-run.Cancelled"} == trigger.expect
         assert trigger.for_each == {"prefect.resource.id"}

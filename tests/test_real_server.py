@@ -222,3 +222,50 @@ def test_server_restarted_mid_run_the_run_completes(stack: RealStack, tiny_run):
     assert len(list(Path(workspace, "artifacts", "export").glob("*/selected.parquet"))) == 2
     print(f"\n[realserver] server down {downtime:.0f} s while final_train ran: the run completed; "
           f"GPU runs {later}")
+
+
+def test_gpu_worker_killed_mid_shard_the_shard_is_resubmitted_and_the_result_is_the_same(
+        stack: RealStack, tiny_llama_dir: Path, tmp_path: Path):
+    """Issue 7: a worker lost while it computes a shard costs that shard, nothing more."""
+    from flows.mods_pipeline import mods_pipeline
+
+    config = caller_config(tmp_path, tiny_llama_dir)  # 40 rows: five quality shards of 8
+    config["execution"] = {"rows_per_shard": 8, "progress": False}
+    workspace = config["workspace"]
+    pipeline_run = submit({"config": config})
+
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while True:
+        shards = [r for r in gpu_runs(workspace) if r.name.startswith("quality-shard")]
+        done = [r for r in shards if r.state.is_completed()]
+        running = [r for r in shards if r.state.is_running()]
+        if done and running:
+            break
+        pipeline = read_run(pipeline_run.id)
+        assert not pipeline.state.is_final(), f"ended before the kill: {explain(stack, pipeline)}"
+        assert time.monotonic() < deadline, f"no quality shard ran\n{stack.worker_logs()}"
+        time.sleep(0.5)
+    victim = running[0]
+    (worker,) = [name for name, managed in stack.workers.items() if name.startswith("gpu") and managed.alive()]
+    stack.workers[worker].kill_hard()
+    stack.start_worker("mods-gpu", name=f"{worker}-after-shard-kill", limit=1)
+
+    run = wait_final(stack, pipeline_run.id)
+    assert run.state.is_completed(), explain(stack, run)
+    tries = [r for r in gpu_runs(workspace) if r.name.startswith(victim.name)]
+    assert [r.state.name for r in tries][:1] == ["Crashed"] and tries[-1].state.is_completed(), \
+        [(r.name, r.state.name) for r in tries]
+    # Finished shards were not run again: one completed run per shard.
+    completed = [r.name.split("-try")[0] for r in gpu_runs(workspace)
+                 if r.name.startswith("quality-shard") and r.state.is_completed()]
+    assert sorted(completed) == sorted(set(completed)) and len(completed) == 5
+
+    # The same selection as one uninterrupted process.
+    from mods.config import PipelineConfig
+
+    local = PipelineConfig.model_validate({**config, "workspace": str(tmp_path / "local"),
+                                           "execution": {"rows_per_shard": 8, "progress": False}})
+    with stack.settings():
+        expected = mods_pipeline(config=local, return_state=True).result()
+    (export,) = Path(workspace, "artifacts", "export").glob("[!.]*/selected.jsonl")
+    assert export.read_bytes() == Path(expected["selected_jsonl"]).read_bytes()
