@@ -195,3 +195,62 @@ def unique_rows(pairs: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarr
         ib.append(index.setdefault((ins, inp, b), len(index)))
     rows = pd.DataFrame(list(index), columns=["instruction", "input", "output"])
     return rows, np.array(ia, dtype=np.int64), np.array(ib, dtype=np.int64)
+
+
+def fit_preference_head(
+    features: pd.DataFrame,
+    index_a: np.ndarray,
+    index_b: np.ndarray,
+    human: Sequence[int],
+    columns: Sequence[str],
+    l2: float,
+) -> dict[str, object]:
+    """Fit a linear head on the pairs (index_a[i], index_b[i]) of ``features`` rows.
+
+    Features are standardised with the mean and standard deviation of the rows the
+    pairs use (fixed numbers in the result: the scorer applies them to any row alone).
+    Returns the fields of ``mods.scoring.PreferenceHead``: features, mean, scale, weights.
+    """
+    x = features[list(columns)].to_numpy(dtype=np.float64)
+    if not np.isfinite(x).all():
+        bad = [c for c in columns if not np.isfinite(features[c].to_numpy(dtype=np.float64)).all()]
+        raise ValueError(f"features {bad} hold NaN or infinite values; fill them before fitting")
+    used = np.unique(np.concatenate([index_a, index_b]))
+    mean = x[used].mean(axis=0)
+    scale = x[used].std(axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)  # a constant feature gets weight 0 anyway
+    z = (x - mean) / scale
+    weights = fit_pairwise_logistic(z[index_b] - z[index_a], human, l2=l2)
+    return {"features": list(columns), "mean": mean.tolist(), "scale": scale.tolist(), "weights": weights.tolist()}
+
+
+def cross_validated_scores(
+    features: pd.DataFrame,
+    index_a: np.ndarray,
+    index_b: np.ndarray,
+    pairs: pd.DataFrame,
+    columns: Sequence[str],
+    l2: float,
+    k: int = 5,
+    seed: int = 0,
+    extra_pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of every pair's two answers from heads fitted without its instruction:
+    for each instruction-grouped fold, a head is fitted on the other folds' pairs and
+    applied to this fold's. Returns (score_a, score_b) for ``agreement``.
+
+    ``extra_pairs`` (index_a, index_b, human into the same ``features``) join every
+    fold's fit and are never measured: pairs from elsewhere whose order is known."""
+    x = features[list(columns)].to_numpy(dtype=np.float64)
+    score_a = np.full(len(pairs), np.nan)
+    score_b = np.full(len(pairs), np.nan)
+    human = pairs["human"].to_numpy()
+    ea, eb, eh = extra_pairs if extra_pairs is not None else (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.int64),)
+    for fit, measure in grouped_folds(pairs["group"].to_numpy(), k, seed):
+        head = fit_preference_head(features, np.concatenate([index_a[fit], ea]), np.concatenate([index_b[fit], eb]),
+                                   np.concatenate([human[fit], eh]), columns, l2)
+        w = np.asarray(head["weights"])
+        z = (x - np.asarray(head["mean"])) / np.asarray(head["scale"])
+        score_a[measure] = z[index_a[measure]] @ w
+        score_b[measure] = z[index_b[measure]] @ w
+    return score_a, score_b

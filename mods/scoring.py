@@ -20,6 +20,17 @@ Two kinds:
     ``END_FILL`` (a neutral value: neither rewarded nor punished).
 
   quality_score = W_ANSWER·lp_answer + W_PMI·pmi + W_END·clip(lp_end, END_FLOOR, 0).
+
+* ``preference`` — offline, calibrated to human judgements: per-row features from the
+  same SmolLM2 passes (total surprisal, log-probabilities, a yes/no judge question),
+  MiniLM similarities between the answer and the instruction / input, and pure-Python
+  text statistics (copying the input, repetition, format), combined by a linear
+  Bradley-Terry head fitted on PandaLM's human-labelled pairs
+  (``mods/quality_head.json``; ``benchmarks/quality_scorer.py --fit``). The score is in
+  logits of "people prefer this answer": the difference of two rows' scores is the
+  head's log-odds that people prefer the first. See README.md, "Quality scoring".
+
+Every score depends on its own row only (no normalisation across the rows of a call).
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -43,8 +55,25 @@ from tqdm.auto import tqdm
 from mods.models import load_causal_lm, pick_device, resolve_model_path
 from mods.prompts import answer_suffix, chat_prompt
 
-# Bumped whenever the definition of a score changes, so cached scores are not reused.
-SCORER_VERSION = "1"
+# Bumped whenever the definition of that kind's score changes.
+LIKELIHOOD_VERSION = "1"
+REWARD_MODEL_VERSION = "1"
+PREFERENCE_VERSION = "1"
+# The preference scorer's fitted head, shipped with the package (benchmarks/quality_scorer.py --fit).
+PREFERENCE_HEAD_FILE = Path(__file__).with_name("quality_head.json")
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "none"
+
+
+# One string for cache keys that changes whenever any kind's definition changes, a refit
+# of the preference head included (its file's hash is part of it), so cached scores of
+# an older definition are never reused.
+SCORER_VERSION = (
+    f"likelihood{LIKELIHOOD_VERSION}-reward{REWARD_MODEL_VERSION}-preference{PREFERENCE_VERSION}"
+    f".{_file_digest(PREFERENCE_HEAD_FILE)}"
+)
 
 # Likelihood weights; chosen on tuning rows by benchmarks/quality_scorer.py --tune,
 # reported on disjoint rows (README.md, "Quality scoring"). All three terms are in nats.
@@ -65,19 +94,28 @@ class ScorerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    kind: Literal["likelihood", "reward-model"] = Field(
-        "likelihood",
+    kind: Literal["preference", "likelihood", "reward-model"] = Field(
+        "preference",
         description=(
-            "'likelihood': offline default, scores with the packaged SmolLM2 (fit, relevance and completeness "
-            "of the answer). 'reward-model': the paper's method, needs a local reward-model folder in 'model'."
+            "'preference': offline default, SmolLM2 and MiniLM features combined by a head calibrated on human "
+            "preference pairs (agrees with people on 73% of PandaLM's pairs, cross-validated; README 'Quality "
+            "scoring'). 'likelihood': offline, SmolLM2 log-probabilities alone (fit, relevance and completeness; "
+            "43% on those pairs). 'reward-model': the paper's method, needs a local reward-model folder in 'model'."
         ),
     )
     model: str | None = Field(
         None,
         description=(
-            "Model folder. Empty: SmolLM2-135M-Instruct for 'likelihood'. Required for 'reward-model': a local "
+            "Model folder. Empty: SmolLM2-135M-Instruct for 'preference' and 'likelihood'. Required for 'reward-model': a local "
             "folder of an AutoModelForSequenceClassification with one output, e.g. a download of "
             "OpenAssistant/reward-model-deberta-v3-large-v2."
+        ),
+    )
+    embedding_model: str = Field(
+        "all-minilm-l6-v2",
+        description=(
+            "Sentence-embedding model of the 'preference' scorer (answer-instruction similarity): "
+            "'all-minilm-l6-v2' (packaged) or a local sentence-transformers / HF encoder folder."
         ),
     )
     max_length: int = Field(512, ge=16, le=8192, description="Maximum tokens per scored row (longer rows are truncated).")
@@ -112,6 +150,8 @@ def build_scorer(config: ScorerConfig) -> Scorer:
         return RewardModelScorer(config)
     if config.kind == "likelihood":
         return LikelihoodScorer(config)
+    if config.kind == "preference":
+        return PreferenceScorer(config)
     raise ValueError(f"unknown scorer kind {config.kind!r}")
 
 
@@ -177,6 +217,16 @@ def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+# Spellings whose first token counts as "yes" / "no" for a judge question.
+YES_WORDS = ("Yes", "yes", " Yes")
+NO_WORDS = ("No", "no", " No")
+
+
+def _first_tokens(tokenizer: Any, words: Sequence[str]) -> list[int]:
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"][:1] for w in words]
+    return list(dict.fromkeys(i[0] for i in ids if i))
+
+
 # ----------------------------------------------------------------------------- reward model
 
 
@@ -216,7 +266,7 @@ class RewardModelScorer:
     def fingerprint(self) -> dict[str, Any]:
         return {
             "kind": "reward-model",
-            "version": SCORER_VERSION,
+            "version": REWARD_MODEL_VERSION,
             "model": str(self.path),
             "model_hash": model_hash(self.path),
             "max_length": self.config.max_length,
@@ -265,7 +315,7 @@ class RewardModelScorer:
 class LikelihoodScorer:
     """Offline quality score from a causal LM's log-probabilities (module docstring)."""
 
-    def __init__(self, config: ScorerConfig) -> None:
+    def __init__(self, config: ScorerConfig, judge_question: str | None = None, neutral: bool = True) -> None:
         self.config = config
         self.path = resolve_model_path(config.model)
         self.device = pick_device(config.device)
@@ -275,7 +325,17 @@ class LikelihoodScorer:
         self.end_ids: list[int] = tok(answer_suffix(tok), add_special_tokens=False)["input_ids"] if answer_suffix(tok) else []
         if not self.end_ids and tok.eos_token_id is not None:
             self.end_ids = [tok.eos_token_id]
-        # The "neutral" context: the same prompt format with an empty instruction.
+        # Optional judge: after the answer, the user asks ``judge_question`` and the
+        # model's next-token odds of yes against no are read off the same forward pass
+        # (causal attention: the question cannot change the answer's log-probabilities).
+        self.judge_question = judge_question
+        self.judge_ids: list[int] = self._follow_up_ids(judge_question) if judge_question else []
+        yes, no = _first_tokens(tok, YES_WORDS), _first_tokens(tok, NO_WORDS)
+        # A token that starts both words (a bare space in small vocabularies) says neither.
+        self.yes_ids, self.no_ids = [i for i in yes if i not in no], [i for i in no if i not in yes]
+        # The "neutral" context: the same prompt format with an empty instruction. Its pass
+        # (lp_answer_neutral, pmi) can be switched off by a caller that does not use it.
+        self.neutral = neutral
         self.neutral_ids = self._prompt_ids("", "")
         # Switches for the benchmark's naive baseline only.
         self._sort_by_length = True
@@ -300,6 +360,25 @@ class LikelihoodScorer:
             ids = [self.tokenizer.bos_token_id] + ids
         return ids
 
+    def _follow_up_ids(self, question: str) -> list[int]:
+        """Tokens that follow an answer's end token when the user asks ``question`` next
+        and the assistant is to reply (the chat template's own turn markers)."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            marker = "\u2063ANSWER\u2063"
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker},
+                 {"role": "user", "content": question}],
+                tokenize=False, add_generation_prompt=True,
+            )
+            after = text.split(marker, 1)[1]
+            end = answer_suffix(tok)
+            if end and after.startswith(end):  # the end token is already in the sequence
+                after = after[len(end):]
+        else:
+            after = "\n\n" + chat_prompt(tok, question)
+        return self._encode(after)
+
     def _answer_ids(self, output: str) -> list[int]:
         # Encode the answer separately so that the conditional and the neutral pass score
         # exactly the same tokens (needed for the difference to be a PMI).
@@ -311,7 +390,7 @@ class LikelihoodScorer:
         template's assistant header), down to half the budget; then the answer's tail is
         cut and the end-of-answer term becomes unknown."""
         budget = self.config.max_length
-        end = len(self.end_ids)
+        end = len(self.end_ids) + len(self.judge_ids)
         if len(prompt) + len(answer) + end <= budget:
             return prompt, answer, False
         room_prompt = max(budget // 2, budget - len(answer) - end)
@@ -325,9 +404,14 @@ class LikelihoodScorer:
     # -- forward
 
     def _forward_logprobs(
-        self, seqs: list[list[int]], n_scored: list[int], prefix: tuple[int, Any] | None = None
-    ) -> list[np.ndarray]:
-        """Log-probs of the last n_scored[i] tokens of each sequence, one batch.
+        self,
+        seqs: list[list[int]],
+        n_scored: list[int],
+        prefix: tuple[int, Any] | None = None,
+        next_ids: Sequence[int] = (),
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Log-probs of the last n_scored[i] tokens of each sequence, one batch, and of
+        each token in ``next_ids`` as the token after each sequence (rows × len(next_ids)).
 
         Left padding puts every sequence's end at the same position, so the LM head
         only runs on the last max(n_scored)+1 positions (``logits_to_keep``): for a
@@ -365,7 +449,8 @@ class LikelihoodScorer:
         targets = ids[:, width - keep + 1 :]
         lp = torch.log_softmax(logits[:, :-1, :], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         lp = lp.cpu().numpy().astype(np.float64)
-        return [lp[r, lp.shape[1] - k :] if k else lp[r, :0] for r, k in enumerate(n_scored)]
+        nxt = torch.log_softmax(logits[:, -1, :], dim=-1)[:, list(next_ids)].cpu().numpy().astype(np.float64)
+        return [lp[r, lp.shape[1] - k :] if k else lp[r, :0] for r, k in enumerate(n_scored)], nxt
 
     def _shared_prefix(self, jobs: list[tuple[list[int], int]]) -> tuple[int, Any] | None:
         """KV cache of the longest token prefix all jobs share, leaving each job at least
@@ -394,7 +479,7 @@ class LikelihoodScorer:
     def fingerprint(self) -> dict[str, Any]:
         return {
             "kind": "likelihood",
-            "version": SCORER_VERSION,
+            "version": LIKELIHOOD_VERSION,
             "model": str(self.path),
             "model_hash": model_hash(self.path),
             "max_length": self.config.max_length,
@@ -428,9 +513,13 @@ class LikelihoodScorer:
                 cond_job.append(-1)
                 neutral_job.append(-1)
                 continue
-            tail = [] if cut else self.end_ids
+            # A judge question needs the answer's turn closed even when the answer was cut.
+            tail = self.end_ids + self.judge_ids if self.judge_ids else [] if cut else self.end_ids
             cond_job.append(len(jobs))
             jobs.append((prompt + answer + tail, len(answer) + len(tail)))
+            if not self.neutral:
+                neutral_job.append(-1)
+                continue
             # The neutral pass scores the same answer tokens; its prompt is short, so it fits.
             key = tuple(answer)
             if key not in neutral_of_answer:
@@ -441,6 +530,8 @@ class LikelihoodScorer:
             neutral_job.append(neutral_of_answer[key])
 
         results: list[np.ndarray | None] = [None] * len(jobs)
+        candidates = self.yes_ids + self.no_ids if self.judge_ids else []
+        next_lp = np.zeros((len(jobs), len(candidates)))
         # Batches by token count rather than rows would be finer; rows sorted by length
         # already remove most padding.
         if self._sort_by_length:
@@ -454,14 +545,19 @@ class LikelihoodScorer:
             self.last_prefix_len = prefix[0] if prefix else 0
             self.last_tokens -= (len(jobs) - 1) * self.last_prefix_len
             for batch in tqdm(batches, desc="likelihood scoring", disable=not progress, unit="batch"):
-                out = self._forward_logprobs([jobs[j][0] for j in batch], [jobs[j][1] for j in batch], prefix)
+                out, nxt = self._forward_logprobs(
+                    [jobs[j][0] for j in batch], [jobs[j][1] for j in batch], prefix, candidates
+                )
                 for j, lp in zip(batch, out):
                     results[j] = lp
+                next_lp[batch] = nxt
 
         nan = float("nan")
         lp_answer = np.full(n, nan)
         lp_neutral = np.full(n, nan)
         lp_end = np.full(n, nan)
+        judge = np.full(n, nan)
+        n_yes, n_end = len(self.yes_ids), len(self.end_ids)
         for i in range(n):
             if cond_job[i] < 0:
                 continue
@@ -469,18 +565,23 @@ class LikelihoodScorer:
             k = int(answer_len[i])
             lp_answer[i] = float(cond[:k].mean())
             if not truncated[i] and len(cond) > k:
-                lp_end[i] = float(cond[k:].sum())
-            lp_neutral[i] = float(results[neutral_job[i]].mean())
-        return pd.DataFrame(
-            {
-                "lp_answer": lp_answer,
-                "lp_answer_neutral": lp_neutral,
-                "pmi": lp_answer - lp_neutral,
-                "lp_end": lp_end,
-                "answer_truncated": truncated,
-                "answer_tokens": answer_len,
-            }
-        )
+                lp_end[i] = float(cond[k : k + n_end].sum())
+            if neutral_job[i] >= 0:
+                lp_neutral[i] = float(results[neutral_job[i]].mean())
+            if self.judge_ids:
+                lp = next_lp[cond_job[i]]
+                judge[i] = float(np.logaddexp.reduce(lp[:n_yes]) - np.logaddexp.reduce(lp[n_yes:]))
+        columns = {
+            "lp_answer": lp_answer,
+            "lp_answer_neutral": lp_neutral,
+            "pmi": lp_answer - lp_neutral,
+            "lp_end": lp_end,
+            "answer_truncated": truncated,
+            "answer_tokens": answer_len,
+        }
+        if self.judge_ids:
+            columns["judge"] = judge  # log-odds of yes against no
+        return pd.DataFrame(columns)
 
     @staticmethod
     def combine(features: pd.DataFrame) -> pd.Series:
@@ -489,6 +590,195 @@ class LikelihoodScorer:
         q = W_ANSWER * features["lp_answer"] + W_PMI * features["pmi"] + W_END * end
         q = q.where(features["answer_tokens"] > 0, EMPTY_SCORE)
         return q.astype(np.float64)
+
+    def score(
+        self,
+        instructions: Sequence[str],
+        inputs: Sequence[str],
+        outputs: Sequence[str],
+        progress: bool = True,
+    ) -> pd.DataFrame:
+        feats = self.features(instructions, inputs, outputs, progress=progress)
+        feats.insert(0, "quality_score", self.combine(feats))
+        return feats
+
+
+# ----------------------------------------------------------------------------- preference
+
+# Asked after the answer, in the same conversation (LikelihoodScorer's judge).
+JUDGE_QUESTION = "Was your answer correct, complete and helpful? Answer yes or no."
+
+_WORDS = re.compile(r"\w+")
+_LIST_LINE = re.compile(r"^\s*(\d+[.)]|[-*\u2022])\s+")
+_REFUSAL = re.compile(
+    r"\b(i'?m sorry|i am sorry|i cannot|i can'?t|i am unable|i'?m unable|as an ai|i do not know|i don'?t know)\b",
+    re.IGNORECASE,
+)
+
+
+def _ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def text_features(instruction: str, input_text: str, output: str) -> dict[str, float]:
+    """Pure-Python statistics of one answer that are not its length.
+
+    copy_input: share of the answer's word 4-grams found in the input (an answer that
+    repeats its input instead of working on it); repeated_trigrams: share of the answer's
+    word 3-grams that are repeats (loops); distinct_words: distinct / all words;
+    lines: log(1 + non-blank lines); list_lines: share of lines that are list items;
+    digits: share of characters that are digits; ends_sentence: the answer ends with
+    closing punctuation (not cut off); refusal: an apology or refusal phrase.
+    """
+    words = [w.lower() for w in _WORDS.findall(output)]
+    lines = [line for line in output.splitlines() if line.strip()]
+    grams4 = _ngrams(words, 4)
+    source4 = set(_ngrams([w.lower() for w in _WORDS.findall(input_text)], 4))
+    grams3 = _ngrams(words, 3)
+    stripped = output.rstrip()
+    return {
+        "copy_input": sum(g in source4 for g in grams4) / len(grams4) if grams4 else 0.0,
+        "repeated_trigrams": 1.0 - len(set(grams3)) / len(grams3) if grams3 else 0.0,
+        "distinct_words": len(set(words)) / len(words) if words else 0.0,
+        "lines": math.log1p(len(lines)),
+        "list_lines": sum(bool(_LIST_LINE.match(line)) for line in lines) / len(lines) if lines else 0.0,
+        "digits": sum(c.isdigit() for c in output) / len(output) if output else 0.0,
+        "ends_sentence": float(stripped[-1:] in tuple(".!?)\"'`]}")) if stripped else 0.0,
+        "refusal": float(bool(_REFUSAL.search(output))),
+    }
+
+
+class PreferenceHead(BaseModel):
+    """A linear Bradley-Terry head: score = Σ weight · (feature − mean) / scale.
+
+    Means and scales are fixed numbers from the fit (never recomputed from the rows being
+    scored), so every row's score depends on that row alone."""
+
+    model_config = ConfigDict(extra="allow")
+
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+
+    def apply(self, frame: pd.DataFrame) -> np.ndarray:
+        missing = [f for f in self.features if f not in frame.columns]
+        if missing:
+            raise ValueError(f"preference head needs features {missing}, which the scorer did not compute")
+        x = frame[self.features].to_numpy(dtype=np.float64)
+        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
+        return z @ np.asarray(self.weights)
+
+
+def load_preference_head(path: Path = PREFERENCE_HEAD_FILE) -> PreferenceHead:
+    if not path.is_file():
+        raise ValueError(f"the preference scorer's head {path} is missing (run benchmarks/quality_scorer.py --fit)")
+    head = PreferenceHead.model_validate_json(path.read_text())
+    n = len(head.features)
+    if not (len(head.mean) == len(head.scale) == len(head.weights) == n) or min(head.scale, default=1) <= 0:
+        raise ValueError(f"{path}: features, mean, scale and weights must have one length and positive scales")
+    return head
+
+
+class PreferenceScorer:
+    """Offline scorer calibrated to human preference pairs (module docstring).
+
+    Features per row (all columns of ``features``):
+
+    * from SmolLM2 (LikelihoodScorer's two passes, plus the judge question read off the
+      conditional pass): ``lp_answer``, ``lp_answer_neutral``, ``pmi``, ``lp_end``,
+      ``answer_tokens``, ``judge``; derived: ``info`` = total surprisal of the answer in
+      nats (−lp_answer × answer_tokens: how much the answer says that the model could not
+      guess), ``log_info`` = log(1 + info), ``lp_end_clipped`` (as the likelihood score);
+    * from MiniLM: ``sim_question`` (answer vs instruction + input), ``sim_instruction``
+      (answer vs instruction alone), ``sim_input`` (answer vs the input, or the instruction
+      when there is none);
+    * ``text_features``.
+
+    The head (``mods/quality_head.json``) picks its features from these by name.
+    """
+
+    def __init__(self, config: ScorerConfig, head: PreferenceHead | None = None) -> None:
+        self.config = config
+        self.head = head or load_preference_head()
+        needs = set(self.head.features)
+        self.lm = LikelihoodScorer(
+            config,
+            judge_question=JUDGE_QUESTION if "judge" in needs else None,
+            neutral=bool(needs & {"lp_answer_neutral", "pmi"}),
+        )
+        self.path, self.device, self.dtype = self.lm.path, self.lm.device, self.lm.dtype
+        self.embedder = None
+        if needs & {"sim_question", "sim_instruction", "sim_input"}:
+            from sentence_transformers import SentenceTransformer
+
+            from mods.embedding import resolve_embedding_model
+
+            self.embedding_path = Path(resolve_embedding_model(config.embedding_model))
+            self.embedder = SentenceTransformer(str(self.embedding_path), device=str(self.device))
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = {
+            **self.lm.fingerprint(),
+            "kind": "preference",
+            "version": PREFERENCE_VERSION,
+            "judge_question": self.lm.judge_question,
+            "neutral_pass": self.lm.neutral,
+            "head": hashlib.sha256(self.head.model_dump_json().encode()).hexdigest()[:16],
+        }
+        del fp["weights"]  # the likelihood score's weights play no part here
+        if self.embedder is not None:
+            fp["embedding_model"] = str(self.embedding_path)
+            fp["embedding_model_hash"] = model_hash(self.embedding_path)
+        return fp
+
+    def _similarities(self, instructions: list[str], inputs: list[str], outputs: list[str]) -> pd.DataFrame:
+        from mods.prompts import user_message
+
+        # Each distinct text is embedded once (instructions repeat across a pool's rows).
+        texts = list(dict.fromkeys([*instructions, *(user_message(a, b) for a, b in zip(instructions, inputs)),
+                                    *(b or a for a, b in zip(instructions, inputs)), *outputs]))
+        vectors = self.embedder.encode(texts, batch_size=self.config.batch_size, convert_to_numpy=True,
+                                       normalize_embeddings=True, show_progress_bar=False)
+        at = {t: i for i, t in enumerate(texts)}
+
+        def cos(left: list[str], right: list[str]) -> np.ndarray:
+            a = vectors[[at[t] for t in left]].astype(np.float64)
+            b = vectors[[at[t] for t in right]].astype(np.float64)
+            return (a * b).sum(axis=1)
+
+        return pd.DataFrame({
+            "sim_question": cos([user_message(a, b) for a, b in zip(instructions, inputs)], outputs),
+            "sim_instruction": cos(instructions, outputs),
+            "sim_input": cos([b or a for a, b in zip(instructions, inputs)], outputs),
+        })
+
+    def features(
+        self,
+        instructions: Sequence[str],
+        inputs: Sequence[str],
+        outputs: Sequence[str],
+        progress: bool = True,
+    ) -> pd.DataFrame:
+        """Every feature the head may use, one row per input row (no quality_score)."""
+        n = _check_lengths(instructions, inputs, outputs)
+        ins = [_text(x) for x in instructions]
+        inp = [_text(x) for x in inputs]
+        out = [_text(x) for x in outputs]
+        feats = self.lm.features(ins, inp, out, progress=progress)
+        feats["info"] = -feats["lp_answer"].fillna(0.0) * feats["answer_tokens"]
+        feats["log_info"] = np.log1p(feats["info"].clip(lower=0.0))
+        feats["lp_end_clipped"] = feats["lp_end"].fillna(END_FILL).clip(lower=END_FLOOR, upper=0.0)
+        text = pd.DataFrame([text_features(a, b, c) for a, b, c in zip(ins, inp, out)], index=range(n))
+        feats = pd.concat([feats, text], axis=1)
+        if self.embedder is not None and n:
+            feats = pd.concat([feats, self._similarities(ins, inp, out)], axis=1)
+        return feats
+
+    def combine(self, features: pd.DataFrame) -> pd.Series:
+        """quality_score from the features: the head's logit, EMPTY_SCORE for an empty answer."""
+        q = pd.Series(self.head.apply(features.fillna({c: 0.0 for c in self.head.features})), index=features.index)
+        return q.where(features["answer_tokens"] > 0, EMPTY_SCORE).astype(np.float64)
 
     def score(
         self,

@@ -50,7 +50,8 @@ def _rm(path: Path, **kw) -> RewardModelScorer:
 def _lik(path: Path, **kw) -> LikelihoodScorer:
     kw.setdefault("max_length", 256)
     kw.setdefault("batch_size", 4)
-    return build_scorer(ScorerConfig(model=str(path), device="cpu", precision="float32", **kw))  # type: ignore[return-value]
+    cfg = ScorerConfig(kind="likelihood", model=str(path), device="cpu", precision="float32", **kw)
+    return build_scorer(cfg)  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- config
@@ -59,7 +60,8 @@ def _lik(path: Path, **kw) -> LikelihoodScorer:
 def test_config_fields_are_described() -> None:
     for name, field in ScorerConfig.model_fields.items():
         assert field.description, name
-    assert ScorerConfig().kind == "likelihood"
+    # The default changed to 'preference' when it beat 'likelihood' on held-out human pairs (README).
+    assert ScorerConfig().kind == "preference"
 
 
 def test_length_mismatch_is_error(tiny_rm: Path) -> None:
@@ -191,7 +193,8 @@ def test_likelihood_fingerprint(tiny_llama: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_smollm2_prefers_correct_answer_to_shuffled() -> None:
+@pytest.mark.parametrize("kind", ["preference", "likelihood"])
+def test_smollm2_prefers_correct_answer_to_shuffled(kind: str) -> None:
     rows = [
         ("What is the capital of France?", "", "The capital of France is Paris."),
         ("Give three tips for staying healthy.", "",
@@ -201,7 +204,7 @@ def test_smollm2_prefers_correct_answer_to_shuffled() -> None:
     ]
     rng = np.random.default_rng(0)
     shuffled = [" ".join(rng.permutation(o.split())) for _, _, o in rows]
-    scorer = build_scorer(ScorerConfig(batch_size=8, max_length=256))
+    scorer = build_scorer(ScorerConfig(kind=kind, batch_size=8, max_length=256))
     ins = [r[0] for r in rows] * 2
     inp = [r[1] for r in rows] * 2
     out = [r[2] for r in rows] + shuffled
@@ -219,3 +222,157 @@ def test_likelihood_shortcuts_do_not_change_scores(tiny_llama: Path) -> None:
     plain._use_prefix_cache = plain._trim_logits = plain._sort_by_length = False
     slow = plain.features(INS, INP, OUT, progress=False)[cols].to_numpy()
     np.testing.assert_allclose(fast, slow, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- preference
+
+from mods.scoring import (  # noqa: E402
+    EMPTY_SCORE,
+    JUDGE_QUESTION,
+    PREFERENCE_HEAD_FILE,
+    SCORER_VERSION,
+    PreferenceHead,
+    PreferenceScorer,
+    load_preference_head,
+    text_features,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A tiny BERT with MiniLM's tokenizer stands in for MiniLM (sentence-transformers
+    # adds mean pooling to a plain encoder folder).
+    return make_tiny_reward_model(tmp_path_factory.mktemp("emb") / "emb")
+
+
+def _pref(llama: Path, embedder: Path, head: PreferenceHead | None = None, **kw) -> PreferenceScorer:
+    kw.setdefault("max_length", 256)
+    kw.setdefault("batch_size", 4)
+    cfg = ScorerConfig(kind="preference", model=str(llama), embedding_model=str(embedder), device="cpu",
+                       precision="float32", **kw)
+    return PreferenceScorer(cfg, head=head) if head else build_scorer(cfg)  # type: ignore[return-value]
+
+
+def test_shipped_head_loads_and_names_computable_features(tiny_llama: Path, tiny_embedder: Path) -> None:
+    head = load_preference_head()
+    assert head.features and len(head.weights) == len(head.features)
+    assert any(w != 0 for w in head.weights)
+    # Every feature the head names is one the scorer computes.
+    feats = _pref(tiny_llama, tiny_embedder).features(INS[:2], INP[:2], OUT[:2], progress=False)
+    assert set(head.features) <= set(feats.columns)
+    assert PREFERENCE_HEAD_FILE.name in str(PREFERENCE_HEAD_FILE) and "preference" in SCORER_VERSION
+
+
+def test_preference_one_finite_score_per_row_in_order(tiny_llama: Path, tiny_embedder: Path) -> None:
+    scorer = _pref(tiny_llama, tiny_embedder)
+    assert isinstance(scorer, PreferenceScorer)
+    base = scorer.score(INS, INP, OUT, progress=False)
+    assert len(base) == len(INS) and base["quality_score"].dtype == np.float64
+    assert np.isfinite(base["quality_score"]).all()
+    perm = [3, 0, 4, 2, 1]
+    permuted = _pref(tiny_llama, tiny_embedder, batch_size=2).score(
+        [INS[i] for i in perm], [INP[i] for i in perm], [OUT[i] for i in perm], progress=False
+    )
+    np.testing.assert_allclose(permuted["quality_score"], base["quality_score"].to_numpy()[perm], atol=1e-4)
+    # A row's score depends on that row alone: scored by itself it gets the same value.
+    alone = scorer.score(INS[2:3], INP[2:3], OUT[2:3], progress=False)["quality_score"].iloc[0]
+    assert alone == pytest.approx(base["quality_score"].iloc[2], abs=1e-4)
+
+
+def test_preference_is_deterministic_for_identical_calls(tiny_llama: Path, tiny_embedder: Path) -> None:
+    scorer = _pref(tiny_llama, tiny_embedder)
+    first = scorer.score(INS, INP, OUT, progress=False)["quality_score"].to_numpy()
+    second = _pref(tiny_llama, tiny_embedder).score(INS, INP, OUT, progress=False)["quality_score"].to_numpy()
+    assert first.tobytes() == second.tobytes()
+
+
+def test_preference_empty_answer_scores_lowest(tiny_llama: Path, tiny_embedder: Path) -> None:
+    df = _pref(tiny_llama, tiny_embedder).score(["Say hi."] * 2, ["", None], ["Hi!", ""], progress=False)  # type: ignore[list-item]
+    assert df["quality_score"].iloc[1] == EMPTY_SCORE < df["quality_score"].iloc[0]
+
+
+def test_judge_question_leaves_log_probs_unchanged(tiny_llama: Path) -> None:
+    cfg = ScorerConfig(kind="likelihood", model=str(tiny_llama), device="cpu", precision="float32", max_length=256, batch_size=2)
+    plain = LikelihoodScorer(cfg).features(INS, INP, OUT, progress=False)
+    judged_scorer = LikelihoodScorer(cfg, judge_question=JUDGE_QUESTION)
+    assert judged_scorer.tokenizer.decode(judged_scorer.judge_ids).count("correct, complete and helpful") == 1
+    judged = judged_scorer.features(INS, INP, OUT, progress=False)
+    cols = ["lp_answer", "lp_answer_neutral", "lp_end"]
+    np.testing.assert_allclose(judged[cols].to_numpy(), plain[cols].to_numpy(), atol=1e-4)
+    assert np.isfinite(judged["judge"]).all() and "judge" not in plain.columns
+    assert judged["judge"].nunique() > 1  # read per row, not a constant
+
+
+def test_head_uses_fixed_statistics_not_the_batch(tiny_llama: Path, tiny_embedder: Path) -> None:
+    head = PreferenceHead(features=["lp_answer", "copy_input"], mean=[-5.0, 0.0], scale=[2.0, 0.5], weights=[1.0, -2.0])
+    df = _pref(tiny_llama, tiny_embedder, head=head).score(INS, INP, OUT, progress=False)
+    expected = (df["lp_answer"] + 5.0) / 2.0 - 2.0 * df["copy_input"] / 0.5
+    np.testing.assert_allclose(df["quality_score"], expected, atol=1e-9)
+    with pytest.raises(ValueError, match="needs features"):
+        PreferenceHead(features=["nope"], mean=[0.0], scale=[1.0], weights=[1.0]).apply(df)
+
+
+def test_preference_fingerprint_names_both_models_and_the_head(tiny_llama: Path, tiny_embedder: Path) -> None:
+    fp = _pref(tiny_llama, tiny_embedder).fingerprint()
+    assert fp["kind"] == "preference" and fp["model_hash"] and fp["embedding_model_hash"] and fp["head"]
+    other = PreferenceHead(features=["lp_answer"], mean=[0.0], scale=[1.0], weights=[1.0])
+    assert _pref(tiny_llama, tiny_embedder, head=other).fingerprint()["head"] != fp["head"]
+
+
+def test_text_features_known_values() -> None:
+    echo = text_features("Rewrite it.", "the cat sat on the mat today", "the cat sat on the mat today")
+    assert echo["copy_input"] == 1.0
+    loop = text_features("Say something.", "", "I like it. " * 20)
+    assert loop["repeated_trigrams"] > 0.8 and loop["distinct_words"] < 0.2
+    fresh = text_features("Name fruits.", "", "1. Apple\n2. Banana\n3. Cherry")
+    assert fresh["list_lines"] == 1.0 and fresh["repeated_trigrams"] == 0.0 and fresh["copy_input"] == 0.0
+    assert text_features("Do it.", "", "I'm sorry, I cannot do that.")["refusal"] == 1.0
+    assert text_features("Do it.", "", "Done")["ends_sentence"] == 0.0
+    assert text_features("Do it.", "", "")["distinct_words"] == 0.0  # empty: no division by zero
+
+
+@pytest.mark.flow
+def test_pipeline_quality_and_necessity_with_preference_scorer(prefect_harness, tiny_llama_dir: Path,
+                                                               tiny_embedder: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import mods.generation
+    from flows.mods_pipeline import mods_pipeline
+    from test_flow import tiny_config
+
+    from mods.config import PipelineConfig
+
+    real_generate = mods.generation.generate_answers
+
+    def generate_with_text(model, tokenizer, instructions, inputs, config, progress=True):
+        # The tiny random seed model answers with newlines only (stripped to ""), and every
+        # empty answer gets the same fixed score; give each row some text of its own so the
+        # necessity stage has answers to score.
+        answers = real_generate(model, tokenizer, instructions, inputs, config, progress=progress)
+        return [a or f"Some words on {ins.lower()}" for a, ins in zip(answers, instructions)]
+
+    monkeypatch.setattr(mods.generation, "generate_answers", generate_with_text)
+    values = tiny_config(tmp_path, tiny_llama_dir).model_dump(mode="json")
+    values["quality"]["scorer"].update({"kind": "preference", "embedding_model": str(tiny_embedder)})
+    config = PipelineConfig.model_validate(values)
+    state = mods_pipeline(config=config, return_state=True)
+    assert state.is_completed(), state.message
+
+    artifacts = Path(config.workspace) / "artifacts"
+
+    def table(stage: str, name: str) -> pd.DataFrame:
+        (folder,) = [p for p in (artifacts / stage).iterdir() if not p.name.startswith(".")]
+        return pd.read_parquet(folder / name)
+
+    scores = table("quality", "scores.parquet")
+    assert len(scores) == 40 and np.isfinite(scores["quality_score"]).all()
+    assert scores["quality_score"].nunique() > 1
+    necessity = table("necessity", "necessity.parquet")
+    answers = table("answers", "answers.parquet").set_index("id").loc[necessity["id"]]
+    assert len(necessity) > 0 and np.isfinite(necessity["necessity_score"]).all()
+    # The necessity stage scored the seed model's answers with the preference scorer.
+    direct = build_scorer(config.quality.scorer).score(
+        answers["instruction"].tolist(), answers["input"].tolist(), answers["seed_answer"].tolist(), progress=False
+    )["quality_score"].to_numpy()
+    # (to batching noise: the stage scores blocks of batch_size rows, this call all rows at once)
+    np.testing.assert_allclose(necessity["necessity_score"].to_numpy(), direct, atol=2e-3)
+    assert necessity["necessity_score"].nunique() > 1
