@@ -233,7 +233,7 @@ def human_benchmark(args: argparse.Namespace) -> int:
     # The likelihood scorer's score from the same log-probability columns (the judge
     # question after the answer cannot change them: attention is causal).
     lik = LikelihoodScorer.combine(feats).to_numpy()
-    add("likelihood", "fixed weights", lik[ia], lik[ib], corruption_accuracy(LikelihoodScorer.combine(check_feats)))
+    add("likelihood (the previous default)", "fixed weights", lik[ia], lik[ib], corruption_accuracy(LikelihoodScorer.combine(check_feats)))
     la, lb = length_only(pairs.answer_a, pairs.answer_b)
     length_all, _ = add("length only (characters)", "no fit", la, lb,
                         corruption_accuracy(check_rows.output.str.len()))
@@ -279,7 +279,7 @@ def human_benchmark(args: argparse.Namespace) -> int:
 
         shipped = load_preference_head()
         s = shipped.apply(feats)
-        add("shipped head (in-sample: fitted on these pairs)", "not a measurement", s[ia], s[ib],
+        add("shipped head, in-sample (fitted on all these pairs)", "not a measurement", s[ia], s[ib],
             corruption_accuracy(shipped.apply(check_feats)))
 
     speeds = time_scorers(cfg, rows.sample(frac=1.0, random_state=0), args.timing_rows) if args.timing_rows else {}
@@ -297,6 +297,7 @@ def human_benchmark(args: argparse.Namespace) -> int:
         sp = f"{speed:7.2f}" if speed else ""
         cr = "/".join(f"{100 * corr[k]:.0f}" for k in KINDS) if corr else ""
         print(f"{name:<58} {how:<26} {100 * overall:5.1f}% {100 * lm:10.1f}% {cr:>20} {sp:>7}")
+    print(f"{'reward-model (the paper)':<58} {'not measurable offline: no reward model ships with the package'}")
     if shipped is not None:
         print("\nshipped head weights (per standard deviation of each feature):")
         for f, w in sorted(zip(shipped.features, shipped.weights), key=lambda t: -abs(t[1])):
@@ -429,7 +430,7 @@ def corruption_benchmark(args: argparse.Namespace) -> int:
         print(f"\nflags: answer_truncated={int(feats.answer_truncated.sum())}")
 
     print(f"\nthroughput (this run, batch {args.batch_size}, sorted by length, LM head on answer positions only, {scorer.dtype}):")
-    print(f"  {4 * n / fast_s:6.2f} rows/s, {fast_tokens / fast_s:7.0f} tokens/s ({4 * n} rows, {fast_tokens} tokens incl. neutral passes, {fast_s:.1f} s)")
+    print(f"  {4 * n / fast_s:6.2f} rows/s, {fast_tokens / fast_s:7.0f} tokens/s ({4 * n} rows, {fast_tokens} tokens incl. any neutral passes, {fast_s:.1f} s)")
 
     if args.baseline_rows > 0 and isinstance(scorer, LikelihoodScorer):
         # Same rows as the start of the fast run, scored naively: one row per forward pass,
