@@ -32,11 +32,10 @@ from mods.artifacts import (
     as_workspace,
     fingerprint_files,
     hash_json,
-    read_marker,
     run_stage,
     write_parquet,
 )
-from mods.config import NecessityConfig, PipelineConfig, SampleConfig, SeedSelectionConfig
+from mods.config import PipelineConfig, SampleConfig, SeedSelectionConfig
 from mods.embedding import EmbeddingConfig
 from mods.faults import is_out_of_memory, release_accelerator_memory
 from mods.generation import GenerationConfig
@@ -835,9 +834,5 @@ def stage_params(config: PipelineConfig, sources: list[str]) -> dict[str, BaseMo
     }
 
 
-def outcome_summary(workspace: Workspace | str | Path, artifact: Artifact | Mapping[str, Any]) -> dict[str, Any]:
-    return read_marker(Artifact.model_validate(artifact).dir(workspace))["summary"]
-
-
 __all__ = ["STAGES", "PIPELINE", "ArtifactError", "execute", "plan_key", "plan_rows", "run_shard", "compute_rows",
-           "stage_params", "NecessityConfig"]
+           "stage_params"]
