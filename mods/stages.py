@@ -410,7 +410,10 @@ def _scorer_identity(params: ScoringParams, _: Mapping[str, Artifact] | None = N
     from mods.scoring import SCORER_VERSION
 
     # The scorer's own definition version: a changed formula must not reuse old scores.
-    return [model_fingerprint(params.scorer.model), f"scorer:{SCORER_VERSION}"]
+    # The embedding model too (the preference scorer's similarities): a changed local
+    # folder must not reuse old scores.
+    return [model_fingerprint(params.scorer.model), model_fingerprint(getattr(params.scorer, "embedding_model", None)),
+            f"scorer:{SCORER_VERSION}"]
 
 
 def _train_key(params: TrainingParams) -> list[str]:

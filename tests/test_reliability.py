@@ -59,9 +59,16 @@ def mods(tmp_path: Path, *args: str, timeout: float = 600, **popen) -> subproces
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def _as_in_a_terminal() -> None:
+    # A shell starts background jobs with SIGINT ignored, and the ignored disposition is
+    # inherited (CI or `make test &` may run us so); a terminal's foreground job has the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_mods(tmp_path: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=cli_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_as_in_a_terminal)
 
 
 def computed_stages(stdout: str) -> list[str]:
