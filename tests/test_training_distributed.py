@@ -107,8 +107,11 @@ def start_driver(tmp_path: Path, model: Path, config: TrainConfig, out: Path, ch
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "driver.py").write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # preexec_fn: Ctrl-C works as in a terminal's foreground job even when this test runs in
+    # a background job, whose children a shell starts with SIGINT ignored (inherited).
     return subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "spec.json")],
-                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def newest_step(checkpoints: Path) -> int:
