@@ -66,14 +66,17 @@ def test_shards_fan_out_over_two_gpu_workers(prefect_harness, tiny_llama_dir: Pa
         # CPU stages ran in the pipeline's process; GPU stages came back from the workers' artifacts.
         assert set(stage_states(state)) == set(ALL)
 
-        # Both workers took shards of the quality stage, at the same time.
-        by_worker = {name: {str(r.id) for r in runs if r.name.startswith("quality-shard") and str(r.id) in text}
-                     for name, text in logs.items()}
-        assert by_worker["gpu-a"] and by_worker["gpu-b"], by_worker
+        # Both workers took shards of the quality stage; and for some row-wise stage, both
+        # worked on its shards at the same time (which stage depends on timing).
+        def shards_of(stage: str, worker: str) -> set[str]:
+            return {str(r.id) for r in runs if r.name.startswith(f"{stage}-shard") and str(r.id) in logs[worker]}
+
+        assert shards_of("quality", "gpu-a") and shards_of("quality", "gpu-b")
         spans = {str(r.id): (r.start_time, r.end_time) for r in runs}
         overlap = any(spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
-                      for a in by_worker["gpu-a"] for b in by_worker["gpu-b"])
-        assert overlap, "the two workers never ran quality shards at the same time"
+                      for stage in ("quality", "embed", "answers", "necessity")
+                      for a in shards_of(stage, "gpu-a") for b in shards_of(stage, "gpu-b"))
+        assert overlap, "the two workers never ran shards of one stage at the same time"
 
         # The same bytes as a run in one process with one shard.
         local = tiny_config(tmp_path, tiny_llama_dir, workspace="local", rows_per_shard=1000)
