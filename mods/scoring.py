@@ -769,10 +769,14 @@ class PreferenceScorer:
         feats["info"] = -feats["lp_answer"].fillna(0.0) * feats["answer_tokens"]
         feats["log_info"] = np.log1p(feats["info"].clip(lower=0.0))
         feats["lp_end_clipped"] = feats["lp_end"].fillna(END_FILL).clip(lower=END_FLOOR, upper=0.0)
-        text = pd.DataFrame([text_features(a, b, c) for a, b, c in zip(ins, inp, out)], index=range(n))
+        # Columns named explicitly: an empty block (necessity with nothing left) still has them.
+        text = pd.DataFrame([text_features(a, b, c) for a, b, c in zip(ins, inp, out)], index=range(n),
+                            columns=list(text_features("", "", "")), dtype=np.float64)
         feats = pd.concat([feats, text], axis=1)
-        if self.embedder is not None and n:
-            feats = pd.concat([feats, self._similarities(ins, inp, out)], axis=1)
+        if self.embedder is not None:
+            similarities = (self._similarities(ins, inp, out) if n else
+                            pd.DataFrame(columns=["sim_question", "sim_instruction", "sim_input"], dtype=np.float64))
+            feats = pd.concat([feats, similarities], axis=1)
         return feats
 
     def combine(self, features: pd.DataFrame) -> pd.Series:

@@ -291,6 +291,14 @@ def test_preference_empty_answer_scores_lowest(tiny_llama: Path, tiny_embedder: 
     assert df["quality_score"].iloc[1] == EMPTY_SCORE < df["quality_score"].iloc[0]
 
 
+def test_preference_empty_block_has_every_column(tiny_llama: Path, tiny_embedder: Path) -> None:
+    # Necessity with nothing left to answer sends an empty block: columns as for one row.
+    scorer = _pref(tiny_llama, tiny_embedder)
+    empty = scorer.score([], [], [], progress=False)
+    one = scorer.score(INS[:1], INP[:1], OUT[:1], progress=False)
+    assert len(empty) == 0 and list(empty.columns) == list(one.columns)
+
+
 def test_judge_question_leaves_log_probs_unchanged(tiny_llama: Path) -> None:
     cfg = ScorerConfig(kind="likelihood", model=str(tiny_llama), device="cpu", precision="float32", max_length=256, batch_size=2)
     plain = LikelihoodScorer(cfg).features(INS, INP, OUT, progress=False)
