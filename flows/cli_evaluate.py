@@ -43,7 +43,7 @@ def load_evaluation_config(config_file: str | None, sets: list[str], workspace: 
     from pydantic import ValidationError
 
     from mods.config import deep_update, set_dotted
-    from mods.evaluation import EvaluationConfig
+    from mods.config import EvaluationConfig
 
     values: dict[str, Any] = {}
     file_workspace = None

@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from mods.config import ExecutionConfig
+from mods.config import EvaluationConfig, ExecutionConfig
 from mods.evaluation import (
     EVALUATION_JSON,
     EVALUATION_PNG,
@@ -27,7 +27,6 @@ from mods.evaluation import (
     AgreementParams,
     AnswersParams,
     BaselineParams,
-    EvaluationConfig,
     JudgeParams,
     PromptsParams,
     ReportParams,

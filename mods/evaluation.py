@@ -27,7 +27,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,93 +46,18 @@ from mods.artifacts import (
     write_parquet,
 )
 from mods.generation import GenerationConfig
+from mods.config import Baseline, JudgeKind
 from mods.judges import LLMJudgeConfig, count_outcomes, winning_score
 from mods.scoring import ScorerConfig
 from mods.stages import Stage, declare, model_fingerprint, read_table
-from mods.testsets import PAPER_TEST_SETS
 from mods.training import TrainConfig
 
-Baseline = Literal["random", "quality_top", "seed_only", "full"]
-JudgeKind = Literal["scorer", "llm"]
 MODS = "mods"
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_PNG = "evaluation.png"
 REPORT_MD = "report.md"
 
-DEFAULT_TEST_SETS_DIR = "../shared/data/testsets"
-DEFAULT_PREFERENCES = "../shared/data/preferences/pandalm_testset_v1.json"
-
-
-class EvaluationConfig(BaseModel):
-    """How a finished MoDS run is evaluated (the ``mods-evaluate`` flow's form)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    export_key: str | None = Field(
-        None, description="Which finished pipeline run (its export artifact key); empty = the latest one."
-    )
-    test_sets_dir: str = Field(
-        DEFAULT_TEST_SETS_DIR, description="Folder holding the paper's five test sets (relative to the working folder)."
-    )
-    test_sets: list[Literal["koala", "wizardlm", "selfinstruct", "vicuna", "lima"]] = Field(
-        default=list(PAPER_TEST_SETS), description="Which of the paper's test sets to use."
-    )
-    test_files: list[str] = Field(
-        default=[],
-        description="Your own prompt files (JSON, JSON lines, CSV, Parquet; a prompt/instruction/question field per "
-        "record, optionally input and reference/output): each becomes a test set named by its file name.",
-    )
-    prompts_per_set: int | None = Field(
-        5, ge=1, description="Prompts drawn (seeded) per test set that every model answers; empty = all (the paper)."
-    )
-    reference_rows_per_set: int | None = Field(
-        16, ge=1,
-        description="Prompts with a reference answer (Self-instruct, Vicuna's GPT-4 references) whose reference "
-        "log-likelihood is measured per model; empty = all.",
-    )
-    seed: int = Field(0, description="Seed of the prompt draw, the preference-pair draw and the random baseline.")
-    baselines: list[Baseline] = Field(
-        default=["random", "quality_top", "seed_only"],
-        description="Models trained on other data of the selection's size, with the run's final-training settings: "
-        "'random' (sampled pool), 'quality_top' (best quality scores), 'seed_only' (k-center without necessity); "
-        "'full' = every high-quality row (not the same size).",
-    )
-    judge: list[JudgeKind] = Field(
-        default=["scorer"],
-        description="Judges: 'scorer' (the run's quality scorer scores both answers) and/or 'llm' (a local causal LM "
-        "reads the paper's pairwise judging prompt, both orders; ~2 s per judged pair on 2 CPU cores with the "
-        "packaged 135M model, so not in the CPU default).",
-    )
-    tie_margin: float = Field(
-        0.1, ge=0, description="Scorer judge: a score gap below this is a tie (likelihood scores are in nats)."
-    )
-    scorer: ScorerConfig | None = Field(
-        None, description="The scorer judge's scorer; empty = the quality scorer the pipeline run used."
-    )
-    llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig, description="The pairwise LLM judge.")
-    generation: GenerationConfig = Field(
-        default_factory=GenerationConfig,
-        description="How every model answers the test prompts (greedy, 64 new tokens by default: a CPU budget; the "
-        "paper's answers run to 1,024).",
-    )
-    reference_max_length: int = Field(
-        512, ge=16, description="Tokens of prompt + reference answer scored for the reference log-likelihood."
-    )
-    preferences: str = Field(
-        DEFAULT_PREFERENCES,
-        description="PandaLM human-preference file the judges are measured against (unanimous, non-tie pairs).",
-    )
-    agreement_pairs: int | None = Field(
-        64, ge=1,
-        description="Human pairs (seeded draw) each judge is measured on; empty = all 742 (the GPU setting: on 2 CPU "
-        "cores the LLM judge needs ~2 s per pair).",
-    )
-    trust_threshold: float = Field(
-        0.6, gt=0, le=1,
-        description="Agreement with people below which a judge's tables are reported as not trustworthy.",
-    )
-    progress: bool = Field(True, description="Show progress bars.")
 
 
 # --- the pipeline run being evaluated ---------------------------------------------------------

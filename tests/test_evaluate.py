@@ -262,6 +262,13 @@ def test_cli_config_sections_and_overrides(tmp_path: Path):
     workspace, config = load_evaluation_config(str(config_file), ["evaluation.judge=[llm]", "tie_margin=0.5"], None)
     assert workspace == "elsewhere" and config.prompts_per_set == 3 and config.judge == ["llm"]
     assert config.tie_margin == 0.5
+    # One file for both commands: `mods run` reads the same file, evaluation section included.
+    from mods.config import load_config
+    pipeline = load_config(config_file)
+    assert pipeline.sample.rows == 10 and pipeline.evaluation.prompts_per_set == 3
+    with pytest.raises(ValueError, match="evaluation"):
+        config_file.write_text("evaluation:\n  prompts_per_sett: 3\n")
+        load_config(config_file)
     assert load_evaluation_config(None, [], "ws2")[0] == "ws2"
     with pytest.raises(EvaluateUsageError, match="evaluation.baselines"):
         load_evaluation_config(None, ["baselines=[best]"], None)
@@ -290,7 +297,7 @@ def test_evaluation_flow_counts_sizes_and_rerun(prefect_harness, tiny_llama_dir:
 
     from flows.evaluate import mods_evaluate
     from flows.mods_pipeline import mods_pipeline
-    from mods.evaluation import EvaluationConfig
+    from mods.config import EvaluationConfig
 
     config = tiny_config(tmp_path, tiny_llama_dir)
     assert mods_pipeline(config=config, return_state=True).is_completed()
