@@ -85,13 +85,14 @@ def load_evaluation_config(config_file: str | None, sets: list[str], workspace: 
 
 def summary_lines(document: dict[str, Any]) -> list[str]:
     """MoDS against each baseline, summed over test sets, per judge, with the judge's trust."""
+    from mods.evaluation import agreement_phrase
+
     lines = []
     judges = [document["judge"]] if isinstance(document["judge"], str) else document["judge"]
     for judge in judges:
         agreement = document["judge_agreement"][judge]
-        value = agreement.get("agreement")
         trust = "usable" if agreement.get("trusted") else "NOT TRUSTWORTHY: no verdict"
-        lines.append(f"  {judge} judge (human agreement {value:.0%} on {agreement['pairs']} pairs: {trust})")
+        lines.append(f"  {judge} judge ({agreement_phrase(agreement)}: {trust})")
         for baseline in dict.fromkeys(c["b"] for c in document["comparisons"] if c["judge"] == judge):
             rows = [c for c in document["comparisons"] if c["judge"] == judge and c["b"] == baseline]
             w, t, lo = (sum(c[k] for c in rows) for k in ("win", "tie", "lose"))

@@ -49,7 +49,7 @@ from mods.generation import GenerationConfig
 from mods.config import Baseline, JudgeKind
 from mods.judges import LLMJudgeConfig, count_outcomes, winning_score
 from mods.scoring import ScorerConfig
-from mods.stages import Stage, declare, model_fingerprint, read_table
+from mods.stages import Stage, declare, model_fingerprint, read_table, scorer_identity
 from mods.training import TrainConfig
 
 MODS = "mods"
@@ -302,8 +302,26 @@ def comparison_rows(judge: str, a: str, b: str, judged: pd.DataFrame, test_sets:
     return rows
 
 
+def trust_figure(agreement: Mapping[str, Any] | None) -> float | None:
+    """The agreement a judge is trusted on: measured on the pairs, or, where the judge was
+    fitted on those very pairs (in-sample), its cross-validated figure."""
+    if not agreement:
+        return None
+    return agreement.get("held_out_agreement") if agreement.get("in_sample") else agreement.get("agreement")
+
+
+def agreement_phrase(agreement: Mapping[str, Any]) -> str:
+    """How the report, the chart and the command state a judge's agreement with people."""
+    value = agreement.get("agreement")
+    text = f"{'?' if value is None else f'{value:.0%}'} human agreement on {agreement.get('pairs', '?')} pairs"
+    if agreement.get("in_sample"):
+        text += f" (in-sample: fitted on them; cross-validated {agreement['held_out_agreement']:.0%})"
+    return text
+
+
 def trusted(agreement: Mapping[str, Any] | None, threshold: float) -> bool:
-    return bool(agreement) and agreement.get("agreement") is not None and agreement["agreement"] >= threshold
+    value = trust_figure(agreement)
+    return value is not None and value >= threshold
 
 
 def evaluation_document(judges: Sequence[str], comparisons: list[dict[str, Any]], reference: dict[str, dict[str, float]],
@@ -352,10 +370,9 @@ def plot_evaluation(document: Mapping[str, Any], path: Path) -> None:
         ax.invert_yaxis()
         ax.set_xticks([])
         agreement = document["judge_agreement"].get(judge, {})
-        value = agreement.get("agreement")
         verdict = "" if agreement.get("trusted") else " — NOT TRUSTWORTHY"
-        ax.set_title(f"MoDS vs {baseline}\n{JUDGE_TITLES.get(judge, judge)}: "
-                     f"{'?' if value is None else f'{value:.0%}'} human agreement{verdict}", fontsize=8)
+        ax.set_title(f"MoDS vs {baseline}\n{JUDGE_TITLES.get(judge, judge)}: {agreement_phrase(agreement)}{verdict}",
+                     fontsize=7)
         ax.legend(fontsize=7, loc="lower right", ncols=3, bbox_to_anchor=(1.0, -0.25), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
@@ -398,6 +415,12 @@ def report_markdown(document: Mapping[str, Any]) -> str:
             f"({lm.get('pairs', 0)}) | {_fmt(a.get('tie_rate'))} | {_fmt(a.get('length_only'))} | "
             f"{'usable' if a['trusted'] else '**not trustworthy**'} |"
         )
+    for judge in judges:
+        a = document["judge_agreement"][judge]
+        if a.get("in_sample"):
+            lines += ["", f"**In-sample:** {a['held_out_note']}. The figure above is on pairs the "
+                          f"{JUDGE_TITLES.get(judge, judge)} has seen; its trust is decided on the cross-validated "
+                          "figure."]
     untrusted = [j for j in judges if not document["judge_agreement"][j]["trusted"]]
     if untrusted:
         lines += ["", f"**No verdict from {', '.join(JUDGE_TITLES.get(j, j) for j in untrusted)}:** "
@@ -407,7 +430,7 @@ def report_markdown(document: Mapping[str, Any]) -> str:
     for judge in judges:
         rows = [c for c in document["comparisons"] if c["judge"] == judge]
         a = document["judge_agreement"][judge]
-        lines += ["", f"## {JUDGE_TITLES.get(judge, judge).capitalize()} — human agreement {_fmt(a['agreement'])}"
+        lines += ["", f"## {JUDGE_TITLES.get(judge, judge).capitalize()} — {agreement_phrase(a)}"
                       f"{'' if a['trusted'] else ' (not trustworthy)'}", "",
                   "| MoDS vs | test set | win | tie | lose | winning score |", "|---|---|---|---|---|---|"]
         for c in rows:
@@ -589,11 +612,9 @@ def judge_identity(params: JudgeParams) -> list[str]:
     """What a judge's verdicts depend on beyond its parameters: its model's files and the
     scorer's definition version, or the judging prompt."""
     from mods.judges import JUDGE_CRITERIA, JUDGE_SYSTEM, JUDGE_TEMPLATE
-    from mods.scoring import SCORER_VERSION
 
     if params.judge == "scorer":
-        model = params.scorer.model if params.scorer else None
-        return [model_fingerprint(model), f"scorer:{SCORER_VERSION}"]
+        return scorer_identity(params.scorer or ScorerConfig())
     model = params.llm.model if params.llm else None
     return [model_fingerprint(model), "prompt:" + hash_json([JUDGE_SYSTEM, JUDGE_TEMPLATE, JUDGE_CRITERIA])]
 
@@ -631,11 +652,35 @@ declare(Stage(StageSpec("evaluate_judge", "1", "gpu", "A judge compares two mode
               ("prompts", "answers_a", "answers_b"), JudgeParams, body=judge_body, extra_key=judge_identity))
 
 
+def fitted_on_these_pairs(params: AgreementParams) -> dict[str, Any] | None:
+    """For the preference scorer whose shipped head was fitted on this very preference file:
+    the head's cross-validated figures. Its agreement on these pairs is then in-sample (it has
+    seen them), so the trust decision uses the cross-validated figure instead."""
+    if params.judge != "scorer" or params.scorer is None or params.scorer.kind != "preference":
+        return None
+    from mods.scoring import load_preference_head
+
+    head = load_preference_head()
+    fitted_on = str(getattr(head, "fitted_on", "") or "")
+    held_out = getattr(head, "cross_validated", None) or {}
+    if Path(params.preferences).name not in fitted_on or "human_agreement" not in held_out:
+        return None
+    return {"fitted_on": fitted_on, **held_out}
+
+
 def agreement_body(ctx: StageContext, params: AgreementParams) -> dict[str, Any]:
     pairs = human_pair_sample(params.preferences, params.pairs, params.seed)
     result, detail = measure_judge(params.judge, pairs, progress=ctx.progress, **build_judge(params))
     result = {"judge": params.judge, "model": judge_label(params), "of_pairs": len(human_pair_sample(params.preferences, None, 0)),
               **result}
+    held_out = fitted_on_these_pairs(params)
+    if held_out is not None:
+        result["in_sample"] = True
+        result["held_out_agreement"] = held_out["human_agreement"]
+        result["held_out_note"] = (f"the scorer's head was fitted on these pairs ({held_out['fitted_on']}); "
+                                   f"cross-validated ({held_out.get('folds', 'grouped folds')}): "
+                                   f"{held_out['human_agreement']:.1%} agreement, "
+                                   f"{held_out.get('length_matched_agreement', float('nan')):.1%} on length-matched pairs")
     write_parquet(detail, ctx.out / "pairs.parquet")
     (ctx.out / "agreement.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

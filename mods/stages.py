@@ -406,14 +406,19 @@ def model_fingerprint(name: str | None) -> str:
     return f"name:{name}"
 
 
-def _scorer_identity(params: ScoringParams, _: Mapping[str, Artifact] | None = None) -> list[str]:
+def scorer_identity(scorer: ScorerConfig) -> list[str]:
+    """What a scorer's scores depend on beyond its configuration's values: the files of its
+    model and embedding model (the preference scorer's similarities), and the scorer's own
+    definition version (formulas and the shipped preference head's digest): a changed one
+    must not reuse old scores. The quality stages and the evaluation's scorer judge use it."""
     from mods.scoring import SCORER_VERSION
 
-    # The scorer's own definition version: a changed formula must not reuse old scores.
-    # The embedding model too (the preference scorer's similarities): a changed local
-    # folder must not reuse old scores.
-    return [model_fingerprint(params.scorer.model), model_fingerprint(getattr(params.scorer, "embedding_model", None)),
+    return [model_fingerprint(scorer.model), model_fingerprint(getattr(scorer, "embedding_model", None)),
             f"scorer:{SCORER_VERSION}"]
+
+
+def _scorer_identity(params: ScoringParams, _: Mapping[str, Artifact] | None = None) -> list[str]:
+    return scorer_identity(params.scorer)
 
 
 def _train_key(params: TrainingParams) -> list[str]:

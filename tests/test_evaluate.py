@@ -222,15 +222,37 @@ def test_reference_loglik_is_minus_the_training_loss(tiny_llama_dir: Path):
 # --- the report -------------------------------------------------------------------------------------
 
 
-def _document(agreement: float):
+def _document(agreement: float, **extra: object):
     from mods.evaluation import comparison_rows, evaluation_document
 
     judged = pd.DataFrame({"test_set": ["koala"] * 3 + ["lima"] * 2, "outcome": ["win", "tie", "lose", "win", "win"]})
     comparisons = comparison_rows("scorer", "mods", "random", judged, ["koala", "lima"])
     return evaluation_document(["scorer"], comparisons, {"vicuna": {"prompts": 2, "mods": -1.5, "random": -1.7}},
                                {"scorer": {"pairs": 64, "agreement": agreement, "ci95": [0.4, 0.6], "tie_rate": 0.1,
-                                           "length_only": 0.7, "model": "likelihood"}},
+                                           "length_only": 0.7, "model": "likelihood", **extra}},
                                0.6, {"selection_size": 32, "export_key": "abc"})
+
+
+def test_a_judge_fitted_on_the_human_pairs_is_trusted_on_its_cross_validated_figure(tmp_path: Path):
+    from mods.config import ScorerConfig
+    from mods.evaluation import AgreementParams, REPORT_MD, fitted_on_these_pairs, write_outputs
+
+    # The shipped preference head names the PandaLM file it was fitted on, with its CV figures.
+    params = AgreementParams(judge="scorer", scorer=ScorerConfig(kind="preference"),
+                             preferences="/anywhere/pandalm_testset_v1.json")
+    held_out = fitted_on_these_pairs(params)
+    assert held_out is not None and 0.5 < held_out["human_agreement"] < 1
+    other = params.model_copy(update={"preferences": "/mine/my_pairs.json"})
+    assert fitted_on_these_pairs(other) is None
+    assert fitted_on_these_pairs(params.model_copy(update={"scorer": ScorerConfig(kind="likelihood")})) is None
+
+    # 80% in-sample but 55% cross-validated: not trusted, and the report says why.
+    doc = _document(0.80, in_sample=True, held_out_agreement=0.55, held_out_note="fitted on X; cross-validated 55%")
+    assert doc["judge_agreement"]["scorer"]["trusted"] is False
+    write_outputs(tmp_path, doc)
+    report = (tmp_path / REPORT_MD).read_text()
+    assert "In-sample:" in report and "cross-validated 55%" in report and "No verdict" in report
+    assert _document(0.80, in_sample=True, held_out_agreement=0.7, held_out_note="n")["judge_agreement"]["scorer"]["trusted"]
 
 
 def test_evaluation_json_shape_and_the_trust_statement(tmp_path: Path):
