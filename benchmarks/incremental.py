@@ -63,8 +63,12 @@ def score_pool(workspace: Path, pool: Path, rows_per_shard: int) -> tuple[float,
     return time.perf_counter() - started, {**quality.summary, "folder": str(quality.artifact.dir(workspace))}
 
 
-def parts(workspace: Path) -> int:
-    return len(list((workspace / "rowstore" / "quality").glob("*/part-*.parquet")))
+def rows_done(workspace: Path) -> int:
+    """Rows in the quality row store's finished parts (each part is written atomically)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows
+               for p in (workspace / "rowstore" / "quality").glob("*/part-*.parquet"))
 
 
 def main() -> None:
@@ -93,18 +97,21 @@ def main() -> None:
         print(f"grown pool: {grown_summary['rows_computed']} new rows scored, {grown_summary['rows_reused']} reused, "
               f"in {grown_s:.1f} s")
 
-        shards = -(-args.rows // args.rows_per_shard)
+        # Killed once about half the rows are stored (a shard holds whole batches, so it may
+        # hold more rows than --rows-per-shard: count rows, not shards).
         resumed_ws = folder / "resumed"
         child = subprocess.Popen([sys.executable, __file__, "--rows-per-shard", str(args.rows_per_shard),
                                   "--child", str(resumed_ws), str(base)], start_new_session=True)
-        while parts(resumed_ws) < shards // 2 and child.poll() is None:
+        while rows_done(resumed_ws) < full["rows"] // 2 and child.poll() is None:
             time.sleep(0.1)
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
-        killed_at = parts(resumed_ws)
+        killed_at = rows_done(resumed_ws)
+        if killed_at >= full["rows"]:
+            sys.exit(f"the child finished all {full['rows']} rows before the kill: use more --rows")
         resume_s, resumed = score_pool(resumed_ws, base, args.rows_per_shard)
-        print(f"resume:     killed after {killed_at}/{shards} shards; {resumed['rows_computed']} rows scored "
-              f"after the kill in {resume_s:.1f} s")
+        print(f"resume:     killed with {killed_at}/{full['rows']} rows stored; {resumed['rows_computed']} rows "
+              f"scored after the kill in {resume_s:.1f} s")
         identical = (Path(resumed["folder"]) / "scores.parquet").read_bytes() == \
             (Path(full["folder"]) / "scores.parquet").read_bytes()
         print(f"incremental_ratio={grown_s / full_s:.3f} resume_ratio={resume_s / full_s:.3f} "

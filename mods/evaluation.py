@@ -310,10 +310,15 @@ def trust_figure(agreement: Mapping[str, Any] | None) -> float | None:
     return agreement.get("held_out_agreement") if agreement.get("in_sample") else agreement.get("agreement")
 
 
-def agreement_phrase(agreement: Mapping[str, Any]) -> str:
-    """How the report, the chart and the command state a judge's agreement with people."""
+def agreement_phrase(agreement: Mapping[str, Any], short: bool = False) -> str:
+    """How the report, the chart (``short``) and the command state a judge's agreement with people."""
     value = agreement.get("agreement")
-    text = f"{'?' if value is None else f'{value:.0%}'} human agreement on {agreement.get('pairs', '?')} pairs"
+    measured = "?" if value is None else f"{value:.0%}"
+    if short:
+        if agreement.get("in_sample"):
+            return f"{measured} human agreement in-sample,\n{agreement['held_out_agreement']:.0%} cross-validated"
+        return f"{measured} human agreement"
+    text = f"{measured} human agreement on {agreement.get('pairs', '?')} pairs"
     if agreement.get("in_sample"):
         text += f" (in-sample: fitted on them; cross-validated {agreement['held_out_agreement']:.0%})"
     return text
@@ -371,8 +376,8 @@ def plot_evaluation(document: Mapping[str, Any], path: Path) -> None:
         ax.set_xticks([])
         agreement = document["judge_agreement"].get(judge, {})
         verdict = "" if agreement.get("trusted") else " — NOT TRUSTWORTHY"
-        ax.set_title(f"MoDS vs {baseline}\n{JUDGE_TITLES.get(judge, judge)}: {agreement_phrase(agreement)}{verdict}",
-                     fontsize=7)
+        ax.set_title(f"MoDS vs {baseline}\n{JUDGE_TITLES.get(judge, judge)}: "
+                     f"{agreement_phrase(agreement, short=True)}{verdict}", fontsize=8)
         ax.legend(fontsize=7, loc="lower right", ncols=3, bbox_to_anchor=(1.0, -0.25), frameon=False)
     fig.tight_layout()
     fig.savefig(path)

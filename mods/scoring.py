@@ -39,7 +39,6 @@ import contextlib
 import copy
 import hashlib
 import inspect
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -312,7 +311,29 @@ class RewardModelScorer:
 # ----------------------------------------------------------------------------- likelihood
 
 
-class LikelihoodScorer:
+class _FeatureScorer:
+    """A scorer that computes features per row, then combines them into quality_score."""
+
+    def features(self, instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str],
+                 progress: bool = True) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def combine(self, features: pd.DataFrame) -> pd.Series:
+        raise NotImplementedError
+
+    def score(
+        self,
+        instructions: Sequence[str],
+        inputs: Sequence[str],
+        outputs: Sequence[str],
+        progress: bool = True,
+    ) -> pd.DataFrame:
+        feats = self.features(instructions, inputs, outputs, progress=progress)
+        feats.insert(0, "quality_score", self.combine(feats))
+        return feats
+
+
+class LikelihoodScorer(_FeatureScorer):
     """Offline quality score from a causal LM's log-probabilities (module docstring)."""
 
     def __init__(self, config: ScorerConfig, judge_question: str | None = None, neutral: bool = True) -> None:
@@ -591,16 +612,6 @@ class LikelihoodScorer:
         q = q.where(features["answer_tokens"] > 0, EMPTY_SCORE)
         return q.astype(np.float64)
 
-    def score(
-        self,
-        instructions: Sequence[str],
-        inputs: Sequence[str],
-        outputs: Sequence[str],
-        progress: bool = True,
-    ) -> pd.DataFrame:
-        feats = self.features(instructions, inputs, outputs, progress=progress)
-        feats.insert(0, "quality_score", self.combine(feats))
-        return feats
 
 
 # ----------------------------------------------------------------------------- preference
@@ -680,7 +691,7 @@ def load_preference_head(path: Path = PREFERENCE_HEAD_FILE) -> PreferenceHead:
     return head
 
 
-class PreferenceScorer:
+class PreferenceScorer(_FeatureScorer):
     """Offline scorer calibrated to human preference pairs (module docstring).
 
     Features per row (all columns of ``features``):
@@ -784,13 +795,3 @@ class PreferenceScorer:
         q = pd.Series(self.head.apply(features.fillna({c: 0.0 for c in self.head.features})), index=features.index)
         return q.where(features["answer_tokens"] > 0, EMPTY_SCORE).astype(np.float64)
 
-    def score(
-        self,
-        instructions: Sequence[str],
-        inputs: Sequence[str],
-        outputs: Sequence[str],
-        progress: bool = True,
-    ) -> pd.DataFrame:
-        feats = self.features(instructions, inputs, outputs, progress=progress)
-        feats.insert(0, "quality_score", self.combine(feats))
-        return feats
