@@ -143,7 +143,7 @@ def _validation_text(error: Exception) -> str:
 def _preflight(config) -> Path:
     """Everything that can be checked before a model is loaded or a server started."""
     from mods.artifacts import check_workspace
-    from mods.readers import SourceError, discover
+    from mods.readers import SourceError, check_readable, discover
 
     from flows.mods_pipeline import resolve_sources
 
@@ -152,7 +152,9 @@ def _preflight(config) -> Path:
     except ValueError as error:
         raise UserError(first_line(error)) from None
     try:
-        discover(resolve_sources(config.data))
+        # Every file is opened once here: one that cannot be read is named now, not by
+        # the ingest stage after a server has started.
+        check_readable(discover(resolve_sources(config.data)))
     except SourceError as error:
         raise UserError(f"data: {first_line(error)}") from None
     api_url = os.environ.get("PREFECT_API_URL")
@@ -319,15 +321,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check every artifact of a workspace against its marker (sizes and sha256)."""
+    """Check every artifact of a workspace against its marker (sizes and sha256); a file
+    or folder that cannot be read counts as damaged. Exit status 1 when any is."""
     from mods.artifacts import Workspace, artifact_problem
 
     ws = Workspace(args.workspace)
     root = ws.root / "artifacts"
     if not root.is_dir():
         raise UserError(f"{ws.root} has no artifacts folder; is it a workspace?")
-    folders = sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith("."))
+    folders: list[Path] = []
     damaged = 0
+    for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            folders += [p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        except OSError as error:  # a stage folder that cannot be listed hides its artifacts
+            damaged += 1
+            print(f"damaged  {stage_dir.relative_to(ws.root)}: unreadable: {stage_dir} ({error.strerror or error})")
+    folders.sort()
     for folder in folders:
         problem = artifact_problem(folder, verify_hashes=True)
         if problem is not None:

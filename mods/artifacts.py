@@ -16,7 +16,9 @@ Writing is safe against crashes, corruption and concurrent runs:
   it (sizes always, hashes on request), and a damaged one is rebuilt;
 - one writer per artifact: an exclusive lock file per key. A second process waits for the
   first and then reuses its artifact; a complete artifact is never deleted or replaced;
-- whoever holds the lock removes the temporary folders that dead writers left behind.
+- when a stage starts, its writer removes the temporary folders that dead writers left
+  behind, for every key of the stage: a key whose lock can be taken at once has no live
+  writer (the kernel releases a dead process's flock).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -244,14 +247,23 @@ def read_marker(path: str | Path) -> dict[str, Any]:
     return value
 
 
+def _unreadable(path: Path, error: OSError) -> str:
+    return f"unreadable: {path} ({error.strerror or error})"
+
+
 def artifact_problem(path: str | Path, verify_hashes: bool = False) -> str | None:
     """Why the artifact folder cannot be reused, or None when it is complete and intact.
 
-    Sizes are always compared with the marker (cheap, catches truncation); sha256 only
-    with ``verify_hashes`` (reads every byte)."""
+    Sizes are always compared with the marker (cheap, catches truncation) and every file
+    is opened for reading (a file nobody may read is as good as missing; os.access is not
+    used: it says yes to root whatever the file's mode); sha256 only with
+    ``verify_hashes`` (reads every byte)."""
     folder = Path(path)
-    if not (folder / MARKER).exists():
-        return f"{folder} has no {MARKER}" if folder.exists() else f"{folder} does not exist"
+    try:
+        if not (folder / MARKER).exists():
+            return f"{folder} has no {MARKER}" if folder.exists() else f"{folder} does not exist"
+    except OSError as error:  # a folder that cannot be searched
+        return _unreadable(folder, error)
     try:
         marker = read_marker(folder)
     except ValueError as error:
@@ -262,12 +274,21 @@ def artifact_problem(path: str | Path, verify_hashes: bool = False) -> str | Non
         file = folder / name
         try:
             size = file.stat().st_size
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             return f"{file} is missing"
+        except OSError as error:
+            return _unreadable(file, error)
         if size != expected.get("size"):
             return f"{file} has {size} bytes, its marker says {expected.get('size')}"
-        if verify_hashes and expected.get("sha256") and sha256_file(file) != expected["sha256"]:
-            return f"{file} does not match its sha256 in {MARKER}"
+        try:
+            if verify_hashes and expected.get("sha256"):
+                if sha256_file(file) != expected["sha256"]:
+                    return f"{file} does not match its sha256 in {MARKER}"
+            else:
+                with open(file, "rb"):
+                    pass
+        except OSError as error:
+            return _unreadable(file, error)
     return None
 
 
@@ -295,19 +316,109 @@ class StageContext:
     progress: bool = True
 
 
+def _remove_tree(path: Path) -> None:
+    """shutil.rmtree that also gets through folders their owner left without permissions
+    (chmod 000 inside a damaged artifact): it gives them back to the owner and goes on."""
+    top = os.path.abspath(path)
+    tried: set[str] = set()
+
+    def retry(function: Callable[..., Any], failed: str, _: Any) -> None:
+        failed = os.path.abspath(failed)
+        if failed in tried:  # its permissions could not be given back: leave it
+            return
+        tried.add(failed)
+        for target in (os.path.dirname(failed), failed):
+            if target == top or target.startswith(top + os.sep):  # never the folders around it
+                with contextlib.suppress(OSError):
+                    os.chmod(target, 0o700)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                shutil.rmtree(failed, onerror=retry)
+                os.rmdir(failed)
+            else:
+                os.unlink(failed)
+
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=retry)
+
+
 def _remove_leftovers(final: Path, verify_hashes: bool) -> None:
     """Temporary and damaged folders of this key. Only called with the key's lock held:
-    then nobody else can be writing them."""
+    then nobody else can be writing them. A damaged artifact is moved aside first (a
+    rename, which needs no permission on its files) and then removed; a complete one is
+    never touched."""
     for leftover in final.parent.glob(f".{final.name}.tmp-*"):
         log.warning("removing %s, left by a writer that died", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
+        _remove_tree(leftover)
     if final.exists():
         problem = artifact_problem(final, verify_hashes)
         if problem is not None:
             log.warning("rebuilding %s: %s", final, problem)
             aside = final.parent / f".{final.name}.broken-{uuid.uuid4().hex[:8]}"
             os.replace(final, aside)
-            shutil.rmtree(aside, ignore_errors=True)
+            _remove_tree(aside)
+
+
+# What a stage folder holds beside its artifacts: .<key>.lock, and the per-key folders
+# .<key>.tmp-<host>-<pid>-<id> (being written), .<key>.broken-<id> (a damaged artifact
+# being removed) and .<key>.scratch (checkpoints a crashed writer resumes from).
+_KEY_FOLDER = re.compile(r"^\.(?P<key>[0-9A-Za-z_-]+)\.(?P<kind>tmp-.+|broken-.+|scratch)$")
+
+
+@contextlib.contextmanager
+def _lock_if_free(path: Path) -> Iterator[bool]:
+    """Take the lock at ``path`` without waiting: True (held for the block) when no live
+    process holds it, False when one does."""
+    if _HELD_LOCKS.get(str(path.resolve())):
+        # Ours: a second descriptor would be refused anyway, and closing it would drop our
+        # own lock where flock is emulated with POSIX locks (NFS).
+        yield False
+        return
+    try:
+        handle = open(path, "a+")
+    except OSError:
+        yield False
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: a live writer holds it
+            yield False
+            return
+        yield True
+
+
+def remove_stale_folders(stage_dir: Path, except_key: str | None = None) -> list[Path]:
+    """What dead writers left in a stage's folder, for every key but ``except_key``: the
+    temporary and broken folders of a key nobody holds the lock of, and the scratch folder
+    of such a key when its artifact is complete (an incomplete one's scratch holds the
+    checkpoints the next writer resumes from). Each key's lock is tried without waiting,
+    and held while its folders are removed, so no writer can start on them meanwhile."""
+    by_key: dict[str, list[Path]] = {}
+    try:
+        entries = list(stage_dir.iterdir()) if stage_dir.is_dir() else []
+    except OSError:
+        return []
+    for entry in entries:
+        match = _KEY_FOLDER.match(entry.name)
+        if match and match["key"] != except_key:
+            by_key.setdefault(match["key"], []).append(entry)
+    removed: list[Path] = []
+    for key, folders in sorted(by_key.items()):
+        with _lock_if_free(stage_dir / f".{key}.lock") as free:
+            if not free:
+                continue
+            complete: bool | None = None
+            for folder in sorted(folders):
+                if folder.name.endswith(".scratch"):
+                    if complete is None:
+                        complete = artifact_problem(stage_dir / key) is None
+                    if not complete:
+                        continue
+                log.warning("removing %s, left by a writer that died", folder)
+                _remove_tree(folder)
+                removed.append(folder)
+    return removed
 
 
 def run_stage(
@@ -346,6 +457,7 @@ def run_stage(
         if artifact_problem(final, verify_hashes) is None:  # the other writer finished it
             return StageOutcome(artifact=artifact, executed=False, seconds=0.0, summary=read_marker(final)["summary"])
         _remove_leftovers(final, verify_hashes)
+        remove_stale_folders(final.parent, except_key=key)
         tmp = final.parent / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         scratch = workspace.scratch_dir(spec.name, key)
@@ -368,9 +480,9 @@ def run_stage(
             (tmp / MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False))
             os.replace(tmp, final)  # final is absent: _remove_leftovers moved any broken one aside
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
             raise
-        shutil.rmtree(scratch, ignore_errors=True)
+        _remove_tree(scratch)
     return StageOutcome(artifact=artifact, executed=True, seconds=seconds, summary=summary)
 
 

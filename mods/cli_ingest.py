@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from mods.ingest import IngestConfig, IngestError, format_report, ingest, write_ingest
 
+EXIT_FAILURE = 2  # as every `mods` command's failures (flows/cli.py EXIT_USER_ERROR)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `ingest` subcommand; its handler is set as both `func` and `handler`."""
@@ -57,24 +59,25 @@ def _config(args: argparse.Namespace) -> IngestConfig:
 
 
 def handle_ingest(args: argparse.Namespace) -> int:
-    """Run ingestion; 0 when rows were ingested, 1 with a one-line message otherwise."""
+    """Run ingestion; 0 when rows were ingested, 2 with a one-line message otherwise (the
+    exit status of every other `mods` command's failures)."""
     try:
         cfg = _config(args)
         result = ingest(args.data, cfg, progress=not args.quiet and sys.stderr.isatty())
         write_ingest(result, args.out)
     except IngestError as e:
         print(f"mods ingest: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except OSError as e:  # e.g. --out not writable
         print(f"mods ingest: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     print(format_report(result.report))
     print(f"wrote {args.out / 'rows.parquet'} ({result.report['kept']:,} rows), "
           f"{args.out / 'quarantine.parquet'}, {args.out / 'ingest_report.json'}")
     if result.report["kept"] == 0:
         print(f"mods ingest: error: nothing usable: all {result.report['read']:,} rows were dropped "
               f"(see {args.out / 'quarantine.parquet'})", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     return 0
 
 

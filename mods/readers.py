@@ -69,9 +69,20 @@ def _is_hf_saved(folder: Path) -> bool:
 
 
 def _expand_folder(folder: Path) -> list[Source]:
+    try:
+        return _expand_readable_folder(folder)
+    except OSError as e:
+        # Listing the folder or looking inside it failed (no read or search permission):
+        # the folder is what cannot be read, not the first name looked up in it.
+        raise SourceError(f"{folder}: cannot read this folder ({e.strerror or e})") from None
+
+
+def _expand_readable_folder(folder: Path) -> list[Source]:
     if (folder / "dataset_dict.json").is_file():
         try:
             splits = json.loads((folder / "dataset_dict.json").read_text("utf-8"))["splits"]
+        except OSError as e:
+            raise SourceError(f"{folder}/dataset_dict.json: cannot read ({e.strerror or e})") from None
         except (ValueError, KeyError, TypeError) as e:
             raise SourceError(f"{folder}/dataset_dict.json: unreadable ({e})") from None
         return [_hf_source(folder / s) for s in splits if _is_hf_saved(folder / s)]
@@ -111,41 +122,7 @@ def discover(sources: list[str | Path]) -> list[Source]:
         raise SourceError("no data given: pass files, folders or globs")
     found: list[Source] = []
     for s in sources:
-        text = str(s)
-        path = Path(text).expanduser()
-        if path.is_dir():
-            got = _expand_folder(path)
-            if not got:
-                raise SourceError(
-                    f"{text}: folder has no data files ({', '.join(sorted(DATA_EXTS))}, "
-                    "or a Hugging Face save_to_disk folder)"
-                )
-            found.extend(got)
-        elif path.is_file():
-            found.append(_file_source(path))
-        elif _GLOB_CHARS.search(text):
-            matches = sorted(glob.glob(str(path), recursive=True))
-            got = []
-            for m in matches:
-                mp = Path(m)
-                if mp.is_dir():
-                    got.extend(_expand_folder(mp))
-                elif mp.is_file() and mp.suffix.lower() in DATA_EXTS:
-                    got.append(_file_source(mp))
-            if not got:
-                raise SourceError(f"{text}: glob matches no data files")
-            found.extend(got)
-        elif _HUB_ID.match(text) and path.suffix.lower() not in DATA_EXTS:
-            try:
-                import datasets  # noqa: F401  (optional: only for hub ids)
-            except ImportError:
-                raise SourceError(
-                    f"{text}: no such file or folder (and not loadable as a Hugging Face hub id: "
-                    "the `datasets` package is not installed)"
-                ) from None
-            found.append(Source(name=text, kind="hub"))
-        else:
-            raise SourceError(f"{text}: no such file or folder")
+        found.extend(_discover_one(str(s)))
     # the same file reached twice (folder + explicit path) is read once
     seen: set[str] = set()
     unique = []
@@ -155,6 +132,68 @@ def discover(sources: list[str | Path]) -> list[Source]:
             seen.add(key)
             unique.append(src)
     return unique
+
+
+def _discover_one(text: str) -> list[Source]:
+    path = Path(text).expanduser()
+    try:
+        return _discover_path(text, path)
+    except OSError as e:  # a parent folder that cannot be searched
+        raise SourceError(f"{text}: cannot read ({e.strerror or e})") from None
+
+
+def _discover_path(text: str, path: Path) -> list[Source]:
+    found: list[Source] = []
+    if path.is_dir():
+        got = _expand_folder(path)
+        if not got:
+            raise SourceError(
+                f"{text}: folder has no data files ({', '.join(sorted(DATA_EXTS))}, "
+                "or a Hugging Face save_to_disk folder)"
+            )
+        found.extend(got)
+    elif path.is_file():
+        found.append(_file_source(path))
+    elif _GLOB_CHARS.search(text):
+        matches = sorted(glob.glob(str(path), recursive=True))
+        got = []
+        for m in matches:
+            mp = Path(m)
+            if mp.is_dir():
+                got.extend(_expand_folder(mp))
+            elif mp.is_file() and mp.suffix.lower() in DATA_EXTS:
+                got.append(_file_source(mp))
+        if not got:
+            raise SourceError(f"{text}: glob matches no data files")
+        found.extend(got)
+    elif _HUB_ID.match(text) and path.suffix.lower() not in DATA_EXTS:
+        try:
+            import datasets  # noqa: F401  (optional: only for hub ids)
+        except ImportError:
+            raise SourceError(
+                f"{text}: no such file or folder (and not loadable as a Hugging Face hub id: "
+                "the `datasets` package is not installed)"
+            ) from None
+        found.append(Source(name=text, kind="hub"))
+    else:
+        raise SourceError(f"{text}: no such file or folder")
+    return found
+
+
+def check_readable(sources: list[Source]) -> None:
+    """Open every discovered file for reading (a saved dataset: its state and Arrow files),
+    so that a file nobody may read is named before any work starts; SourceError, one line.
+    Opening is the test: os.access says yes to root whatever the mode."""
+    for src in sources:
+        if src.path is None:
+            continue
+        files = [src.path] if src.kind != "hf_disk" else [src.path / "state.json", *sorted(src.path.glob("*.arrow"))]
+        for path in files:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise SourceError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 # ---------------------------------------------------------------- JSON / JSON lines

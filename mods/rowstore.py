@@ -17,10 +17,14 @@ any ``rows_per_shard`` and any number of workers.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import logging
 import math
 import os
-import time
+import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +34,44 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mods.artifacts import Workspace, atomic_write_bytes, hash_json, write_parquet
+from mods.artifacts import Workspace, atomic_write_bytes, hash_json
 
 log = logging.getLogger("mods.rowstore")
 
 ROW_KEY = "row_key"
-# A temporary part older than this was left by a dead writer (writing one takes seconds).
-STALE_TMP_SECONDS = 15 * 60
+
+# Temporary parts this process is writing now (a sweep in this process leaves them alone:
+# where flock is emulated with POSIX locks (NFS), probing our own file would drop our lock).
+_WRITING: set[str] = set()
+_WRITING_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _locked_tmp(path: Path):
+    """A new temporary file beside ``path``, open for writing, that carries an exclusive
+    flock for as long as its writer lives: a temporary part whose lock can be taken
+    belongs to a writer that died (the kernel released its lock), so it can be removed
+    at once instead of after some age. Yields (tmp path, handle); the caller renames the
+    file into place before the block ends, or it is removed."""
+    while True:
+        tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        handle = open(tmp, "xb")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if os.fstat(handle.fileno()).st_nlink:
+            break
+        # A sweep took it for a dead writer's between its creation and our lock: a new name.
+        handle.close()
+    with _WRITING_GUARD:
+        _WRITING.add(str(tmp))
+    try:
+        yield tmp, handle
+    finally:
+        with _WRITING_GUARD:
+            _WRITING.discard(str(tmp))
+        try:
+            tmp.unlink(missing_ok=True)  # only there when the block failed before its rename
+        finally:
+            handle.close()  # releases the lock
 
 
 @dataclass(frozen=True)
@@ -69,7 +104,12 @@ class RowStore:
             raise ValueError(f"{self.stage}: shard {shard.index} results do not match its rows")
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.part_path(shard)
-        write_parquet(results.reset_index(drop=True), path)
+        buffer = io.BytesIO()
+        results.reset_index(drop=True).to_parquet(buffer, index=False)
+        with _locked_tmp(path) as (tmp, handle):
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.replace(tmp, path)  # still locked: a sweep never sees an unlocked temporary part of ours
         return path
 
     def _parts(self) -> list[Path]:
@@ -118,16 +158,33 @@ class RowStore:
             raise LookupError(f"{self.stage}: {len(missing)} rows are missing from {self.dir}")
         return found.set_index(ROW_KEY).loc[list(row_keys)].reset_index()
 
-    def remove_stale_tmp(self) -> None:
+    def remove_stale_tmp(self) -> list[Path]:
+        """Remove the temporary parts of writers that died: each carries its writer's flock
+        (``_locked_tmp``), so one whose lock can be taken at once has no live writer. A live
+        writer's part (here or on another worker sharing the workspace) is left alone."""
+        removed: list[Path] = []
         if not self.dir.is_dir():
-            return
-        now = time.time()
-        for tmp in self.dir.glob(".part-*.tmp-*"):
+            return removed
+        for tmp in sorted(self.dir.glob(".part-*.tmp-*")):
+            with _WRITING_GUARD:
+                if str(tmp) in _WRITING:
+                    continue
             try:
-                if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
-                    tmp.unlink()
+                handle = open(tmp, "ab")  # for writing: NFS's emulated flock needs it
             except OSError:
-                pass
+                continue  # gone meanwhile (renamed into place), or not ours to open
+            with handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live writer holds it
+                try:
+                    tmp.unlink()  # while locked: its writer, if any, sees it gone and starts anew
+                except OSError:
+                    continue
+            log.warning("removed %s, left by a writer that died", tmp)
+            removed.append(tmp)
+        return removed
 
     # -- plans: which missing rows go to which shard (read by the workers)
 

@@ -118,6 +118,8 @@ class Rowwise:
     setup:     load what the batch function needs (a model) once per process
     compute:   the batch function: result columns for one block, in row order
     assemble:  write the stage's usual artifact from the rows and their results
+    empty:     the result columns for no rows, without a model (a stage with nothing to
+               do loads none); None: setup and the batch function on an empty block
     """
 
     load: Callable[[Mapping[str, Path], Any], pd.DataFrame]
@@ -128,6 +130,7 @@ class Rowwise:
     block_rows: Callable[[Any], int]
     fingerprint_extra: Callable[[Any, Mapping[str, Artifact]], list[str]]
     resources: Callable[[Mapping[str, Path]], dict[str, Path]] = lambda inputs: {}
+    empty: Callable[[Any], pd.DataFrame] | None = None
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,7 @@ def _rowwise_body(stage_: Stage, typed: BaseModel, artifacts: Mapping[str, Artif
 
     def body(ctx: StageContext, _: Any) -> dict[str, Any]:
         store = row_store(ctx.workspace, stage_.spec.name, typed, artifacts)
+        store.remove_stale_tmp()
         work = _work(stage_, ctx.workspace, typed, artifacts)
         unique = work.drop_duplicates(ROW_KEY)
         known = store.known_keys()
@@ -323,10 +327,14 @@ def _rowwise_body(stage_: Stage, typed: BaseModel, artifacts: Mapping[str, Artif
         for shard in shards:
             _compute_shard(stage_, store, typed, unique, shard, rowwise.resources(ctx.inputs))
         if work.empty:
-            # Nothing to do (e.g. every high-quality row is in the seed set): the batch
-            # function on no rows gives the result columns, and the artifact is empty.
-            state = _setup(stage_, store, typed, rowwise.resources(ctx.inputs))
-            results = compute_block(rowwise, state, work, typed, stage_.spec.name)
+            # Nothing to do (e.g. every high-quality row is in the seed set): the artifact
+            # is empty, and no model is loaded for it when the stage knows its result
+            # columns; otherwise the batch function on no rows gives them.
+            if rowwise.empty is not None:
+                results = rowwise.empty(typed)
+            else:
+                state = _setup(stage_, store, typed, rowwise.resources(ctx.inputs))
+                results = compute_block(rowwise, state, work, typed, stage_.spec.name)
         else:
             results = store.read(work[ROW_KEY].tolist()).drop(columns=[ROW_KEY])
         summary = rowwise.assemble(ctx, typed, work, results)
@@ -534,7 +542,8 @@ def _quality_assemble(ctx: StageContext, params: ScoringParams, rows: pd.DataFra
 
 def _scoring_stage(name: str, description: str, source: str, table: str, answer_column: str,
                    keys: Callable[[pd.DataFrame], tuple[pd.Series, pd.Series]],
-                   assemble: Callable[..., dict[str, Any]]) -> Stage:
+                   assemble: Callable[..., dict[str, Any]],
+                   empty: Callable[[Any], pd.DataFrame] | None = None) -> Stage:
     """quality and necessity: the same scorer on (instruction, input, some answer column)."""
     return Stage(
         StageSpec(name, "2", "gpu", description), (source,), ScoringParams,
@@ -546,6 +555,7 @@ def _scoring_stage(name: str, description: str, source: str, table: str, answer_
             assemble=assemble,
             block_rows=lambda params: params.scorer.batch_size,
             fingerprint_extra=_scorer_identity,
+            empty=empty,
         ),
         extra_key=_scorer_identity,
     )
@@ -747,6 +757,8 @@ declare(Stage(
         # The seed model is part of what an answer depends on.
         fingerprint_extra=lambda params, inputs: [f"seed_model:{inputs['seed_train'].key}"],
         resources=lambda inputs: {"seed_model": Path(inputs["seed_train"]) / "model"},
+        # Nothing to answer (k at or above the high-quality rows): no seed model to load.
+        empty=lambda params: pd.DataFrame({"seed_answer": pd.Series([], dtype=str)}),
     ),
 ))
 
@@ -772,6 +784,8 @@ declare(_scoring_stage(
     keys=lambda rows: (necessity_key(rows["id"], rows["seed_answer"]),
                        _text_cost(rows["instruction"], rows["input"], rows["seed_answer"])),
     assemble=_necessity_assemble,
+    # Nothing answered: the artifact has only id and necessity_score, so no scorer is loaded.
+    empty=lambda params: pd.DataFrame({"quality_score": pd.Series([], dtype=np.float64)}),
 ))
 
 
@@ -790,6 +804,9 @@ def augment_select_body(ctx: StageContext, params: AugmentParams) -> dict[str, A
     matrix = vectors[[position[i] for i in candidate_ids]] if candidate_ids else vectors[:0]
     already = list(range(len(seed_ids)))
     k = min(params.k, pickable_rows(matrix, already)) if needed else 0
+    if k < params.k:
+        log.warning("necessity.k=%d, but only %d of the %d answered rows are still needed and distinct from "
+                    "the seed set: the augmented set is all of them", params.k, k, len(necessity))
     if k == 0:
         frame = empty_selection()
     else:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mods import schema as S
-from mods.cli_ingest import handle_ingest, register
+from mods.cli_ingest import register
 from mods.ingest import AccountingError, IngestConfig, IngestError, IngestResult, check_accounting, ingest, read_rows, write_ingest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -427,7 +427,7 @@ def test_ids_are_stable_content_hashes(tmp_path: Path) -> None:
 
 
 def test_decontamination_drops_overlapping_rows(tmp_path: Path) -> None:
-    evals = write(tmp_path / "evals" / "test.jsonl", jsonl(
+    write(tmp_path / "evals" / "test.jsonl", jsonl(
         {"id": "t1", "prompt": "Write a short poem about the sea at night under the full moon"},
         {"idx": 2, "Instruction": "How can I improve my time management skills?"},
         {"question_id": 3, "turns": ["Explain quantum computing to a ten year old child in simple words"]},
@@ -507,9 +507,32 @@ def test_cli_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     write(tmp_path / "bad.jsonl", jsonl({"instruction": "q", "output": ""}))
     rc = _cli(["ingest", *[a.replace("{tmp}", str(tmp_path)) for a in argv], "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
-    assert rc != 0
+    assert rc == 2  # as every other `mods` command's failures
     assert message in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_cli_unreadable_file_or_folder_is_named_exit_2(tmp_path: Path, what: str) -> None:
+    # Made unreadable for real: a child without root's CAP_DAC_OVERRIDE (tests/unreadable.py).
+    import os
+    import subprocess
+    import sys
+
+    from unreadable import child_kwargs, make_unreadable
+
+    kwargs = child_kwargs()
+    write(tmp_path / "data" / "ok.jsonl", jsonl(GOOD))
+    inner = write(tmp_path / "data" / "inner" / "more.jsonl", jsonl(GOOD))
+    named = make_unreadable(inner if what == "file" else inner.parent)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "mods.cli_ingest", str(tmp_path / "data"), "--out",
+                             str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=120,
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, **kwargs)
+    err = result.stderr.strip()
+    assert result.returncode == 2, err
+    expected = "cannot read (Permission denied)" if what == "file" else "cannot read this folder (Permission denied)"
+    assert err == f"mods ingest: error: {named}: {expected}"
 
 
 # ------------------------------------------------------------------ the real data

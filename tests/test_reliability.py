@@ -5,7 +5,9 @@ Each test runs the real command line (its own temporary Prefect server) on tiny 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 import yaml
 
 from test_flow import ALL, summary, tiny_config, write_pool
+from unreadable import child_kwargs, make_unreadable
 
 pytestmark = pytest.mark.flow
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +68,9 @@ def _as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start_mods(tmp_path: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=cli_env(tmp_path),
+def start_mods(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT,
+                            env={**cli_env(tmp_path), **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=_as_in_a_terminal)
 
@@ -115,6 +119,8 @@ def test_kill_9_in_the_middle_of_quality_resumes_only_unfinished_rows(prefect_ha
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     quality = summary(workspace, "quality")
     assert quality["rows_computed"] == 320 - done_rows and quality["rows_reused"] == done_rows
+    # Whatever the kill left half-written (a temporary part, a temporary folder) is gone.
+    assert leftovers(workspace) == []
 
     # The same selection as a run that was never interrupted.
     whole = tiny_config(tmp_path, tiny_llama_dir, pool=pool, workspace="whole", rows_per_shard=8)
@@ -167,13 +173,25 @@ def _state(pid: int) -> str:
 
 def test_two_concurrent_runs_on_one_workspace_execute_each_stage_once(tiny_llama_dir: Path, tmp_path: Path):
     config = write_config(tmp_path, tiny_llama_dir, "shared", "shared")
-    runs = [start_mods(tmp_path, "run", "--config", str(config), "--quiet") for _ in range(2)]
+    # INFO: the flow's own "waiting" line (row-wise stages) is an INFO record of Prefect's logger.
+    runs = [start_mods(tmp_path, "run", "--config", str(config), "--quiet", env={"PREFECT_LOGGING_LEVEL": "INFO"})
+            for _ in range(2)]
     outputs = [run.communicate(timeout=900) for run in runs]
     for run, (out, err) in zip(runs, outputs):
         assert run.returncode == 0, err[-2000:]
     first, second = (computed_stages(out) for out, _ in outputs)
     assert sorted(first + second) == sorted(ALL), (first, second)
     assert leftovers(tmp_path / "shared") == []
+    # They ran at the same time: one of them waited for the other's lock on an artifact
+    # (two runs one after the other would pass the checks above too).
+    logs = [p.read_text() for p in (tmp_path / "shared" / "logs").glob("run-*.log")]
+    assert len(logs) == 2
+    texts = [*logs, *(err for _, err in outputs)]
+    waits = [line for text in texts for line in text.splitlines() if WAITED.search(line)]
+    assert waits, "neither run waited for the other's lock: they did not run at the same time"
+
+
+WAITED = re.compile(r"another (run is computing|process is writing) it; waiting")
 
 
 def test_moved_workspace_and_corrupt_artifacts(tiny_llama_dir: Path, tmp_path: Path):
@@ -201,19 +219,81 @@ def test_moved_workspace_and_corrupt_artifacts(tiny_llama_dir: Path, tmp_path: P
     assert repaired.returncode == 0, repaired.stderr[-2000:]
     assert {"quality", "seed_select"} <= set(computed_stages(repaired.stdout))
     assert summary(w2, "quality")["rows_computed"] == 0  # rebuilt from the row store, nothing rescored
-    log = max((w2 / "logs").glob("run-*.log"), key=lambda p: p.stat().st_mtime).read_text()
-    assert f"rebuilding {scores.parent}" in log and str(marker) in log
+    assert f"rebuilding {scores.parent}" in newest_log(w2) and str(marker) in newest_log(w2)
     verify = mods(tmp_path, "verify", "--workspace", str(w2), "--quiet")
     assert verify.returncode == 0, verify.stdout
+    again = ["run", "--config", str(config), "--workspace", str(w2), "--set", "necessity.k=2", "--quiet"]
+
+    # One flipped byte (same size, marker intact): a plain run checks sizes and reuses it;
+    # `mods verify` and `mods run --verify` check sha256: damaged, and only that stage reruns.
+    (rows,) = (w2 / "artifacts" / "high_quality").glob("[!.]*/rows.parquet")
+    flipped = bytearray(rows.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    rows.write_bytes(bytes(flipped))
+    plain = mods(tmp_path, *again)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert computed_stages(plain.stdout) == []
+    verify = mods(tmp_path, "verify", "--workspace", str(w2), "--quiet")
+    assert verify.returncode == 1, verify.stdout
+    assert f"damaged  {rows.parent.relative_to(w2)}: {rows} does not match its sha256" in verify.stdout
+    assert "1 damaged" in verify.stdout
+    checked = mods(tmp_path, *again, "--verify")
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    assert computed_stages(checked.stdout) == ["high_quality"]  # same key: the later stages are still valid
+    assert f"rebuilding {rows.parent}: {rows} does not match its sha256" in newest_log(w2)
+    assert mods(tmp_path, "verify", "--workspace", str(w2), "--quiet").returncode == 0
+
+    # A file nobody may read (the marker intact, sizes right): damaged for `mods verify`, and
+    # a plain run rebuilds it, naming the file. Made for real: root without CAP_DAC_OVERRIDE.
+    kwargs = child_kwargs()
+    (embeddings,) = (w2 / "artifacts" / "embed").glob("[!.]*/embeddings.parquet")
+    make_unreadable(embeddings)
+    verify = mods(tmp_path, "verify", "--workspace", str(w2), "--quiet", **kwargs)
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    assert (f"damaged  {embeddings.parent.relative_to(w2)}: unreadable: {embeddings} (Permission denied)"
+            in verify.stdout), verify.stdout
+    rebuilt = mods(tmp_path, *again, **kwargs)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert computed_stages(rebuilt.stdout) == ["embed"]  # from the row store: nothing recomputed
+    assert summary(w2, "embed")["rows_computed"] == 0
+    assert f"rebuilding {embeddings.parent}: unreadable: {embeddings}" in newest_log(w2)
+    assert mods(tmp_path, "verify", "--workspace", str(w2), "--quiet", **kwargs).returncode == 0
+    assert not [p for p in (w2 / "artifacts").rglob("*") if ".broken-" in p.name or ".tmp-" in p.name]
 
 
-def test_k_above_the_high_quality_rows_is_capped_and_reported(prefect_harness, tiny_llama_dir: Path, tmp_path: Path):
+def newest_log(workspace: Path) -> str:
+    return max((workspace / "logs").glob("run-*.log"), key=lambda p: p.stat().st_mtime).read_text()
+
+
+def test_k_above_the_high_quality_rows_is_capped_and_reported(prefect_harness, tiny_llama_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    import dataclasses
+
     from flows.mods_pipeline import mods_pipeline
+    from mods import stages
 
+    def no_model(params, resources):
+        raise AssertionError("a model was loaded for a stage with no rows")
+
+    # answers and necessity have no rows: neither may load its model (seed model, scorer).
+    for name in ("answers", "necessity"):
+        stage = stages.STAGES[name]
+        monkeypatch.setitem(stages.STAGES, name,
+                            dataclasses.replace(stage, rowwise=dataclasses.replace(stage.rowwise, setup=no_model)))
+    warnings: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = warnings.append  # type: ignore[method-assign]
+    logging.getLogger("mods.stages").addHandler(catcher)
     config = tiny_config(tmp_path, tiny_llama_dir).model_copy(deep=True)
     config.seed_selection.k = 1000
-    state = mods_pipeline(config=config, return_state=True)
+    try:
+        state = mods_pipeline(config=config, return_state=True)
+    finally:
+        logging.getLogger("mods.stages").removeHandler(catcher)
     assert state.is_completed(), state.message
+    said = [record.getMessage() for record in warnings]
+    assert any(m.startswith("seed_selection.k=1000, but only 32") for m in said), said
+    assert any(m.startswith("necessity.k=3, but only 0 of the 0 answered rows") for m in said), said
     workspace = Path(config.workspace)
     seed = summary(workspace, "seed_select")
     assert seed["capped"] and seed["k_requested"] == 1000 and seed["k"] == seed["candidates"] == 32
@@ -234,7 +314,14 @@ BAD_INPUTS = {
     "bad config file": (["--config", "{tmp}/bad.yaml"], "bad.yaml"),
     "unknown nested field": (["--set", "seed_training.epoch=1"], "seed_training.epoch"),
     "unreachable server": (["--data", "{tmp}/ok.jsonl"], "PREFECT_API_URL"),
+    # Mode 000, made unreadable for real (root without CAP_DAC_OVERRIDE, see tests/unreadable.py).
+    "unreadable file": (["--data", "{tmp}/locked.jsonl"], "data: {tmp}/locked.jsonl: cannot read (Permission denied)"),
+    "folder with an unreadable file": (["--data", "{tmp}/locked_dir"],
+                                       "data: {tmp}/locked_dir/locked.jsonl: cannot read (Permission denied)"),
+    "folder with an unreadable folder": (["--data", "{tmp}/outer_dir"],
+                                         "data: {tmp}/outer_dir/locked: cannot read this folder (Permission denied)"),
 }
+UNREADABLE = {"unreadable file", "folder with an unreadable file", "folder with an unreadable folder"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -245,8 +332,20 @@ def test_bad_input_ends_in_one_line_and_exit_2(case: str, tmp_path: Path):
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "bad.yaml").write_text("sample: {rows: [1\n")
     write_pool(tmp_path / "ok.jsonl")
+    popen = {}
+    if case in UNREADABLE:
+        popen = child_kwargs()
+        make_unreadable(write_pool(tmp_path / "locked.jsonl"))
+        (tmp_path / "locked_dir").mkdir()
+        write_pool(tmp_path / "locked_dir" / "ok.jsonl")
+        make_unreadable(write_pool(tmp_path / "locked_dir" / "locked.jsonl"))
+        (tmp_path / "outer_dir" / "locked").mkdir(parents=True)
+        write_pool(tmp_path / "outer_dir" / "ok.jsonl")
+        write_pool(tmp_path / "outer_dir" / "locked" / "inner.jsonl")
+        make_unreadable(tmp_path / "outer_dir" / "locked")
     args, expected = BAD_INPUTS[case]
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    expected = expected.replace("{tmp}", str(tmp_path))
     if "--workspace" not in args:
         args += ["--workspace", str(tmp_path / "ws")]
     extra = {"env": {**cli_env(tmp_path), "PREFECT_API_URL": "http://127.0.0.1:9/api"}} if case == "unreachable server" else {}
@@ -254,9 +353,10 @@ def test_bad_input_ends_in_one_line_and_exit_2(case: str, tmp_path: Path):
         result = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args, "--quiet"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=600, **extra)
     else:
-        result = mods(tmp_path, "run", *args, "--quiet")
+        result = mods(tmp_path, "run", *args, "--quiet", **popen)
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert lines[-1].startswith("mods run: ") and expected in lines[-1], lines[-5:]
     assert len(lines) <= 3, lines  # the error, and at most a note or two from the reader
+    assert "dataset_dict.json" not in result.stderr  # the unreadable folder is named, not a file looked up in it
