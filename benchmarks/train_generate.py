@@ -7,10 +7,11 @@ Baselines, measured here in the same process on the same rows:
   ours: bf16 autocast where the CPU has it, length-grouped batches.
 - generation: the LoRA adapter left unmerged, one prompt at a time (the paper's
   batch size 1); ours: adapter merged into the weights, length-sorted batches.
-- processes: the same LoRA training in 2 processes (DDP over gloo, 1 thread each,
-  accumulation 1) against 1 process (all threads, and 1 thread; accumulation 2): the
-  same global batch, so the same updates. Tokens/s of the training loop, and the wall
-  time of the whole ``train_model`` call (which for 2 processes includes starting them).
+- processes: the same LoRA training in 2 processes (DDP over gloo, 1 thread each, one
+  micro-batch each per step) against 1 process (all threads, and 1 thread; two
+  micro-batches per step): the same global_batch, so the same updates. Tokens/s of the
+  training loop, and the wall time of the whole ``train_model`` call (which for 2
+  processes includes starting them).
 Prints tokens/s for each and the ratio. Rows: real ShareGPT rows (the demo pool).
 ``--parts`` picks what to run (default: all three).
 Both sides get an untimed warm-up first (the first batches on this CPU are slow), then
@@ -64,8 +65,7 @@ def time_training(rows: pd.DataFrame, out: Path, precision: str, grouped: bool) 
 
 def time_processes(rows: pd.DataFrame, out: Path, processes: int, threads: int | None = None) -> tuple[float, float, int]:
     """(training-loop seconds, whole-call seconds, tokens) for one run at global batch 8."""
-    config = TrainConfig(epochs=1, batch_size=4, gradient_accumulation=2 // processes, processes=processes,
-                         max_length=256, device="cpu")
+    config = TrainConfig(epochs=1, batch_size=4, global_batch=8, processes=processes, max_length=256, device="cpu")
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -84,7 +84,7 @@ def compare_processes(rows: pd.DataFrame, tmp: Path, repeats: int) -> None:
         runs["one"].append(time_processes(rows, tmp / "p1", 1))
         runs["one-thread"].append(time_processes(rows, tmp / "p1t", 1, threads=1))
         runs["two"].append(time_processes(rows, tmp / "p2", 2))
-    labels = {"one": f"1 process, {torch.get_num_threads()} threads, acc 2", "one-thread": "1 process, 1 thread, acc 2",
+    labels = {"one": f"1 process, {torch.get_num_threads()} threads", "one-thread": "1 process, 1 thread",
               "two": "2 processes, 1 thread each"}
     rates = {}
     for name, results in runs.items():

@@ -426,15 +426,20 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import shutil
+
     from mods.training import TrainConfig, train_model
 
     rows = _load_rows(args.data, args)
     config = _model(TrainConfig, {"method": args.method, "epochs": args.epochs, "learning_rate": args.learning_rate,
-                                  "batch_size": args.batch_size, "max_length": args.max_length, "device": args.device,
+                                  "batch_size": args.batch_size, "global_batch": args.global_batch,
+                                  "max_length": args.max_length, "device": args.device,
                                   "processes": args.processes}, "train")
     out = Path(args.out)
-    summary = train_model(args.base_model, rows, config, out, progress=not args.quiet,
-                          checkpoint_dir=out.parent / f".{out.name}.checkpoints")
+    # Beside the output, so an interrupted run resumes when the same command is run again.
+    checkpoints = out.parent / f".{out.name}.checkpoints"
+    summary = train_model(args.base_model, rows, config, out, progress=not args.quiet, checkpoint_dir=checkpoints)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the model is complete: nothing left to resume
     print(json.dumps(summary, indent=2))
     print(f"model written to {args.out}")
     return 0
@@ -542,9 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", choices=["lora", "full"])
     train.add_argument("--epochs", type=float)
     train.add_argument("--learning-rate", type=float)
-    train.add_argument("--batch-size", type=int)
+    train.add_argument("--batch-size", type=int, help="rows per micro-batch (memory; default 8)")
+    train.add_argument("--global-batch", type=int,
+                       help="rows per optimiser step over all processes, a multiple of --batch-size (default 8)")
     train.add_argument("--max-length", type=int)
-    train.add_argument("--processes", type=int, help="training processes (default: every visible GPU, 1 on CPU)")
+    train.add_argument("--processes", type=int,
+                       help="training processes, speed only (default: every visible GPU, 1 on CPU)")
     train.add_argument("--device", default=None)
     _add_common(train)
     train.set_defaults(handler=cmd_train)

@@ -46,7 +46,9 @@ log = logging.getLogger("mods.artifacts")
 MARKER = "_SUCCESS.json"
 KEY_LENGTH = 16
 
-Resource = Literal["cpu", "gpu"]
+# "cpu": any machine; "gpu": one GPU (a shard, an embedding pass); "gpus": every GPU of one
+# machine (training: DDP/FSDP over all of them).
+Resource = Literal["cpu", "gpu", "gpus"]
 
 
 class ArtifactError(Exception):

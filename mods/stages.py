@@ -46,9 +46,11 @@ from mods.training import TrainConfig
 
 log = logging.getLogger("mods.stages")
 
-# Parameters that change where or how fast a stage runs, not what it writes. (Training's
-# `processes` is not here: it sets the global batch, hence the weights.)
-NOT_IN_KEY = {"device", "progress", "checkpoint_every", "gradient_checkpointing"}
+# Parameters that change where or how fast a stage runs, not what it writes. Training's
+# `processes` is one: the global batch (`global_batch`, in the key) fixes the update for
+# any number of processes, and the orchestrator could not know the resolved number (every
+# visible GPU of whichever worker trains) anyway.
+NOT_IN_KEY = {"device", "progress", "checkpoint_every", "gradient_checkpointing", "processes"}
 # Also left out of a row store's fingerprint: batch sizes only change speed, so results
 # computed with another batch size are reused.
 NOT_IN_ROW_FINGERPRINT = NOT_IN_KEY | {"batch_size"}
@@ -243,7 +245,9 @@ def plan_rows(workspace: Workspace | str | Path, name: str, params: Any, inputs:
                    missing=len(missing), plan_id=plan_id, shard_rows=[len(s.row_keys) for s in shards])
 
 
-# One loaded model per process (a worker's shards, or the flow's in-process shards, share it).
+# One loaded model per process: the flow's in-process shards share it. (A process worker runs
+# each flow run in a new process, so each GPU shard loads its model: a shard is sized to make
+# that cost small, `execution.rows_per_shard`.)
 _SETUP_CACHE: dict[tuple[str, str], Any] = {}
 
 
@@ -682,6 +686,16 @@ declare(Stage(StageSpec("seed_select", "1", "cpu", "k-center greedy seed set (co
               ("embed",), SeedSelectionConfig, body=seed_select_body))
 
 
+def smaller_batch_size(config: TrainConfig) -> int | None:
+    """The batch size to retry with after running out of memory: the largest divisor of
+    ``global_batch`` that is at most half of ``batch_size`` (the same global batch, so
+    the same update); None at ``batch_size`` 1."""
+    if config.batch_size <= 1:
+        return None
+    half = config.batch_size // 2
+    return max(size for size in range(1, half + 1) if config.global_batch % size == 0)
+
+
 def _train(ctx: StageContext, params: TrainingParams, selections: list[str]) -> dict[str, Any]:
     from mods.training import train_model
 
@@ -697,17 +711,19 @@ def _train(ctx: StageContext, params: TrainingParams, selections: list[str]) -> 
             return train_model(params.base_model, train_rows, config, ctx.out / "model", progress=ctx.progress,
                                checkpoint_dir=ctx.scratch / f"checkpoints-b{config.batch_size}")
         except BaseException as error:  # noqa: BLE001 - only out-of-memory is handled
-            if not is_out_of_memory(error) or config.batch_size <= 1:
+            smaller = smaller_batch_size(config)
+            if not is_out_of_memory(error) or smaller is None:
                 raise
             release_accelerator_memory()
-            # Same global batch, half the rows per forward pass.
-            config = config.model_copy(update={"batch_size": config.batch_size // 2,
-                                               "gradient_accumulation": config.gradient_accumulation * 2})
-            log.warning("training ran out of memory; retrying with batch_size=%d, gradient_accumulation=%d",
-                        config.batch_size, config.gradient_accumulation)
+            # Same global batch (the same update), fewer rows per forward pass.
+            config = config.model_copy(update={"batch_size": smaller})
+            log.warning("training ran out of memory; retrying with batch_size=%d (global_batch=%d unchanged)",
+                        config.batch_size, config.global_batch)
 
 
-declare(Stage(StageSpec("seed_train", "1", "gpu", "Fine-tune the base LLM on the seed set."),
+# Version 2: global_batch replaces gradient_accumulation, processes leaves the key, and
+# a short last step is no longer diluted by its padding (other weights).
+declare(Stage(StageSpec("seed_train", "2", "gpus", "Fine-tune the base LLM on the seed set."),
               ("high_quality", "seed_select"), TrainingParams,
               body=lambda ctx, params: _train(ctx, params, ["seed_select"]), extra_key=_train_key))
 
@@ -820,7 +836,7 @@ def augment_select_body(ctx: StageContext, params: AugmentParams) -> dict[str, A
 declare(Stage(StageSpec("augment_select", "1", "cpu", "k-center augmented set from the rows the seed model still lacks."),
               ("embed", "seed_select", "necessity"), AugmentParams, body=augment_select_body))
 
-declare(Stage(StageSpec("final_train", "1", "gpu", "Fine-tune the base LLM on seed ∪ augmented."),
+declare(Stage(StageSpec("final_train", "2", "gpus", "Fine-tune the base LLM on seed ∪ augmented."),
               ("high_quality", "seed_select", "augment_select"), TrainingParams,
               body=lambda ctx, params: _train(ctx, params, ["seed_select", "augment_select"]), extra_key=_train_key))
 

@@ -8,25 +8,28 @@ length-grouped batches (little padding), prompt tokens masked out of the loss, b
 mixed precision where the hardware has it, gradient accumulation, optional gradient
 checkpointing, and ``save_state`` checkpoints that a rerun resumes from.
 
-Batch semantics (the README's *Training* section says the same):
-    global batch = batch_size × gradient_accumulation × processes rows per optimiser step.
+Batch semantics (the README's *Training* section says the same): ``global_batch`` rows
+per optimiser step, whatever the number of processes; ``processes`` only sets the speed.
 The rows are cut into one seeded sequence of micro-batches of ``batch_size``
 (length-grouped, reshuffled each epoch). Optimiser step ``s`` takes the next
-``gradient_accumulation × processes`` micro-batches; process ``r`` gets the
-``gradient_accumulation`` of them at positions ``r·A … r·A + A - 1``. Each micro-batch's
-loss (mean over its answer tokens) is divided by ``A`` and the gradients are averaged
-over processes, so the step's gradient is the mean of the micro-batch losses of the
-step, whatever the split: 1 process with accumulation 2 and 2 processes with
-accumulation 1 compute the same update. A last, short step is padded with micro-batches
-of weight 0 so that every process takes part in every collective. Dropout draws from a
-generator seeded per micro-batch, so it does not depend on which process runs a
-micro-batch, nor on whether the run was resumed.
+``M = global_batch / batch_size`` of them. With ``P`` processes each process has
+``A = ceil(M / P)`` slots per step: process ``r`` runs slots ``r·A … r·A + A - 1``; a slot
+past ``M`` (``P`` does not divide ``M``), or past the run's last micro-batch (a short last
+step), is padding: a micro-batch run with weight 0, so that every process takes part in
+every collective. accelerate divides each loss by ``A`` and DDP/FSDP average gradients
+over ``P``, so each real micro-batch's loss (mean over its answer tokens) is scaled by
+``A·P / n``, ``n`` the real micro-batches of its step: the update is the mean of the
+step's micro-batch losses for any ``P`` (and a short last step is not diluted by its
+padding). 1 process and 2 processes at the same global batch compute the same update.
+Dropout draws from a generator seeded per micro-batch, so it does not depend on which
+process runs a micro-batch, nor on whether the run was resumed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -40,16 +43,20 @@ from typing import Any, Literal, Sequence
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from tqdm.auto import tqdm
 
 from mods.prompts import answer_suffix, chat_prompt
+
+log = logging.getLogger("mods.training")
 
 TRAINED_MODEL_META = "mods_model.json"
 CHECKPOINT_META = "mods_checkpoint.json"
 # Bumped when the checkpoint layout or the meaning of a step changes: an old
 # checkpoint is then ignored instead of being resumed into a different run.
-CHECKPOINT_FORMAT = 1
+# 2: global_batch instead of gradient_accumulation; a short last step is no longer
+# diluted by its padding.
+CHECKPOINT_FORMAT = 2
 # Only the newest checkpoint is kept: it is complete (renamed into place) before the
 # previous one is deleted, so a complete one is always on disk.
 
@@ -64,11 +71,13 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(
         2e-4, gt=0, description="Peak learning rate (paper, full fine-tuning: 2e-5; LoRA: ~1e-4–3e-4)."
     )
-    batch_size: int = Field(8, ge=1, description="Rows per micro-batch, per process.")
-    gradient_accumulation: int = Field(
-        1, ge=1,
-        description="Micro-batches per process per optimiser step. Global batch = batch_size × "
-                    "gradient_accumulation × processes rows.",
+    batch_size: int = Field(
+        8, ge=1, description="Rows per micro-batch (one forward pass of one process): memory, not the result."
+    )
+    global_batch: int = Field(
+        8, ge=1, validate_default=True,  # checked against batch_size even when left at its default
+        description="Rows per optimiser step over all processes (paper: 128); a multiple of batch_size. "
+                    "The same for any number of processes.",
     )
     max_length: int = Field(384, ge=16, description="Tokens per row (prompt + answer); longer rows are cut.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps with linear warm-up (paper: 0.03).")
@@ -88,7 +97,8 @@ class TrainConfig(BaseModel):
     device: str | None = Field(None, description="'cpu', 'cuda', or empty for automatic.")
     processes: int | None = Field(
         None, ge=1,
-        description="Training processes (DDP; FSDP for 'full'). Empty: every visible GPU on CUDA, 1 on CPU.",
+        description="Training processes (DDP; FSDP for 'full'): speed only, the same update for any number. "
+                    "Empty: every visible GPU on CUDA, 1 on CPU.",
     )
     checkpoint_every: int = Field(
         100, ge=0,
@@ -97,6 +107,17 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30 % more compute."
     )
+
+    @field_validator("global_batch")
+    @classmethod
+    def _whole_micro_batches(cls, value: int, info: ValidationInfo) -> int:
+        # A step is whole micro-batches: otherwise its rows would depend on how they are split.
+        batch_size = info.data.get("batch_size")
+        if batch_size is not None and value % batch_size:
+            fits = math.ceil(value / batch_size) * batch_size
+            raise ValueError(f"global_batch={value} is not a multiple of batch_size={batch_size}; "
+                             f"set global_batch to a multiple of batch_size, e.g. {fits}")
+        return value
 
 
 @dataclass
@@ -199,32 +220,79 @@ def resolve_processes(config: TrainConfig) -> int:
     return config.processes or 1
 
 
-def global_batch(config: TrainConfig, processes: int) -> int:
-    """Rows per optimiser step over all processes."""
-    return config.batch_size * config.gradient_accumulation * processes
+def micro_batches_per_step(config: TrainConfig) -> int:
+    """``M``: micro-batches per optimiser step, over all processes."""
+    return config.global_batch // config.batch_size
+
+
+def slots_per_process(config: TrainConfig, processes: int) -> int:
+    """``A``: micro-batch slots per process per optimiser step (accelerate's accumulation steps)."""
+    return math.ceil(micro_batches_per_step(config) / processes)
+
+
+def idle_slots_per_step(config: TrainConfig, processes: int) -> int:
+    """Padding slots in every full step: ``A·P - M`` (0 when ``P`` divides ``M``)."""
+    return slots_per_process(config, processes) * processes - micro_batches_per_step(config)
+
+
+def idle_slots_warning(config: TrainConfig, processes: int) -> str | None:
+    """What to say when some processes idle in every step (``P`` does not divide ``M``,
+    or ``P > M``), and which global batches would use every process; None otherwise."""
+    idle = idle_slots_per_step(config, processes)
+    if not idle:
+        return None
+    per_step = micro_batches_per_step(config)
+    slots = slots_per_process(config, processes) * processes
+    unit = config.batch_size * processes  # global batches that fill every process: multiples of this
+    lower, upper = (per_step // processes) * unit, math.ceil(per_step / processes) * unit
+    better = f"global_batch={upper}" if not lower else f"global_batch={lower} or {upper}"
+    return (f"global_batch={config.global_batch} is {per_step} micro-batch(es) of batch_size={config.batch_size} "
+            f"per step on {processes} processes: {idle} of {slots} slots per step idle (padding: the same update, "
+            f"time lost); {better} would use every process")
 
 
 @dataclass
 class TrainingPlan:
     micro_batches: list[list[int]]  # row indices, in global order over all epochs
     per_epoch: int  # micro-batches in one epoch
-    per_step: int  # micro-batches per optimiser step, over all processes
-    accumulation: int
+    per_step: int  # M: micro-batches per optimiser step, over all processes
+    accumulation: int  # A: slots per process per step
+    processes: int  # P
 
     @property
     def total_steps(self) -> int:
         return max(1, math.ceil(len(self.micro_batches) / self.per_step))
 
+    @property
+    def idle_slots_per_step(self) -> int:
+        return self.accumulation * self.processes - self.per_step
+
     def for_process(self, step: int, rank: int) -> list[int | None]:
         """Global micro-batch numbers process ``rank`` runs at optimiser step ``step``
-        (``None``: padding of a short last step, run with weight 0)."""
-        first = step * self.per_step + rank * self.accumulation
-        return [i if i < len(self.micro_batches) else None for i in range(first, first + self.accumulation)]
+        (``None``: a padding slot, past the step's ``M`` or past the run's last
+        micro-batch, run with weight 0)."""
+        first_slot = rank * self.accumulation
+        slots = range(first_slot, first_slot + self.accumulation)
+        return [step * self.per_step + slot if slot < self.per_step
+                and step * self.per_step + slot < len(self.micro_batches) else None for slot in slots]
+
+    def real_in_step(self, step: int) -> int:
+        """Micro-batches of step ``step`` that are not padding (``M``, fewer in a short last step)."""
+        return max(0, min(self.per_step, len(self.micro_batches) - step * self.per_step))
+
+    def loss_weight(self, step: int, index: int | None) -> float:
+        """The factor on a micro-batch's mean loss so that, after accelerate's division by
+        ``A`` and the processes' gradient average over ``P``, the step's update is the
+        mean over its real micro-batches: ``A·P / n``; 0 for padding."""
+        if index is None:
+            return 0.0
+        return self.accumulation * self.processes / self.real_in_step(step)
 
 
 def training_plan(lengths: Sequence[int], config: TrainConfig, processes: int) -> TrainingPlan:
     """Every micro-batch of the run in order: epoch ``e`` is ``length_grouped_batches``
-    with seed ``seed + e``; a fractional last epoch is cut."""
+    with seed ``seed + e``; a fractional last epoch is cut. The order and the steps do
+    not depend on ``processes``; only which process runs which micro-batch does."""
     per_epoch = len(length_grouped_batches(lengths, config.batch_size, config.seed))
     total = max(1, round(per_epoch * config.epochs))
     micro_batches: list[list[int]] = []
@@ -232,8 +300,8 @@ def training_plan(lengths: Sequence[int], config: TrainConfig, processes: int) -
     while len(micro_batches) < total:
         micro_batches += length_grouped_batches(lengths, config.batch_size, config.seed + epoch)
         epoch += 1
-    return TrainingPlan(micro_batches[:total], per_epoch, config.gradient_accumulation * processes,
-                        config.gradient_accumulation)
+    return TrainingPlan(micro_batches[:total], per_epoch, micro_batches_per_step(config),
+                        slots_per_process(config, processes), processes)
 
 
 def micro_batch_seed(seed: int, index: int) -> int:
@@ -247,8 +315,10 @@ def micro_batch_seed(seed: int, index: int) -> int:
 def run_fingerprint(model_path: str, encoded: Sequence[EncodedRow], config: TrainConfig, processes: int,
                     mixed_precision: str) -> str:
     """What a checkpoint must match to be resumed: the base model, the token ids, every
-    setting that changes the weights, the process count (it fixes the global batch) and
-    the resolved precision. Not the device nor the checkpoint interval."""
+    setting that changes the weights, the resolved process count and the resolved
+    precision. Not the device nor the checkpoint interval. The process count does not
+    change the weights, but a checkpoint's layout depends on it (per-process RNG states,
+    FSDP shards), so one saved by another count is not resumed."""
     digest = hashlib.sha256()
     settings = config.model_dump(mode="json", exclude={"device", "processes", "checkpoint_every", "gradient_checkpointing"})
     digest.update(json.dumps({"format": CHECKPOINT_FORMAT, "model": str(model_path), "config": settings,
@@ -363,6 +433,7 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
     amp_dtype = autocast_dtype(config.precision, device)
     mixed_precision = "bf16" if amp_dtype is not None else "no"
     fsdp = config.method == "full" and job.processes > 1
+    plan = training_plan([len(r.input_ids) for r in encoded], config, job.processes)
     fsdp_plugin = None
     if fsdp:
         fsdp_plugin = FullyShardedDataParallelPlugin(
@@ -379,7 +450,7 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation,
+        gradient_accumulation_steps=plan.accumulation,  # A slots per process per optimiser step
         fsdp_plugin=fsdp_plugin,
         # The schedule counts optimiser steps of the whole run, not steps per process.
         step_scheduler_with_optimizer=False,
@@ -430,7 +501,6 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
         )
     model.train()
 
-    plan = training_plan([len(r.input_ids) for r in encoded], config, job.processes)
     total_steps = plan.total_steps
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -462,8 +532,8 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
         records = {int(k): (v[0], v[1]) for k, v in meta["records"].items()}
         if main and job.progress:
             _log(f"resuming from {folder.name} (step {start_step} of {total_steps})")
-    if job.checkpoint_dir is not None and main:
-        job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if job.checkpoint_dir is not None and main and job.checkpoint_dir.is_dir():
+        # Not created here: the first save creates it, so a run that saves none leaves nothing.
         for stale in job.checkpoint_dir.glob(".tmp-*"):  # saves cut short by a kill
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -485,8 +555,9 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
             torch.manual_seed(micro_batch_seed(config.seed, index if index is not None else -1))
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                # accelerate divides by the accumulation steps; DDP/FSDP average over processes
-                accelerator.backward(loss if index is not None else loss * 0.0)
+                # accelerate divides by A and DDP/FSDP average over P: the weight A·P / n
+                # makes the update the mean over the step's n real micro-batches (0: padding).
+                accelerator.backward(loss * plan.loss_weight(step, index))
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()
@@ -547,7 +618,9 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
             "mean_loss_last_epoch": sum(losses[-per_epoch:]) / max(1, len(losses[-per_epoch:])),
             "autocast": str(amp_dtype) if amp_dtype else "fp32",
             "processes": job.processes,
-            "global_batch": global_batch(config, job.processes),
+            "global_batch": config.global_batch,
+            "micro_batches_per_step": plan.per_step,
+            "idle_slots_per_step": plan.idle_slots_per_step,
             "resumed_from_step": start_step,
             "peak_memory_mb": round(peak, 1),
             "fsdp": fsdp,
@@ -619,6 +692,8 @@ def train_model(
     steps and resumes from the newest complete one of the same run; it never deletes
     ``checkpoint_dir`` (the caller does, once the artifact is complete).
     Returns a summary (steps, tokens, tokens/s, losses, processes, global batch, ...).
+    The number of processes changes the speed, not the update; when it leaves slots of
+    every step idle (it does not divide ``global_batch / batch_size``) a warning says so.
     """
     from transformers import AutoTokenizer
 
@@ -627,6 +702,9 @@ def train_model(
     if len(rows) == 0:
         raise ValueError("no rows to train on: the selection is empty")
     processes = resolve_processes(config)
+    idle = idle_slots_warning(config, processes)
+    if idle is not None:
+        log.warning("train: %s", idle)
     model_path = resolve_model_path(base_model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:

@@ -142,3 +142,11 @@ def test_necessity_without_a_model_folder_is_one_line(rows_file: Path, tmp_path:
     assert main(["necessity", str(rows_file), "--model-dir", str(tmp_path / "none"), "--out",
                  str(tmp_path / "o.parquet"), "--quiet"]) == 2
     assert "--model-dir" in one_line_error(capsys)
+
+
+def test_train_global_batch_not_a_multiple_of_the_batch_is_one_line(rows_file: Path, tmp_path: Path, capsys):
+    assert main(["train", str(rows_file), "--out", str(tmp_path / "m"), "--batch-size", "16", "--device", "cpu",
+                 "--quiet"]) == 2
+    message = one_line_error(capsys)
+    assert "global_batch=8 is not a multiple of batch_size=16" in message
+    assert not (tmp_path / "m").exists() and not (tmp_path / ".m.checkpoints").exists()

@@ -40,6 +40,6 @@ def test_every_stage_has_a_task_module_and_a_declared_resource():
 
     assert set(STAGES) == set(STAGE_TASKS)
     for name, stage in STAGES.items():
-        assert stage.spec.resources in {"cpu", "gpu"}
+        assert stage.spec.resources in {"cpu", "gpu", "gpus"}
         assert (ROOT / "tasks" / f"{name}.py").is_file()
         assert f"resource:{stage.spec.resources}" in STAGE_TASKS[name].tags

@@ -59,31 +59,112 @@ def test_a_deterministic_error_is_not_split_or_retried():
     assert retry_if_transient(None, None, Failed(data=TimeoutError("nfs")))
 
 
-def test_training_out_of_memory_retries_with_half_the_batch_and_the_same_global_batch(tmp_path, monkeypatch):
+def _fake_training_inputs(tmp_path):
     import pandas as pd
-    import torch
 
-    import mods.training
     from mods.artifacts import StageContext, Workspace
-    from mods.stages import TrainingParams, _train
-    from mods.training import TrainConfig
 
     pd.DataFrame({"id": ["a"], "instruction": ["i"], "input": [""], "output": ["o"]}).to_parquet(tmp_path / "rows.parquet")
     pd.DataFrame({"id": ["a"]}).to_parquet(tmp_path / "selected.parquet")
+    return StageContext(out=tmp_path, inputs={"high_quality": tmp_path, "seed_select": tmp_path}, scratch=tmp_path / "s",
+                        workspace=Workspace(tmp_path))
+
+
+def test_training_out_of_memory_retries_with_half_the_batch_and_the_same_global_batch(tmp_path, monkeypatch):
+    import pytest
+    import torch
+
+    import mods.training
+    from mods.stages import TrainingParams, _train
+    from mods.training import TrainConfig
+
     tried = []
+    fits = 2
 
     def fake_train(base_model, rows, config, out_dir, progress=True, checkpoint_dir=None):
-        tried.append((config.batch_size, config.gradient_accumulation))
-        if config.batch_size > 2:
+        tried.append((config.batch_size, config.global_batch, checkpoint_dir.name))
+        if config.batch_size > fits:
             raise torch.OutOfMemoryError("simulated")
         return {"ok": True}
 
     monkeypatch.setattr(mods.training, "train_model", fake_train)
-    ctx = StageContext(out=tmp_path, inputs={"high_quality": tmp_path, "seed_select": tmp_path}, scratch=tmp_path / "s",
-                       workspace=Workspace(tmp_path))
-    params = TrainingParams(base_model="x", train=TrainConfig(batch_size=8, gradient_accumulation=1))
+    ctx = _fake_training_inputs(tmp_path)
+    params = TrainingParams(base_model="x", train=TrainConfig(batch_size=8, global_batch=8))
     assert _train(ctx, params, ["seed_select"]) == {"ok": True}
-    assert tried == [(8, 1), (4, 2), (2, 4)]
+    # each retry has its own checkpoints (another batch size is another run)
+    assert tried == [(8, 8, "checkpoints-b8"), (4, 8, "checkpoints-b4"), (2, 8, "checkpoints-b2")]
+
+    # half the batch need not divide the global batch: the largest divisor below half is taken,
+    # down to 1 row; out of memory at 1 row is the error itself
+    tried.clear()
+    fits = 0
+    params = TrainingParams(base_model="x", train=TrainConfig(batch_size=12, global_batch=36))
+    with pytest.raises(torch.OutOfMemoryError):
+        _train(ctx, params, ["seed_select"])
+    assert [(size, total) for size, total, _ in tried] == [(12, 36), (6, 36), (3, 36), (1, 36)]
+    tried.clear()
+    params = TrainingParams(base_model="x", train=TrainConfig(batch_size=10, global_batch=30))
+    with pytest.raises(torch.OutOfMemoryError):
+        _train(ctx, params, ["seed_select"])
+    assert [size for size, _, _ in tried] == [10, 5, 2, 1]  # 30's divisors: 5 ≤ 10/2, 2 ≤ 5/2, 1
+
+
+def test_the_process_count_is_not_in_the_training_key_the_global_batch_is(tmp_path):
+    from mods.stages import TrainingParams, plan_key
+    from mods.training import TrainConfig
+
+    inputs = {"high_quality": {"stage": "high_quality", "key": "h"}, "seed_select": {"stage": "seed_select", "key": "s"}}
+
+    def key(**train) -> str:
+        return plan_key("seed_train", TrainingParams(base_model="x", train=TrainConfig(**train)), inputs)
+
+    # an 8-GPU worker and a 1-GPU worker compute the same update: one artifact
+    assert key(processes=None) == key(processes=1) == key(processes=8) == key(processes=3, batch_size=8)
+    assert key(global_batch=16) != key(global_batch=8)
+    assert key(batch_size=4, global_batch=8) != key(batch_size=8, global_batch=8)  # other micro-batches
+    final = {**inputs, "augment_select": {"stage": "augment_select", "key": "a"}}
+    assert plan_key("final_train", TrainingParams(base_model="x", train=TrainConfig(processes=2)), final) == \
+        plan_key("final_train", TrainingParams(base_model="x", train=TrainConfig(processes=4)), final)
+
+
+def test_a_training_stage_removes_its_checkpoints_once_the_artifact_is_complete(tmp_path, tiny_llama_dir, monkeypatch):
+    import pandas as pd
+
+    import mods.training
+    from mods.artifacts import StageSpec, Workspace, artifact_problem, run_stage
+    from mods.stages import TrainingParams, execute
+    from mods.training import TrainConfig
+
+    workspace = Workspace(tmp_path / "ws")
+    rows = pd.DataFrame({"id": [f"r{i}" for i in range(4)], "instruction": ["Say hi.", "Add 1 and 2.", "A colour?", "Count."],
+                         "input": [""] * 4, "output": ["Hi!", "Three.", "Red.", "One, two."]})
+
+    def write(name: str, filename: str, frame: pd.DataFrame):
+        def body(ctx):
+            frame.to_parquet(ctx.out / filename, index=False)
+        return run_stage(workspace, StageSpec(name, "test", "cpu", ""), {"test": name}, {}, body).artifact
+
+    inputs = {"high_quality": write("high_quality", "rows.parquet", rows),
+              "seed_select": write("seed_select", "selected.parquet", rows[["id"]])}
+    saved = []
+    real_save = mods.training._save_checkpoint
+
+    def recording_save(accelerator, model, job, step, records, sharded):
+        real_save(accelerator, model, job, step, records, sharded)
+        saved.append(sorted(p.name for p in job.checkpoint_dir.iterdir()))
+
+    monkeypatch.setattr(mods.training, "_save_checkpoint", recording_save)
+    config = TrainConfig(epochs=2, batch_size=2, global_batch=2, max_length=48, device="cpu", checkpoint_every=1,
+                         processes=1)
+    outcome = execute(workspace, "seed_train", TrainingParams(base_model=str(tiny_llama_dir), train=config), inputs,
+                      progress=False)
+    assert outcome.executed and outcome.summary["optimizer_steps"] == 4
+    assert saved == [["step-00000001"], ["step-00000002"], ["step-00000003"]]  # checkpoints were in the scratch
+    assert artifact_problem(outcome.artifact.dir(workspace), False) is None
+    scratch = workspace.scratch_dir("seed_train", outcome.artifact.key)
+    assert not scratch.exists()
+    leftovers = [p.name for p in outcome.artifact.dir(workspace).parent.iterdir() if "scratch" in p.name or "tmp" in p.name]
+    assert leftovers == []
 
 
 def test_a_server_away_is_transient_a_bad_value_is_not():

@@ -48,7 +48,7 @@ def test_length_grouped_batches_cover_every_row_once():
 
 
 def test_lora_training_lowers_the_loss_and_reloads(tiny_llama_dir: Path, tmp_path: Path):
-    config = TrainConfig(epochs=8, learning_rate=5e-3, batch_size=4, max_length=64, lora_r=8,
+    config = TrainConfig(epochs=8, learning_rate=5e-3, batch_size=4, global_batch=4, max_length=64, lora_r=8,
                          lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], device="cpu")
     summary = train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "model", progress=False)
     assert summary["rows"] == len(ROWS) and summary["tokens"] > 0
@@ -102,18 +102,79 @@ def test_every_process_split_of_a_global_batch_runs_the_same_micro_batches_per_s
     from mods.training import training_plan
 
     lengths = [5, 9, 3, 7, 8, 2, 6, 4, 1, 10, 11]  # 11 rows, batch 2: 6 micro-batches per epoch
-    config = TrainConfig(batch_size=2, epochs=1.5, seed=3)
-    two = training_plan(lengths, config.model_copy(update={"gradient_accumulation": 1}), processes=2)
-    one = training_plan(lengths, config.model_copy(update={"gradient_accumulation": 2}), processes=1)
+    config = TrainConfig(batch_size=2, global_batch=4, epochs=1.5, seed=3)
+    two = training_plan(lengths, config, processes=2)
+    one = training_plan(lengths, config, processes=1)
     assert two.micro_batches == one.micro_batches and len(two.micro_batches) == 9  # 1.5 epochs of 6
     assert two.total_steps == one.total_steps == 5
+    assert (two.accumulation, one.accumulation) == (1, 2)
     for step in range(5):
         split = two.for_process(step, 0) + two.for_process(step, 1)
         assert split == one.for_process(step, 0)
     # the short last step is padded (None: weight 0) so both processes take part
     assert two.for_process(4, 0) == [8] and two.for_process(4, 1) == [None]
+    assert one.for_process(4, 0) == [8, None]
     # the second epoch is reshuffled; every row is in every full epoch exactly once
     assert sorted(i for b in two.micro_batches[:6] for i in b) == list(range(11))
+
+
+def _emulated_update(plan, losses: "torch.Tensor") -> list["torch.Tensor"]:
+    """Per optimiser step, the gradient the training loop's weighting gives: each process
+    sums (weight × loss / A) over its slots (accelerate's accumulation), then the processes'
+    gradients are averaged (DDP/FSDP). ``losses[i]`` is micro-batch i's loss as a function
+    of the parameters, so the gradient of the step's weighted sum is what one update uses."""
+    steps = []
+    for step in range(plan.total_steps):
+        per_process = []
+        for rank in range(plan.processes):
+            total = torch.zeros(())
+            for index in plan.for_process(step, rank):
+                # padding runs the step's first micro-batch, with weight 0
+                loss = losses[index if index is not None else step * plan.per_step]
+                total = total + loss * plan.loss_weight(step, index) / plan.accumulation
+            per_process.append(total)
+        steps.append(sum(per_process) / plan.processes)
+    return steps
+
+
+def test_a_process_count_that_does_not_divide_the_step_gives_the_same_update():
+    from mods.training import idle_slots_warning, training_plan
+
+    lengths = list(range(1, 15))  # 14 rows, batch 2: 7 micro-batches per epoch
+    config = TrainConfig(batch_size=2, global_batch=6, epochs=1, seed=1)  # M = 3 micro-batches per step
+    one = training_plan(lengths, config, processes=1)
+    two = training_plan(lengths, config, processes=2)  # A = 2: one padding slot per step
+    assert one.micro_batches == two.micro_batches and one.total_steps == two.total_steps == 3
+    assert (two.accumulation, two.idle_slots_per_step) == (2, 1)
+    assert two.for_process(0, 0) == [0, 1] and two.for_process(0, 1) == [2, None]
+    # the short last step (1 real micro-batch of 3): the second process runs only padding
+    assert two.for_process(2, 0) == [6, None] and two.for_process(2, 1) == [None, None]
+    assert two.real_in_step(2) == 1 and two.loss_weight(2, None) == 0.0
+
+    # every real micro-batch counts 1/n in its step (n real micro-batches), for any process
+    # count: the update is the mean of the step's micro-batch losses, not diluted by padding
+    losses = torch.rand(len(one.micro_batches), dtype=torch.float64) + 0.5
+    expected = [losses[0:3].mean(), losses[3:6].mean(), losses[6:7].mean()]
+    for processes in (1, 2, 3, 4, 5):
+        plan = training_plan(lengths, config, processes=processes)
+        update = _emulated_update(plan, losses)
+        assert torch.allclose(torch.stack(update), torch.stack(expected), rtol=0, atol=1e-12), processes
+    # and with gradients: a toy model, each micro-batch's loss a function of the weights
+    weights = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    inputs = torch.randn(len(one.micro_batches), 2, dtype=torch.float64)
+    gradients = {}
+    for plan in (one, two):
+        per_micro_batch = ((inputs @ weights) - 1.0) ** 2
+        update = _emulated_update(plan, per_micro_batch)
+        gradients[plan.processes] = [torch.autograd.grad(u, weights, retain_graph=True)[0] for u in update]
+    for a, b in zip(gradients[1], gradients[2]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+    # idle slots are said, with the global batches that would use every process
+    assert idle_slots_warning(config, 1) is None and idle_slots_warning(config, 3) is None
+    message = idle_slots_warning(config, 2)
+    assert "1 of 4 slots per step idle" in message and "global_batch=4 or 8" in message
+    assert "7 of 8 slots" in idle_slots_warning(TrainConfig(), 8)  # default 8 rows, 1 micro-batch, 8 GPUs
 
 
 def test_latest_checkpoint_skips_partial_and_foreign_checkpoints(tmp_path: Path):
@@ -136,7 +197,7 @@ def test_latest_checkpoint_skips_partial_and_foreign_checkpoints(tmp_path: Path)
 def test_train_config_is_strict_and_one_process_on_cpu():
     from pydantic import ValidationError
 
-    from mods.training import global_batch, resolve_processes
+    from mods.training import micro_batches_per_step, resolve_processes, slots_per_process
 
     assert TrainConfig.model_fields["lora_target_modules"].default == ["q_proj", "v_proj"]  # shown in the UI form
     with pytest.raises(ValidationError, match="extra"):
@@ -145,7 +206,30 @@ def test_train_config_is_strict_and_one_process_on_cpu():
         TrainConfig(processes=0)
     assert resolve_processes(TrainConfig(device="cpu")) == 1
     assert resolve_processes(TrainConfig(device="cpu", processes=3)) == 3
-    assert global_batch(TrainConfig(batch_size=16, gradient_accumulation=8), processes=8) == 1024
+    paper = TrainConfig(batch_size=16, global_batch=128)
+    assert micro_batches_per_step(paper) == 8
+    assert slots_per_process(paper, 8) == 1 and slots_per_process(paper, 1) == 8 and slots_per_process(paper, 3) == 3
+    # a step is whole micro-batches: a one-line error naming both fields
+    with pytest.raises(ValidationError) as caught:
+        TrainConfig(batch_size=16, global_batch=100)
+    problem = caught.value.errors()[0]
+    assert problem["loc"] == ("global_batch",) and "\n" not in problem["msg"]
+    assert "global_batch=100" in problem["msg"] and "batch_size=16" in problem["msg"]
+    with pytest.raises(ValidationError, match="extra"):
+        TrainConfig(gradient_accumulation=2)  # the old field is gone, not silently ignored
+
+
+def test_processes_default_to_every_visible_gpu_and_more_is_a_one_line_error(monkeypatch):
+    import mods.models
+    from mods.training import resolve_processes
+
+    monkeypatch.setattr(mods.models, "pick_device", lambda device=None: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert resolve_processes(TrainConfig()) == 8
+    assert resolve_processes(TrainConfig(processes=3)) == 3
+    with pytest.raises(ValueError) as caught:
+        resolve_processes(TrainConfig(processes=9))
+    assert str(caught.value) == "train.processes=9 but only 8 GPU(s) are visible (one process per GPU)"
 
 
 @pytest.fixture
@@ -161,7 +245,10 @@ def test_gradient_checkpointing_does_not_change_the_weights(tiny_llama_dir: Path
 
     config = TrainConfig(epochs=2, learning_rate=5e-3, batch_size=4, max_length=64, precision="fp32", device="cpu",
                          lora_dropout=0.1)
-    assert not train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "plain", progress=False)["gradient_checkpointing"]
+    # checkpoint_every (100) > the run's steps: no checkpoint saved, so no checkpoint folder either
+    assert not train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "plain", progress=False,
+                           checkpoint_dir=tmp_path / "unused")["gradient_checkpointing"]
+    assert not (tmp_path / "unused").exists()
     assert train_model(str(tiny_llama_dir), ROWS, config.model_copy(update={"gradient_checkpointing": True}),
                        tmp_path / "recompute", progress=False)["gradient_checkpointing"]
     plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
@@ -172,8 +259,8 @@ def test_gradient_checkpointing_does_not_change_the_weights(tiny_llama_dir: Path
 def test_a_rerun_resumes_only_a_checkpoint_of_the_same_run(tiny_llama_dir: Path, tmp_path: Path, one_thread):
     from safetensors.torch import load_file
 
-    config = TrainConfig(epochs=3, learning_rate=5e-3, batch_size=2, max_length=64, precision="fp32", device="cpu",
-                         checkpoint_every=4)
+    config = TrainConfig(epochs=3, learning_rate=5e-3, batch_size=2, global_batch=2, max_length=64, precision="fp32",
+                         device="cpu", checkpoint_every=4)
     checkpoints = tmp_path / "checkpoints"
     first = train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "first", progress=False, checkpoint_dir=checkpoints)
     assert first["optimizer_steps"] == 12 and first["resumed_from_step"] == 0

@@ -3,7 +3,8 @@
 Tiny Llama, fp32 (bitwise-comparable arithmetic), one thread per process. Tolerance for
 "the same weights": max |difference| <= 1e-5 on weights of size ~0.1-1 (what differs
 between the runs is only the order of float additions: DDP's all-reduce against
-gradient accumulation, FSDP's sharded reductions).
+gradient accumulation, FSDP's sharded reductions, and the loss weights A·P/n against
+1/n when processes leave padding slots).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ ROWS = pd.DataFrame(
 def lora_config(**changes) -> TrainConfig:
     # Dropout on: its masks must not depend on which process runs a micro-batch.
     values = dict(epochs=4, learning_rate=5e-3, batch_size=2, max_length=64, precision="fp32", device="cpu",
-                  lora_dropout=0.1, checkpoint_every=1, processes=2, gradient_accumulation=1)
+                  lora_dropout=0.1, checkpoint_every=1, processes=2, global_batch=4)
     return TrainConfig(**{**values, **changes})
 
 
@@ -75,10 +76,11 @@ def two_process_run(tiny_llama_dir: Path, tmp_path_factory) -> tuple[Path, dict]
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_llama_dir: Path, tmp_path: Path,
                                                                      two_process_run, one_thread):
     two_out, two = two_process_run
-    one = train_model(str(tiny_llama_dir), ROWS, lora_config(processes=1, gradient_accumulation=2),
-                      tmp_path / "one", progress=False)
+    one = train_model(str(tiny_llama_dir), ROWS, lora_config(processes=1), tmp_path / "one", progress=False)
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["global_batch"] == one["global_batch"] == 4
+    assert two["micro_batches_per_step"] == one["micro_batches_per_step"] == 2
+    assert two["idle_slots_per_step"] == one["idle_slots_per_step"] == 0
     assert two["optimizer_steps"] == one["optimizer_steps"] == 16 and two["resumed_from_step"] == 0
     assert two["tokens"] == one["tokens"] > 0
     assert two["peak_memory_mb"] > 0 and two["tokens_per_second"] > 0
@@ -86,6 +88,43 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_llama_d
     assert max_difference(weights(two_out), weights(tmp_path / "one")) <= WEIGHT_TOLERANCE
     # and training did move the adapter (lora_B starts at zero)
     assert max(float(w.abs().max()) for k, w in weights(two_out).items() if "lora_B" in k) > 1e-3
+
+
+def test_two_processes_that_leave_a_slot_idle_equal_one_process(tiny_llama_dir: Path, tmp_path: Path, one_thread,
+                                                                 caplog):
+    # 3 micro-batches per step on 2 processes: 2 slots each, one of them padding every
+    # step; 2 epochs of 8 micro-batches: a short last step of 1 (the second process pads only)
+    config = lora_config(global_batch=6, epochs=2)
+    with caplog.at_level("WARNING", logger="mods.training"):
+        two = train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "two", progress=False)
+    assert "1 of 4 slots per step idle" in caplog.text and "global_batch=4 or 8" in caplog.text
+    one = train_model(str(tiny_llama_dir), ROWS, config.model_copy(update={"processes": 1}), tmp_path / "one",
+                      progress=False)
+    assert two["micro_batches_per_step"] == one["micro_batches_per_step"] == 3
+    assert two["idle_slots_per_step"] == 1 and one["idle_slots_per_step"] == 0
+    assert two["optimizer_steps"] == one["optimizer_steps"] == 6 and two["tokens"] == one["tokens"]
+    assert abs(two["last_loss"] - one["last_loss"]) < 1e-4
+    assert max_difference(weights(tmp_path / "two"), weights(tmp_path / "one")) <= WEIGHT_TOLERANCE
+    assert max(float(w.abs().max()) for k, w in weights(tmp_path / "two").items() if "lora_B" in k) > 1e-3
+
+
+def test_mods_train_on_two_processes_leaves_no_checkpoints(tiny_llama_dir: Path, tmp_path: Path):
+    from flows.cli import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS.head(8).to_dict(orient="records")))
+    out = tmp_path / "model"
+    # checkpoint_every (100) is past the run's steps: a short run saves none, and the
+    # stale folder of an earlier, interrupted run must go too
+    stale = tmp_path / ".model.checkpoints"
+    (stale / "step-00000001").mkdir(parents=True)
+    assert main(["train", str(data), "--base-model", str(tiny_llama_dir), "--out", str(out), "--epochs", "1",
+                 "--max-length", "48", "--batch-size", "2", "--global-batch", "4", "--processes", "2",
+                 "--device", "cpu", "--quiet"]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+    meta = json.loads((out / "mods_model.json").read_text())
+    assert meta["summary"]["processes"] == 2 and meta["summary"]["global_batch"] == 4
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model", "rows.jsonl"]
 
 
 DRIVER = """
@@ -221,8 +260,8 @@ def test_fsdp_full_fine_tuning_on_two_processes_matches_one_and_resumes(tiny_lla
     saved = next(checkpoints.glob("step-*"))
     assert (saved / "pytorch_model_fsdp_0").is_dir() and (saved / "optimizer_0").is_dir()
 
-    single = train_model(str(tiny_llama_dir), ROWS, lora_config(**full, processes=1, gradient_accumulation=2),
-                         tmp_path / "single", progress=False)
+    single = train_model(str(tiny_llama_dir), ROWS, lora_config(**full, processes=1), tmp_path / "single",
+                         progress=False)
     assert single["fsdp"] is False
     assert max_difference(weights(tmp_path / "fsdp"), weights(tmp_path / "single")) <= WEIGHT_TOLERANCE
 
