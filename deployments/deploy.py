@@ -3,12 +3,15 @@
     python deployments/deploy.py                  # pools + deployments + automation on $PREFECT_API_URL
     python deployments/deploy.py --gpus 4         # the mods-gpu pool runs at most 4 stages at once
     python deployments/deploy.py --image mods:gpu # docker pools instead of process pools
+    python deployments/deploy.py --train-pool     # training stages on mods-train (whole machines)
 
-Two pools: ``mods-cpu`` runs the pipeline flow (and every CPU stage in its process);
+Pools: ``mods-cpu`` runs the pipeline flow (and every CPU stage in its process);
 ``mods-gpu`` runs ``mods-gpu-stage``, one stage (or one shard of a row-wise stage) per
-flow run. The pipeline finds the GPU deployment through the env variable that the
-``mods-pipeline/weekly`` deployment sets in its job variables, so a caller's ``config``
-cannot lose the routing (Prefect merges a run's parameters one level deep).
+flow run; ``mods-train`` (with ``--train-pool``) runs the training stages, on workers
+that each own a whole machine, so DDP/FSDP spans all its GPUs. The pipeline finds the
+GPU deployments through env variables that the ``mods-pipeline/weekly`` deployment sets
+in its job variables, so a caller's ``config`` cannot lose the routing (Prefect merges a
+run's parameters one level deep).
 
 Concurrency is bounded by GPUs, nothing else: the ``mods-gpu`` pool's limit is the number
 of GPUs declared with ``--gpus``, and each GPU worker owns one GPU and takes one flow run
@@ -16,12 +19,18 @@ at a time (README, "Deploying"):
 
     CUDA_VISIBLE_DEVICES=0 prefect worker start --pool mods-gpu --limit 1 --name gpu-host-0
     CUDA_VISIBLE_DEVICES=1 prefect worker start --pool mods-gpu --limit 1 --name gpu-host-1
+    prefect worker start --pool mods-train --limit 1 --name train-host      # sees every GPU
+
+A training stage and shards on the same machine share its GPUs: one pipeline runs them
+one after the other (training waits for the stage before it), two pipelines at once may not.
 
 Lost workers: every flow run sends a heartbeat event every ``--heartbeat`` seconds
 (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` in the deployments' job variables), and the
 automation ``mods: crash flow runs without heartbeats`` (Prefect's documented zombie-flow
 automation) marks a flow run *Crashed* when neither a heartbeat nor a terminal state event
-arrived for ``--crash-after`` seconds; the pipeline then resubmits the stage.
+arrived for ``--crash-after`` seconds; the pipeline then resubmits the stage. The automation
+watches only flow runs tagged ``mods`` (every run of these deployments and every GPU run
+the pipeline submits), never other flows on the same server.
 """
 
 from __future__ import annotations
@@ -32,10 +41,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flows.mods_pipeline import GPU_DEPLOYMENT_ENV  # the env variable the pipeline reads
+from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, TRAIN_DEPLOYMENT_ENV  # the env variables the pipeline reads
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_STAGE_DEPLOYMENT = "mods-gpu-stage/gpu"
+TRAIN_STAGE_DEPLOYMENT = "mods-gpu-stage/train"
+# Every deployment's runs carry this tag (and the pipeline tags its GPU runs with it): the
+# zombie automation matches it, so it never touches other flows on the same server.
+MODS_TAG = "mods"
 ZOMBIE_AUTOMATION = "mods: crash flow runs without heartbeats"
 # Prefect refuses heartbeat frequencies under 30 s (settings: flows.heartbeat_frequency ge=30).
 MIN_HEARTBEAT_SECONDS = 30
@@ -50,7 +63,7 @@ _OBSOLETE_GLOBAL_LIMITS = ("gpu:0",)
 @dataclass(frozen=True)
 class PoolSpec:
     name: str
-    resources: str  # "cpu" | "gpu": what the machines behind it have
+    resources: str  # "cpu" | "gpu" | "gpus": a CPU, one GPU, or a whole GPU machine per worker
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,7 @@ class Reliability:
                              f"({self.heartbeat_seconds} s), or healthy runs are crashed")
 
 
-POOLS = [PoolSpec("mods-cpu", "cpu"), PoolSpec("mods-gpu", "gpu")]
+POOLS = [PoolSpec("mods-cpu", "cpu"), PoolSpec("mods-gpu", "gpu"), PoolSpec("mods-train", "gpus")]
 
 DEPLOYMENTS = [
     DeploymentSpec(
@@ -100,6 +113,14 @@ DEPLOYMENTS = [
         entrypoint="flows/gpu_stage.py:gpu_stage",
         pool="mods-gpu",
         description="One MoDS stage (or one shard of a row-wise stage) on a GPU worker (called by mods-pipeline).",
+    ),
+    DeploymentSpec(
+        flow_name="mods-gpu-stage",
+        name="train",
+        entrypoint="flows/gpu_stage.py:gpu_stage",
+        pool="mods-train",
+        description="One training stage on a worker that owns a whole GPU machine (DDP/FSDP over all its GPUs; "
+        "called by mods-pipeline when deployed with --train-pool).",
     ),
     DeploymentSpec(
         flow_name="mods-evaluate",
@@ -139,6 +160,9 @@ def zombie_automation(reliability: Reliability) -> Any:
                 "prefect.flow-run.Crashed",
             },
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            # Only our flow runs: a flow elsewhere on the server may send no heartbeats.
+            match_related=ResourceSpecification({"prefect.resource.role": "tag",
+                                                 "prefect.resource.id": f"prefect.tag.{MODS_TAG}"}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
@@ -159,7 +183,7 @@ def ensure_pools(pool_type: str, gpus: int) -> None:
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    limits = {"mods-cpu": None, "mods-gpu": gpus}
+    limits = {"mods-cpu": None, "mods-gpu": gpus, "mods-train": None}
     with get_client(sync_client=True) as client:
         for pool in POOLS:
             try:
@@ -193,10 +217,12 @@ def ensure_automation(reliability: Reliability) -> str:
 
 def deploy_all(image: str | None = None, gpus: int = 1,
                heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS,
-               crash_after_seconds: int = DEFAULT_CRASH_AFTER_SECONDS) -> list[str]:
+               crash_after_seconds: int = DEFAULT_CRASH_AFTER_SECONDS,
+               train_pool: bool = False) -> list[str]:
     """Create pools, deployments and the zombie-flow automation; returns the deployment ids.
 
     ``gpus``: how many GPU stages may run at once (the GPUs behind the mods-gpu pool).
+    ``train_pool``: send training stages to mods-train (whole machines) instead of mods-gpu.
     """
     from prefect import Flow
 
@@ -211,6 +237,8 @@ def deploy_all(image: str | None = None, gpus: int = 1,
         # Job variables reach the flow run's process environment: the routing and the
         # heartbeat travel with the deployment, whatever parameters a caller passes.
         env = {**spec.env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(reliability.heartbeat_seconds)}
+        if train_pool and GPU_DEPLOYMENT_ENV in spec.env:
+            env[TRAIN_DEPLOYMENT_ENV] = TRAIN_STAGE_DEPLOYMENT
         job_variables: dict[str, Any] = {"env": env}
         if image:
             job_variables["image"] = image
@@ -224,6 +252,7 @@ def deploy_all(image: str | None = None, gpus: int = 1,
             build=False,
             push=False,
             job_variables=job_variables,
+            tags=[MODS_TAG],
             print_next_steps=False,
             ignore_warnings=True,
         )))
@@ -238,18 +267,23 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_SECONDS,
                         help=f"seconds between flow-run heartbeats (default {DEFAULT_HEARTBEAT_SECONDS}, "
                         f"Prefect's minimum {MIN_HEARTBEAT_SECONDS})")
+    parser.add_argument("--train-pool", action="store_true",
+                        help="send training stages to the mods-train pool: one worker per GPU machine, seeing all "
+                        "its GPUs (needed for full fine-tuning with FSDP when mods-gpu workers own one GPU each)")
     parser.add_argument("--crash-after", type=int, default=DEFAULT_CRASH_AFTER_SECONDS,
                         help=f"seconds without a heartbeat before a flow run is marked Crashed "
                         f"(default {DEFAULT_CRASH_AFTER_SECONDS})")
     args = parser.parse_args()
     try:
-        ids = deploy_all(args.image, args.gpus, args.heartbeat, args.crash_after)
+        ids = deploy_all(args.image, args.gpus, args.heartbeat, args.crash_after, args.train_pool)
     except ValueError as error:
         parser.error(str(error))
     for deployment_id in ids:
         print(f"deployed {deployment_id}")
     print("start workers:  prefect worker start --pool mods-cpu\n"
-          "                CUDA_VISIBLE_DEVICES=<i> prefect worker start --pool mods-gpu --limit 1   (one per GPU)")
+          "                CUDA_VISIBLE_DEVICES=<i> prefect worker start --pool mods-gpu --limit 1   (one per GPU)"
+          + ("\n                prefect worker start --pool mods-train --limit 1   (one per GPU machine)"
+             if args.train_pool else ""))
 
 
 if __name__ == "__main__":

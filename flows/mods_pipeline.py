@@ -4,17 +4,17 @@ Every stage is a cached task whose result is an artifact folder in the workspace
 row-wise stages are cut into shards (only the rows their store lacks). GPU work goes to
 a GPU work pool when the deployment says so (GPU_DEPLOYMENT_ENV): each shard, and each
 training stage, becomes a flow run of the gpu-stage deployment, all shards of a stage
-submitted at once so every GPU worker takes part. A run whose worker is lost is marked
-Crashed by the server's heartbeat automation (deployments/deploy.py) and resubmitted.
+submitted at once so every GPU worker takes part, and watched by flows/gpu_runs.py: a
+run whose worker is lost is marked Crashed by the server's heartbeat automation
+(deployments/deploy.py) and resubmitted.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
@@ -22,19 +22,35 @@ from prefect.deployments import run_deployment
 from mods.artifacts import Workspace, artifact_problem
 from mods.config import ExecutionConfig, PipelineConfig
 from mods.stages import PIPELINE, RowPlan, demo_sources, get_stage, plan_key, plan_rows, stage_params
+from flows.gpu_runs import GpuRuns, RemoteJob, StageFailed
 from tasks import STAGE_TASKS
-from flows.gpu_stage import PermanentStageError
 from tasks._stage import shard_task, with_workspace_cache
 
 # Where GPU stages run comes from the deployment (its job variables set this in the flow
 # run's environment), never from the caller's config: Prefect merges a caller's
 # parameters one level deep, so a field inside `config` would be lost.
 GPU_DEPLOYMENT_ENV = "MODS_GPU_DEPLOYMENT"
-# How often the states of GPU runs are read while waiting for them, and how many per read.
-POLL_SECONDS = 2.0
-READ_PAGE = 200
-# Marks a GPU run that failed in a way a retry cannot fix (flows/gpu_stage.py raises it).
-PERMANENT_FAILURE = PermanentStageError.__name__
+# Stages that use every GPU of a machine (training) go here when it is set: a pool whose
+# workers each own a whole machine, while per-GPU workers take the shards.
+TRAIN_DEPLOYMENT_ENV = "MODS_TRAIN_DEPLOYMENT"
+
+
+@dataclass(frozen=True)
+class GpuRouting:
+    """Where GPU work goes: None runs it in this process."""
+
+    gpu: str | None = None  # shards and one-GPU stages
+    train: str | None = None  # whole-machine stages; the gpu deployment when not set
+
+    @classmethod
+    def from_env(cls) -> "GpuRouting":
+        gpu = os.environ.get(GPU_DEPLOYMENT_ENV) or None
+        return cls(gpu, (os.environ.get(TRAIN_DEPLOYMENT_ENV) or None) if gpu else None)
+
+    def deployment_for(self, resources: str) -> str | None:
+        if resources == "gpus":
+            return self.train or self.gpu
+        return self.gpu if resources == "gpu" else None
 
 
 def resolve_sources(data: list[str]) -> list[str]:
@@ -45,35 +61,17 @@ def resolve_sources(data: list[str]) -> list[str]:
     return [str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p for p in data]
 
 
-class StageFailed(RuntimeError):
-    """A stage failed for good (after its retries); the message names stage, worker, reason."""
-
-
-@dataclass
-class RemoteJob:
-    """One flow run of the gpu-stage deployment (a shard or a whole stage) and its attempts."""
-
-    stage: str
-    name: str
-    parameters: dict[str, Any]
-    retries: int
-    rows: int = 0
-    attempts: int = 0
-    flow_run_id: Any = None
-    submitted_at: float = 0.0
-    history: list[str] = field(default_factory=list)
-
-
 class StageRunner:
     """Runs each stage in this process, or its GPU work on the GPU pool's deployment."""
 
-    def __init__(self, workspace: str, execution: ExecutionConfig, gpu_deployment: str | None) -> None:
+    def __init__(self, workspace: str, execution: ExecutionConfig, routing: GpuRouting | None = None) -> None:
         self.workspace = workspace
         self.ws = Workspace(workspace)
         self.execution = execution
-        self.gpu_deployment = gpu_deployment
+        self.routing = routing or GpuRouting()
         self.logger = get_run_logger()
         self.executed: list[str] = []
+        self._pools: dict[str, str] = {}  # deployment → its work pool
 
     def _task(self, stage: str):
         return with_workspace_cache(STAGE_TASKS[stage], self.workspace).with_options(retries=self.execution.stage_retries)
@@ -93,7 +91,8 @@ class StageRunner:
         params_json = params.model_dump(mode="json")
         key = plan_key(stage, params_json, inputs)
         was_complete = artifact_problem(self.ws.artifact_dir(stage, key), self.execution.verify) is None
-        remote = bool(self.gpu_deployment) and spec.spec.resources == "gpu"
+        deployment = self.routing.deployment_for(spec.spec.resources)
+        remote = deployment is not None
         plan: RowPlan | None = None
         if spec.rowwise is not None and not was_complete:
             # One writer per artifact: hold the stage's lock over planning, shards and assembly.
@@ -101,12 +100,12 @@ class StageRunner:
                 if artifact_problem(self.ws.artifact_dir(stage, key), self.execution.verify) is not None:
                     plan = plan_rows(self.ws, stage, params_json, inputs, self.execution.rows_per_shard)
                     if plan.shards:
-                        self._run_shards(stage, params_json, inputs, plan, remote)
+                        self._run_shards(stage, params_json, inputs, plan, deployment)
                 result = self._call_task(stage, params_json, inputs, plan)
         else:
             if remote and not was_complete:
-                self._run_remote([RemoteJob(stage, stage, self._remote_params(stage, params_json, inputs),
-                                            self.execution.stage_retries)])
+                self._run_remote(deployment, [RemoteJob(stage, stage, self._remote_params(stage, params_json, inputs),
+                                                        self.execution.stage_retries)])
             result = self._call_task(stage, params_json, inputs, None)
         executed = result.pop("executed", False)
         if not was_complete and (executed or (remote and spec.rowwise is None)):
@@ -126,16 +125,17 @@ class StageRunner:
 
     # -- shards
 
-    def _run_shards(self, stage: str, params: dict[str, Any], inputs: dict[str, Any], plan: RowPlan, remote: bool) -> None:
+    def _run_shards(self, stage: str, params: dict[str, Any], inputs: dict[str, Any], plan: RowPlan,
+                    deployment: str | None) -> None:
         from tasks.reporting import StageProgress
 
         progress = StageProgress(stage, plan.total, plan.total - plan.missing, plan.shards, self.logger)
-        if remote:
+        if deployment:
             jobs = [RemoteJob(stage, f"{stage}-shard-{i:04d}",
                               {**self._remote_params(stage, params, inputs), "plan_id": plan.plan_id, "shard": i},
                               self.execution.shard_retries, rows=rows)
                     for i, rows in enumerate(plan.shard_rows)]
-            self._run_remote(jobs, on_done=lambda job: progress.shard_done(job.rows))
+            self._run_remote(deployment, jobs, on_done=lambda job: progress.shard_done(job.rows))
             return
         run = shard_task.with_options(name=f"{stage}-shard", retries=self.execution.shard_retries)
         for index, rows in enumerate(plan.shard_rows):
@@ -148,64 +148,24 @@ class StageRunner:
         return {"workspace": self.workspace, "stage": stage, "params": params, "inputs": inputs,
                 "verify": self.execution.verify}
 
-    def _submit(self, job: RemoteJob) -> None:
-        job.attempts += 1
-        run = run_deployment(
-            self.gpu_deployment,
-            parameters=job.parameters,
-            flow_run_name=job.name if job.attempts == 1 else f"{job.name}-try{job.attempts}",
-            tags=["mods", "resource:gpu", f"stage:{job.stage}"],
-            timeout=0,  # returns at once; this runner waits and watches for lost workers
-        )
-        job.flow_run_id, job.submitted_at = run.id, time.monotonic()
-
-    def _run_remote(self, jobs: list[RemoteJob], on_done=None) -> None:
-        """Submit every job at once, then watch them: a Completed run is done; a Crashed or
-        Failed one is resubmitted up to its retries; a run no worker picks up within
-        ``pending_timeout_s`` fails the stage. Nothing here waits for ever."""
+    def _run_remote(self, deployment: str, jobs: list[RemoteJob],
+                    on_done: Callable[[RemoteJob], None] | None = None) -> None:
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-        for job in jobs:
-            self._submit(job)
-        waiting = {job.flow_run_id: job for job in jobs}
+        def submit(job: RemoteJob) -> Any:
+            return run_deployment(
+                deployment,
+                parameters=job.parameters,
+                flow_run_name=job.name if job.attempts == 1 else f"{job.name}-try{job.attempts}",
+                tags=["mods", f"resource:{get_stage(job.stage).spec.resources}", f"stage:{job.stage}"],
+                timeout=0,  # returns at once; GpuRuns waits and watches for lost workers
+            ).id
+
         with get_client(sync_client=True) as client:
-            while waiting:
-                time.sleep(POLL_SECONDS)
-                ids = list(waiting)
-                runs = []  # in pages: the server answers at most 200 runs per read
-                for start in range(0, len(ids), READ_PAGE):
-                    runs += client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                        id=FlowRunFilterId(any_=ids[start:start + READ_PAGE])), limit=READ_PAGE)
-                for run in runs:
-                    job = waiting[run.id]
-                    state = run.state
-                    if state is None:
-                        continue
-                    if state.is_completed():
-                        del waiting[run.id]
-                        if on_done:
-                            on_done(job)
-                    elif state.is_final():
-                        del waiting[run.id]
-                        where = f"worker {run.infrastructure_pid or '?'} of pool {run.work_pool_name or '?'}"
-                        job.history.append(f"{state.name} on {where}: {(state.message or '').strip()[:300]}")
-                        permanent = PERMANENT_FAILURE in (state.message or "") or state.is_cancelled()
-                        if permanent or job.attempts > job.retries:
-                            raise StageFailed(
-                                f"GPU stage {job.stage!r} ({job.name}) failed after {job.attempts} attempt(s); "
-                                f"last: {job.history[-1]}"
-                            )
-                        self.logger.warning("%s ended %s on %s; resubmitting (attempt %d of %d)", job.name, state.name,
-                                            where, job.attempts + 1, job.retries + 1)
-                        self._submit(job)
-                        waiting[job.flow_run_id] = job
-                    elif (state.is_scheduled() or state.is_pending()) and \
-                            time.monotonic() - job.submitted_at > self.execution.pending_timeout_s:
-                        raise StageFailed(
-                            f"GPU stage {job.stage!r} ({job.name}): no worker of deployment {self.gpu_deployment!r} "
-                            f"picked it up in {self.execution.pending_timeout_s:.0f} s; start a worker on its pool"
-                        )
+            if deployment not in self._pools:
+                self._pools[deployment] = client.read_deployment_by_name(deployment).work_pool_name
+            GpuRuns(deployment, self._pools[deployment], client, submit, self.execution.pending_timeout_s,
+                    self.execution.start_timeout_s, self.logger).run(jobs, on_done)
 
 
 @flow(name="mods-pipeline", log_prints=True)
@@ -213,10 +173,10 @@ def mods_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
     """Select instruction-tuning data for a target LLM with MoDS (arXiv 2311.15653)."""
     logger = get_run_logger()
     workspace = str(Workspace(config.workspace).root)
-    gpu_deployment = os.environ.get(GPU_DEPLOYMENT_ENV) or None
-    if gpu_deployment:
-        logger.info("GPU stages run on deployment %s", gpu_deployment)
-    run = StageRunner(workspace, config.execution, gpu_deployment)
+    routing = GpuRouting.from_env()
+    if routing.gpu:
+        logger.info("GPU stages run on deployment %s; training on %s", routing.gpu, routing.train or routing.gpu)
+    run = StageRunner(workspace, config.execution, routing)
     params = stage_params(config, resolve_sources(config.data))
     artifacts: dict[str, dict[str, Any]] = {}
     for name in PIPELINE:

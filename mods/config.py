@@ -107,10 +107,16 @@ class ExecutionConfig(_Strict):
         1, ge=0, description="Resubmissions of a whole GPU stage (training) that failed or whose worker was lost."
     )
     pending_timeout_s: float = Field(
-        3600,
+        900,
         gt=0,
-        description="Fail a GPU stage whose runs no worker has picked up after this many seconds "
-        "(no worker on the GPU pool), instead of waiting for ever.",
+        description="Fail a GPU stage whose runs wait while no worker of the GPU pool has been online for "
+        "this many seconds, instead of waiting for ever. Runs queued behind busy workers never time out.",
+    )
+    start_timeout_s: float = Field(
+        600,
+        gt=0,
+        description="A GPU run that a worker took but did not start within this many seconds (the worker "
+        "was lost while starting it) is marked Crashed and resubmitted.",
     )
     verify: bool = Field(
         False, description="Check reused artifacts' sha256 against their markers (sizes are always checked)."

@@ -17,9 +17,10 @@ def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(pref
     from prefect.exceptions import ObjectAlreadyExists
 
     from deployments.deploy import (
-        DEPLOYMENTS, GPU_STAGE_DEPLOYMENT, POOLS, ROOT, ZOMBIE_AUTOMATION, deploy_all, ensure_pools,
+        DEPLOYMENTS, GPU_STAGE_DEPLOYMENT, MODS_TAG, POOLS, ROOT, TRAIN_STAGE_DEPLOYMENT, ZOMBIE_AUTOMATION,
+        deploy_all, ensure_pools,
     )
-    from flows.mods_pipeline import GPU_DEPLOYMENT_ENV
+    from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, TRAIN_DEPLOYMENT_ENV
 
     # What earlier versions left on a server (a 'gpu:0' limit, the GPU deployment limited to
     # one run at a time): the next deploy removes both.
@@ -55,6 +56,11 @@ def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(pref
         for deployment in (pipeline, gpu):
             assert deployment.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
         assert GPU_DEPLOYMENT_ENV not in gpu.job_variables["env"]
+        # Without --train-pool, training goes where the other GPU stages go.
+        assert TRAIN_DEPLOYMENT_ENV not in pipeline.job_variables["env"]
+        assert client.read_deployment_by_name(TRAIN_STAGE_DEPLOYMENT).work_pool_name == "mods-train"
+        # Every run of every deployment carries the tag the zombie automation watches.
+        assert all(MODS_TAG in client.read_deployment(i).tags for i in ids)
         # The UI form: the typed config.
         assert "config" in pipeline.parameter_openapi_schema["properties"]
         assert [s.schedule.cron for s in pipeline.schedules] == ["0 3 * * 1"]
@@ -67,6 +73,9 @@ def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(pref
         assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                 "prefect.flow-run.Crashed", "prefect.flow-run.Cancelled"} == trigger.expect
         assert trigger.for_each == {"prefect.resource.id"}
+        # Scoped to our runs: a flow elsewhere on the server that sends no heartbeats is left alone.
+        [related] = trigger.match_related if isinstance(trigger.match_related, list) else [trigger.match_related]
+        assert related.root == {"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{MODS_TAG}"}
         [action] = automation.actions
         assert action.type == "change-flow-run-state" and action.state == StateType.CRASHED
         assert automation.enabled
@@ -77,9 +86,24 @@ def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(pref
         assert client.read_work_pool("mods-gpu").concurrency_limit == 3
         [automation] = client.read_automations_by_name(ZOMBIE_AUTOMATION)
         assert automation.trigger.within.total_seconds() == 120
+    # A typo inside a section is refused by the server when a run is created (the UI form,
+    # the API, `prefect deployment run` and run_deployment all create runs there).
+    from prefect.deployments import run_deployment
+
+    with pytest.raises(Exception, match="epoch") as refused:
+        run_deployment("mods-pipeline/weekly", parameters={"config": {"seed_training": {"epoch": 1}}}, timeout=0)
+    print(f"\nrefused: {type(refused.value).__name__}: {str(refused.value)[:300]}")
+
+    # --train-pool: the pipeline (and the evaluation) send training to whole machines.
+    deploy_all(train_pool=True)
+    with get_client(sync_client=True) as client:
+        for name in ("mods-pipeline/weekly", "mods-evaluate/evaluate"):
+            env = client.read_deployment_by_name(name).job_variables["env"]
+            assert env[TRAIN_DEPLOYMENT_ENV] == TRAIN_STAGE_DEPLOYMENT and env[GPU_DEPLOYMENT_ENV] == GPU_STAGE_DEPLOYMENT
     deploy_all()  # back to the defaults for the other tests of this session
     with get_client(sync_client=True) as client:
         assert client.read_work_pool("mods-gpu").concurrency_limit == 1
+        assert TRAIN_DEPLOYMENT_ENV not in client.read_deployment_by_name("mods-pipeline/weekly").job_variables["env"]
 
 
 @pytest.mark.parametrize("heartbeat, crash_after, message", [
@@ -122,4 +146,7 @@ def test_compose_is_closed_by_default():
     defined = set(re.findall(r"^([A-Z_]+)=", example, flags=re.M))
     used = set(re.findall(r"\$\{([A-Z_]+)", text))
     assert used <= defined, used - defined
+    # The secrets ship empty: `:?` then stops `docker compose up` until the user sets them.
+    values = dict(re.findall(r"^([A-Z_]+)=(.*)$", example, flags=re.M))
+    assert values["PREFECT_AUTH_STRING"] == "" and values["POSTGRES_PASSWORD"] == ""
     assert (ROOT / "docker" / ".gitignore").read_text().split().count(".env") == 1  # secrets stay out of git

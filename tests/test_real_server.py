@@ -106,6 +106,43 @@ def markers(workspace: str) -> dict[str, tuple[int, str]]:
             for m in root.glob("*/*/_SUCCESS.json")}
 
 
+# A flow of someone else's on the same server: no `mods` tag, no heartbeats, runs longer
+# than the crash window. The zombie automation must leave it alone.
+BYSTANDER = """
+import sys, time
+from prefect import flow
+
+@flow(name="bystander")
+def bystander(seconds: float) -> None:
+    time.sleep(seconds)
+
+state = bystander(float(sys.argv[1]), return_state=True)
+print("STATE", state.name, flush=True)
+"""
+
+
+def start_bystander(stack: RealStack, tmp_path: Path, seconds: float):
+    import subprocess
+    import sys
+
+    script = tmp_path / "bystander.py"
+    script.write_text(BYSTANDER)
+    env = stack.client_env(tmp_path / "bystander-home")
+    env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
+    return subprocess.Popen([sys.executable, str(script), str(seconds)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def states_of_flow(name: str) -> list[list[str]]:
+    """Every state each run of the flow ``name`` went through."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+        return [[state.name for state in client.read_flow_run_states(run.id)] for run in runs]
+
+
 def explain(stack: RealStack, run) -> str:
     return f"{run.name}: {run.state.type.value if run.state else None} {run.state.message if run.state else ''}\n" \
            f"{stack.worker_logs()}"
@@ -151,6 +188,7 @@ def test_gpu_worker_killed_mid_stage_is_crashed_resubmitted_and_the_run_complete
     # with a checkpoint every 10 steps to show that it is.
     config = caller_config(tmp_path, tiny_llama_dir, seed_training={"epochs": 100, "checkpoint_every": 10})
     workspace = config["workspace"]
+    bystander = start_bystander(stack, tmp_path, CRASH_AFTER_SECONDS + 30)
     pipeline_run = submit({"config": config})
 
     deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
@@ -190,6 +228,12 @@ def test_gpu_worker_killed_mid_stage_is_crashed_resubmitted_and_the_run_complete
     after = markers(workspace)
     assert {key: after[key] for key in before_kill} == before_kill
     assert any(key.startswith("seed_train/") for key in after)
+    # The automation crashed our silent run, and left the other team's silent flow alone.
+    output, _ = bystander.communicate(timeout=CRASH_AFTER_SECONDS + 120)
+    assert "STATE Completed" in output, output[-2000:]
+    with stack.settings():
+        [history] = states_of_flow("bystander")
+    assert "Crashed" not in history and history[-1] == "Completed", history
     print(f"\n[realserver] worker killed mid seed_train: Crashed {crashed_after:.0f} s after the kill "
           f"(window {CRASH_AFTER_SECONDS} s, heartbeat {HEARTBEAT_SECONDS} s); resubmitted as {seed[1].name}")
 

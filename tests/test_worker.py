@@ -22,16 +22,40 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_STAGES = ["quality", "embed", "seed_train", "answers", "necessity", "final_train"]
 
 
-def start_worker(tmp_path: Path, name: str, api_url: str) -> tuple[subprocess.Popen, Path]:
+def start_worker(tmp_path: Path, name: str, api_url: str, pool: str = "mods-gpu") -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO",
            "PREFECT_HOME": str(tmp_path / f"home-{name}")}
     log = tmp_path / f"worker-{name}.log"
     worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "mods-gpu", "--type", "process",
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
          "--limit", "1", "--name", name],
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
     )
     return worker, log
+
+
+def forget_workers(pool: str) -> None:
+    """Deregister the pool's workers: a stopped worker counts as online for three of its
+    heartbeat intervals, and an earlier test's workers must not look alive here."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for worker in client.read_workers_for_work_pool(pool):
+            client.request("DELETE", "/work_pools/{work_pool_name}/workers/{name}",
+                           path_params={"work_pool_name": pool, "name": worker.name}).raise_for_status()
+
+
+def wait_for_workers(pool: str, count: int, timeout: float = 120) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import WorkerStatus
+
+    deadline = time.time() + timeout
+    with get_client(sync_client=True) as client:
+        while time.time() < deadline:
+            if sum(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(pool)) >= count:
+                return
+            time.sleep(0.5)
+    raise AssertionError(f"{count} workers of {pool} did not come online in {timeout} s")
 
 
 def test_shards_fan_out_over_two_gpu_workers(prefect_harness, tiny_llama_dir: Path, tmp_path: Path, monkeypatch):
@@ -39,30 +63,45 @@ def test_shards_fan_out_over_two_gpu_workers(prefect_harness, tiny_llama_dir: Pa
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
     from prefect.settings import PREFECT_API_URL
 
-    from deployments.deploy import GPU_STAGE_DEPLOYMENT, deploy_all
-    from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, mods_pipeline
+    from deployments.deploy import GPU_STAGE_DEPLOYMENT, TRAIN_STAGE_DEPLOYMENT, deploy_all
+    from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, TRAIN_DEPLOYMENT_ENV, mods_pipeline
 
     deploy_all(gpus=2)  # the pool runs as many GPU flow runs at once as it has GPUs
     workers = [start_worker(tmp_path, name, PREFECT_API_URL.value()) for name in ("gpu-a", "gpu-b")]
+    # Training goes to a worker that owns a whole machine (deploy.py --train-pool).
+    workers.append(start_worker(tmp_path, "train-a", PREFECT_API_URL.value(), pool="mods-train"))
     try:
         monkeypatch.setenv(GPU_DEPLOYMENT_ENV, GPU_STAGE_DEPLOYMENT)
-        config = tiny_config(tmp_path, tiny_llama_dir, rows_per_shard=8)
+        monkeypatch.setenv(TRAIN_DEPLOYMENT_ENV, TRAIN_STAGE_DEPLOYMENT)
+        wait_for_workers("mods-gpu", 2)
+        wait_for_workers("mods-train", 1)
+        config = tiny_config(tmp_path, tiny_llama_dir, rows_per_shard=8).model_copy(deep=True)
+        # Shorter than the queue: shards waiting behind busy workers must not time out.
+        config.execution.pending_timeout_s = 3
         started = time.time()
         state = mods_pipeline(config=config, return_state=True)
-        logs = {name: log.read_text() for (_, log), name in zip(workers, ("gpu-a", "gpu-b"))}
+        logs = {name: log.read_text() for (_, log), name in zip(workers, ("gpu-a", "gpu-b", "train-a"))}
         assert state.is_completed(), f"{state.message}\n{logs['gpu-a'][-2000:]}\n{logs['gpu-b'][-2000:]}"
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(),
                 deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["gpu"])),
             )
+            trained = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(),
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["train"])),
+            )
         runs = [r for r in runs if r.created and r.created.timestamp() >= started - 1]
+        trained = [r for r in trained if r.created and r.created.timestamp() >= started - 1]
         assert all(r.state.is_completed() and r.work_pool_name == "mods-gpu" for r in runs)
         names = sorted(r.name for r in runs)
-        # 40 rows in shards of 8: five quality shards; training stages as whole runs.
+        # 40 rows in shards of 8: five quality shards; training stages as whole runs, on the
+        # training pool's worker.
         assert [n for n in names if n.startswith("quality-shard")] == [f"quality-shard-{i:04d}" for i in range(5)]
-        assert {"seed_train", "final_train"} <= set(names)
-        assert {n.split("-shard")[0] for n in names} == set(GPU_STAGES)
+        assert sorted(r.name for r in trained) == ["final_train", "seed_train"]
+        assert all(r.state.is_completed() and r.work_pool_name == "mods-train" and str(r.id) in logs["train-a"]
+                   for r in trained)
+        assert {n.split("-shard")[0] for n in names} | {r.name for r in trained} == set(GPU_STAGES)
         # CPU stages ran in the pipeline's process; GPU stages came back from the workers' artifacts.
         assert set(stage_states(state)) == set(ALL)
 
@@ -81,6 +120,7 @@ def test_shards_fan_out_over_two_gpu_workers(prefect_harness, tiny_llama_dir: Pa
         # The same bytes as a run in one process with one shard.
         local = tiny_config(tmp_path, tiny_llama_dir, workspace="local", rows_per_shard=1000)
         monkeypatch.delenv(GPU_DEPLOYMENT_ENV)
+        monkeypatch.delenv(TRAIN_DEPLOYMENT_ENV)
         assert mods_pipeline(config=local, return_state=True).is_completed()
         assert artifact_bytes(Path(config.workspace)) == artifact_bytes(Path(local.workspace))
     finally:
@@ -94,14 +134,25 @@ def test_shards_fan_out_over_two_gpu_workers(prefect_harness, tiny_llama_dir: Pa
 
 
 def test_no_worker_fails_the_stage_in_bounded_time(prefect_harness, tiny_llama_dir: Path, tmp_path: Path, monkeypatch):
-    """A GPU stage whose runs nobody picks up fails with a message naming the stage, not never."""
+    """A GPU stage whose runs nobody picks up fails with a message naming the stage and the
+    pool, not never; its runs are cancelled, so a worker started later does not run them."""
     from deployments.deploy import deploy_all
     from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, mods_pipeline
 
     deploy_all()
+    forget_workers("mods-gpu")
     monkeypatch.setenv(GPU_DEPLOYMENT_ENV, "mods-gpu-stage/gpu")
     config = tiny_config(tmp_path, tiny_llama_dir).model_copy(deep=True)
     config.execution.pending_timeout_s = 5
+    started = time.time()
     state = mods_pipeline(config=config, return_state=True)
     assert state.is_failed()
-    assert re.search(r"GPU stage 'quality'.*no worker.*picked it up in 5 s", state.message or str(state.result(raise_on_failure=False)))
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="quality-shard")))
+    runs = [r for r in runs if r.created and r.created.timestamp() >= started - 1]
+    assert runs and all(r.state.is_cancelled() for r in runs), [(r.name, r.state.name) for r in runs]
+    message = state.message or str(state.result(raise_on_failure=False))
+    assert re.search(r"GPU stage 'quality': no worker of pool 'mods-gpu' .* online for 5 s", message), message
