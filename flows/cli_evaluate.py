@@ -83,20 +83,35 @@ def load_evaluation_config(config_file: str | None, sets: list[str], workspace: 
     return workspace or file_workspace or "work", config
 
 
-def summary_lines(document: dict[str, Any]) -> list[str]:
-    """MoDS against each baseline, summed over test sets, per judge, with the judge's trust."""
+def summary_lines(document: dict[str, Any], result: dict[str, Any] | None = None) -> list[str]:
+    """What the command prints: MoDS against each baseline, summed over test sets, per judge,
+    each judge's and the pipeline scorer's agreement with people (a figure below the trust
+    threshold said plainly), and, given the flow's ``result``, where the outputs are."""
     from mods.evaluation import agreement_phrase
 
+    threshold = document.get("trust_threshold", 0.6)
     lines = []
     judges = [document["judge"]] if isinstance(document["judge"], str) else document["judge"]
     for judge in judges:
         agreement = document["judge_agreement"][judge]
-        trust = "usable" if agreement.get("trusted") else "NOT TRUSTWORTHY: no verdict"
-        lines.append(f"  {judge} judge ({agreement_phrase(agreement)}: {trust})")
+        trust = (f"usable (at least {threshold:.0%})" if agreement.get("trusted") else
+                 f"NOT TRUSTWORTHY: below {threshold:.0%} agreement with people, so these counts are no verdict")
+        lines.append(f"  {judge} judge: {agreement_phrase(agreement)}; {trust}")
         for baseline in dict.fromkeys(c["b"] for c in document["comparisons"] if c["judge"] == judge):
             rows = [c for c in document["comparisons"] if c["judge"] == judge and c["b"] == baseline]
             w, t, lo = (sum(c[k] for c in rows) for k in ("win", "tie", "lose"))
             lines.append(f"    MoDS vs {baseline:<12} win {w:>3}  tie {t:>3}  lose {lo:>3}")
+    if not any(document["judge_agreement"][j].get("trusted") for j in judges):
+        lines.append(f"  No judge here agrees with people on {threshold:.0%} of the pairs: this evaluation does not "
+                     "say whether the selection helps.")
+    scorer = document.get("scorer_agreement")
+    if scorer:
+        lines.append(f"  pipeline quality scorer: {agreement_phrase(scorer)}"
+                     + ("" if scorer.get("trusted") else f"; below {threshold:.0%}")
+                     + ("; it is the scorer judge" if scorer.get("same_as_scorer_judge") else ""))
+    if result:
+        lines += [f"  table (JSON): {result['evaluation_json']}", f"  chart:        {result['chart']}",
+                  f"  report:       {result['report']}"]
     return lines
 
 
@@ -118,8 +133,5 @@ def handle_evaluate(args: argparse.Namespace) -> int:
     result = mods_evaluate(workspace=workspace, config=config)
     document = json.loads(Path(result["evaluation_json"]).read_text())
     print("\nMoDS evaluation finished (export " + result["export_key"] + ").")
-    print("\n".join(summary_lines(document)))
-    print(f"  table (JSON): {result['evaluation_json']}")
-    print(f"  chart:        {result['chart']}")
-    print(f"  report:       {result['report']}")
+    print("\n".join(summary_lines(document, result)))
     return 0

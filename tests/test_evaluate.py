@@ -222,15 +222,15 @@ def test_reference_loglik_is_minus_the_training_loss(tiny_llama_dir: Path):
 # --- the report -------------------------------------------------------------------------------------
 
 
-def _document(agreement: float, **extra: object):
+def _document(agreement: float, scorer_agreement: dict | None = None, caveats: tuple = (), **extra: object):
     from mods.evaluation import comparison_rows, evaluation_document
 
     judged = pd.DataFrame({"test_set": ["koala"] * 3 + ["lima"] * 2, "outcome": ["win", "tie", "lose", "win", "win"]})
     comparisons = comparison_rows("scorer", "mods", "random", judged, ["koala", "lima"])
     return evaluation_document(["scorer"], comparisons, {"vicuna": {"prompts": 2, "mods": -1.5, "random": -1.7}},
-                               {"scorer": {"pairs": 64, "agreement": agreement, "ci95": [0.4, 0.6], "tie_rate": 0.1,
-                                           "length_only": 0.7, "model": "likelihood", **extra}},
-                               0.6, {"selection_size": 32, "export_key": "abc"})
+                               {"scorer": {"pairs": 64, "of_pairs": 742, "agreement": agreement, "ci95": [0.4, 0.6],
+                                           "tie_rate": 0.1, "length_only": 0.7, "model": "likelihood", **extra}},
+                               0.6, {"selection_size": 32, "export_key": "abc"}, scorer_agreement, caveats)
 
 
 def test_a_judge_fitted_on_the_human_pairs_is_trusted_on_its_cross_validated_figure(tmp_path: Path):
@@ -251,8 +251,106 @@ def test_a_judge_fitted_on_the_human_pairs_is_trusted_on_its_cross_validated_fig
     assert doc["judge_agreement"]["scorer"]["trusted"] is False
     write_outputs(tmp_path, doc)
     report = (tmp_path / REPORT_MD).read_text()
-    assert "In-sample:" in report and "cross-validated 55%" in report and "No verdict" in report
+    assert "In-sample (scorer judge):" in report and "cross-validated 55%" in report and "No verdict" in report
     assert _document(0.80, in_sample=True, held_out_agreement=0.7, held_out_note="n")["judge_agreement"]["scorer"]["trusted"]
+
+
+def test_only_the_scorer_the_head_was_fitted_with_is_trusted_on_its_cross_validated_figure(tiny_llama_dir: Path):
+    from mods.config import ScorerConfig
+    from mods.evaluation import AgreementParams, fitted_on_these_pairs, head_fit_differences
+    from mods.models import _MARKER, default_cache_dir, smollm2_path
+    from mods.scoring import PreferenceHead, load_preference_head
+
+    def params(**scorer: object) -> AgreementParams:
+        return AgreementParams(judge="scorer", scorer=ScorerConfig(kind="preference", **scorer),
+                               preferences="/anywhere/pandalm_testset_v1.json")
+
+    # The fit's own scorer (benchmarks/quality_scorer.py --fit at its defaults), however it is named.
+    assert fitted_on_these_pairs(params()) is not None
+    assert fitted_on_these_pairs(params(model="smollm2-135m-instruct", device="cpu", batch_size=3)) is not None
+    prepared = smollm2_path(default_cache_dir())
+    if (prepared / _MARKER).exists():  # the same files in a folder are the same model
+        assert fitted_on_these_pairs(params(model=str(prepared))) is not None
+    # Another LM, another embedding model or another max_length: measured, not trusted on the head's figure.
+    assert head_fit_differences(ScorerConfig(kind="preference", model=str(tiny_llama_dir))) == ["model"]
+    assert fitted_on_these_pairs(params(model=str(tiny_llama_dir))) is None
+    assert head_fit_differences(ScorerConfig(kind="preference", embedding_model=str(tiny_llama_dir))) == ["embedding_model"]
+    assert fitted_on_these_pairs(params(embedding_model=str(tiny_llama_dir))) is None
+    assert head_fit_differences(ScorerConfig(kind="preference", max_length=256)) == ["max_length"]
+    assert fitted_on_these_pairs(params(max_length=256)) is None
+    # A head that records the scorer it was fitted with is compared with that record.
+    shipped = load_preference_head()
+    recorded = PreferenceHead.model_validate({**shipped.model_dump(), "scorer": {"max_length": 256}})
+    assert fitted_on_these_pairs(params(), head=recorded) is None
+    assert fitted_on_these_pairs(params(max_length=256), head=recorded) is not None
+
+
+def test_every_agreement_figure_says_which_pairs_and_the_caveats_are_in_the_report(tmp_path: Path):
+    from mods.config import ScorerConfig
+    from mods.evaluation import REPORT_MD, agreement_phrase, scorer_caveats, write_outputs
+
+    preference, likelihood = ScorerConfig(kind="preference"), ScorerConfig(kind="likelihood")
+    caveats = scorer_caveats(["scorer"], preference, preference.model_copy(update={"device": "cpu"}),
+                             ["koala", "selfinstruct"])
+    assert len(caveats) == 2
+    assert "biased toward MoDS and quality_top" in caveats[0] and "not independent" in caveats[0]
+    assert "Self-instruct test set" in caveats[1] and "`selfinstruct` is one of the test sets here" in caveats[1]
+    # A scorer judge that is not the pipeline's scorer took no part in the selection.
+    assert not any("biased" in c for c in scorer_caveats(["scorer"], likelihood, preference, ["koala"]))
+    assert scorer_caveats(["llm"], None, likelihood, ["selfinstruct"]) == []
+    assert agreement_phrase({"agreement": 0.5, "pairs": 742, "of_pairs": 742}) == "50% human agreement on all 742 pairs"
+
+    scorer = {"judge": "scorer", "model": "preference: smollm2-135m-instruct", "pairs": 64, "of_pairs": 742,
+              "agreement": 0.55, "ci95": [0.43, 0.67], "length_only": 0.7, "same_as_scorer_judge": False}
+    write_outputs(tmp_path, _document(0.48, scorer_agreement=scorer, caveats=tuple(caveats)))
+    report = (tmp_path / REPORT_MD).read_text()
+    figures = [line for line in report.splitlines() if "human agreement" in line or line.startswith("| scorer judge")
+               or line.startswith("| the pipeline")]
+    assert len(figures) >= 4
+    for line in figures:  # wherever a figure is given, it says on how many of the 742 pairs
+        assert "64 of the 742 pairs (seeded sample)" in line, line
+    assert "**The pipeline's quality scorer**" in report and "55% human agreement on 64 of the 742 pairs" in report
+    assert "## Caveats" in report and "biased toward MoDS" in report and "Self-instruct" in report
+    assert "No judge in this evaluation reaches 60%" in report
+
+
+def test_prefect_artifact_contents_table_full_report_and_chart(tmp_path: Path):
+    from mods.evaluation import CHART_WIDTH_PX, EVALUATION_PNG, prefect_artifact_contents, write_outputs
+
+    doc = _document(0.48)
+    write_outputs(tmp_path, doc)
+    contents = prefect_artifact_contents(tmp_path)
+    assert contents["table"] == doc["comparisons"]
+    report = contents["report"]
+    assert "48% human agreement on 64 of the 742 pairs (seeded sample)" in report and "No verdict" in report
+    assert "## Reference answers: mean per-token log-likelihood" in report and "| vicuna | 2 | -1.500 | -1.700 |" in report
+    assert f"on disk at `{tmp_path}`" in report
+    png = (tmp_path / EVALUATION_PNG).stat().st_size
+    assert png <= 100_000  # the test chart is small: inlined, at a fixed width
+    assert contents["chart"].startswith('<img src="data:image/png;base64,') and f'width="{CHART_WIDTH_PX}"' in contents["chart"]
+    large = prefect_artifact_contents(tmp_path, max_inline_png=png - 1)["chart"]
+    assert "data:image" not in large and f"is on disk at `{tmp_path / EVALUATION_PNG}`" in large
+    (tmp_path / EVALUATION_PNG).unlink()
+    assert "missing" in prefect_artifact_contents(tmp_path)["chart"]  # never skipped silently
+
+
+def test_the_command_prints_where_the_outputs_are_and_states_distrust_plainly(tmp_path: Path):
+    from flows.cli_evaluate import summary_lines
+    from mods.evaluation import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD, write_outputs
+
+    write_outputs(tmp_path, _document(0.48, scorer_agreement={"pairs": 64, "of_pairs": 742, "agreement": 0.52}))
+    result = {"evaluation_json": str(tmp_path / EVALUATION_JSON), "chart": str(tmp_path / EVALUATION_PNG),
+              "report": str(tmp_path / REPORT_MD)}
+    text = "\n".join(summary_lines(json.loads((tmp_path / EVALUATION_JSON).read_text()), result))
+    for label, key in (("table (JSON):", "evaluation_json"), ("chart:", "chart"), ("report:", "report")):
+        line = next(line for line in text.splitlines() if line.strip().startswith(label))
+        assert line.split(":", 1)[1].strip() == result[key] and Path(result[key]).is_file()
+    assert "scorer judge: 48% human agreement on 64 of the 742 pairs (seeded sample)" in text
+    assert "NOT TRUSTWORTHY: below 60% agreement with people" in text
+    assert "this evaluation does not say whether the selection helps" in text
+    assert "pipeline quality scorer: 52% human agreement on 64 of the 742 pairs (seeded sample); below 60%" in text
+    trusted = "\n".join(summary_lines(_document(0.75)))
+    assert "usable (at least 60%)" in trusted and "NOT TRUSTWORTHY" not in trusted and "does not say" not in trusted
 
 
 def test_evaluation_json_shape_and_the_trust_statement(tmp_path: Path):
@@ -313,9 +411,30 @@ def _preference_file(path: Path) -> Path:
     return path
 
 
+def _settled_task_states(flow_state, timeout_s: float = 30.0) -> dict[str, str]:
+    """Task states once the server has recorded them all: Prefect 3 records task-run states
+    from events, asynchronously, so right after a flow returns a task run can still read
+    Pending (or have no state yet)."""
+    import time
+
+    from test_flow import task_states
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            states = task_states(flow_state)
+        except AttributeError:  # a task run whose state is not recorded yet
+            states = None
+        if states is not None and not set(states.values()) & {"Pending", "Scheduled", "Running"}:
+            return states
+        if time.monotonic() > deadline:
+            return states or {}
+        time.sleep(0.5)
+
+
 @pytest.mark.flow
-def test_evaluation_flow_counts_sizes_and_rerun(prefect_harness, tiny_llama_dir: Path, tmp_path: Path):
-    from test_flow import task_states, tiny_config
+def test_evaluation_flow_counts_sizes_and_rerun(prefect_harness, tiny_llama_dir: Path, tmp_path: Path, capsys):
+    from test_flow import tiny_config
 
     from flows.evaluate import mods_evaluate
     from flows.mods_pipeline import mods_pipeline
@@ -337,7 +456,9 @@ def test_evaluation_flow_counts_sizes_and_rerun(prefect_harness, tiny_llama_dir:
         "judge": ["scorer", "llm"],
         "llm_judge": {"model": str(tiny_llama_dir), "max_answer_tokens": 16, "max_question_tokens": 16, "device": "cpu"},
         "generation": {"max_new_tokens": 4, "batch_size": 4, "device": "cpu"},
-        "reference_max_length": 64, "preferences": str(_preference_file(tmp_path / "prefs.json")),
+        # Named like PandaLM's file, which the shipped head was fitted on: the run's scorer (a tiny LM,
+        # max_length 64) is not the head's fit, so it is measured, not trusted on the head's figure.
+        "reference_max_length": 64, "preferences": str(_preference_file(tmp_path / "pandalm_testset_v1.json")),
         "agreement_pairs": None, "progress": False,
     })
     cold = mods_evaluate(workspace=str(workspace), config=evaluation, return_state=True)
@@ -353,6 +474,16 @@ def test_evaluation_flow_counts_sizes_and_rerun(prefect_harness, tiny_llama_dir:
     assert set(document["judge_agreement"]) == {"scorer", "llm"}
     assert document["judge_agreement"]["scorer"]["pairs"] == 6
     assert document["reference_loglik"]["beta"]["prompts"] == 2
+    scorer_judge = document["judge_agreement"]["scorer"]
+    assert not scorer_judge.get("in_sample") and {"model", "max_length"} <= set(scorer_judge["head_fit_differs"])
+    # The pipeline's own scorer against people: the scorer judge's stage, reused (one agreement stage per judge).
+    assert document["scorer_agreement"]["same_as_scorer_judge"] is True
+    assert document["scorer_agreement"]["agreement"] == scorer_judge["agreement"]
+    assert len(list((workspace / "artifacts" / "evaluate_agreement").glob("[!.]*"))) == 2
+    report = Path(result["report"]).read_text()
+    assert str(workspace) not in report and str(tmp_path) not in report
+    assert "## Caveats" in report and "biased toward MoDS and quality_top" in report
+    assert "Not the head's fit (scorer judge)" in report and "on all 6 pairs" in report
 
     # Baselines are trained on exactly the selection's size (seed 4 + augmented 3).
     selection = pd.read_parquet(next((workspace / "artifacts" / "export").glob("[!.]*")) / "selected.parquet")
@@ -364,6 +495,31 @@ def test_evaluation_flow_counts_sizes_and_rerun(prefect_harness, tiny_llama_dir:
     warm = mods_evaluate(workspace=str(workspace), config=evaluation, return_state=True)
     assert warm.is_completed()
     assert warm.result()["executed"] == []
-    assert set(task_states(warm).values()) == {"Cached"}
+    assert set(_settled_task_states(warm).values()) == {"Cached"}
     assert sorted(p.relative_to(workspace) for p in (workspace / "artifacts").glob("*/[!.]*")) == artifacts_before
     assert warm.result()["evaluation_json"] == result["evaluation_json"]
+
+    # A copied workspace reruns nothing, the report included (no workspace path in any key),
+    # and the command prints where the three outputs are, in the copy.
+    import argparse
+    import shutil
+
+    import yaml
+
+    from flows.cli_evaluate import handle_evaluate
+
+    moved = tmp_path / "moved"
+    shutil.copytree(workspace, moved)
+    config_file = tmp_path / "evaluation.yaml"
+    config_file.write_text(yaml.safe_dump({"evaluation": evaluation.model_dump(mode="json")}))
+    capsys.readouterr()
+    assert handle_evaluate(argparse.Namespace(config=str(config_file), set=[], workspace=str(moved), quiet=True)) == 0
+    printed = capsys.readouterr().out
+    paths = {label: line.split(":", 1)[1].strip() for line in printed.splitlines()
+             for label in ("table (JSON)", "chart", "report") if line.strip().startswith(label + ":")}
+    assert set(paths) == {"table (JSON)", "chart", "report"}
+    for path in paths.values():
+        assert Path(path).is_file() and Path(path).is_relative_to(moved)
+    assert Path(paths["report"]).parent.name == Path(result["report"]).parent.name  # the same report key
+    assert sorted(p.relative_to(moved) for p in (moved / "artifacts").glob("*/[!.]*")) == artifacts_before
+    assert "scorer judge: " in printed and "llm judge: " in printed and "pipeline quality scorer: " in printed
