@@ -150,3 +150,34 @@ def test_train_global_batch_not_a_multiple_of_the_batch_is_one_line(rows_file: P
     message = one_line_error(capsys)
     assert "global_batch=8 is not a multiple of batch_size=16" in message
     assert not (tmp_path / "m").exists() and not (tmp_path / ".m.checkpoints").exists()
+
+
+def test_score_and_embed_commands_give_the_pipeline_stages_values(rows_file: Path, tmp_path: Path,
+                                                                  tiny_llama_dir: Path):
+    """One stage definition: `mods score` / `mods embed` on a file and the quality / embed
+    stages on the same rows write the same numbers (they call the same stage functions)."""
+    from mods.stages import execute
+
+    out = tmp_path / "scored.parquet"
+    assert main(["score", str(rows_file), "--scorer", "likelihood", "--model", str(tiny_llama_dir), "--device", "cpu",
+                 "--max-length", "64", "--out", str(out), "--quiet"]) == 0
+    vectors_out = tmp_path / "vectors.parquet"
+    assert main(["embed", str(rows_file), "--device", "cpu", "--out", str(vectors_out), "--quiet"]) == 0
+
+    ws = tmp_path / "ws"
+    ingested = execute(ws, "ingest", {"sources": [str(rows_file)]}, {}, progress=False).artifact
+    sampled = execute(ws, "sample", {"rows": None, "max_chars": None}, {"ingest": ingested}, progress=False).artifact
+    scorer = {"kind": "likelihood", "model": str(tiny_llama_dir), "device": "cpu", "max_length": 64}
+    quality = execute(ws, "quality", {"scorer": scorer}, {"sample": sampled}, progress=False).artifact
+    staged = pd.read_parquet(quality.dir(ws) / "scores.parquet").set_index("id")["quality_score"]
+    scored = pd.read_parquet(out).set_index("id")["quality_score"]
+    assert len(scored) == len(ROWS) and scored.sort_index().equals(staged.loc[scored.index].sort_index())
+
+    kept = execute(ws, "high_quality", {"alpha": None, "keep_fraction": 1.0},
+                   {"sample": sampled, "quality": quality}, progress=False).artifact
+    embedded = execute(ws, "embed", {"device": "cpu"}, {"high_quality": kept}, progress=False).artifact
+    stage_vectors = pd.read_parquet(embedded.dir(ws) / "embeddings.parquet").set_index("id")["embedding"]
+    cli_vectors = pd.read_parquet(vectors_out).set_index("id")["embedding"]
+    assert set(cli_vectors.index) == set(stage_vectors.index)
+    for row_id in cli_vectors.index:
+        assert np.array_equal(np.asarray(cli_vectors[row_id]), np.asarray(stage_vectors[row_id]))

@@ -146,13 +146,26 @@ def test_one_shard_and_many_shards_give_identical_bytes(prefect_harness, tiny_ll
     assert artifact_bytes(Path(one.workspace)) == artifact_bytes(Path(many.workspace))
 
 
+def embedded_ids(workspace: Path) -> set[str]:
+    """Ids in every embedding artifact of the workspace so far."""
+    return {i for f in (workspace / "artifacts" / "embed").glob("[!.]*/embeddings.parquet")
+            for i in pd.read_parquet(f, columns=["id"])["id"]}
+
+
+def newest(workspace: Path, stage: str) -> Path:
+    return max((workspace / "artifacts" / stage).glob("[!.]*"), key=lambda p: (p / "_SUCCESS.json").stat().st_mtime)
+
+
 def test_grown_pool_computes_only_new_rows_and_alpha_rescores_nothing(prefect_harness, tiny_llama_dir: Path,
                                                                        tmp_path: Path):
+    from prefect.client.orchestration import get_client
+
     from flows.mods_pipeline import mods_pipeline
 
     pool = write_pool(tmp_path / "pool.jsonl")
     assert mods_pipeline(config=tiny_config(tmp_path, tiny_llama_dir, pool=pool), return_state=True).is_completed()
     workspace = tmp_path / "ws"
+    embedded_before = embedded_ids(workspace)
 
     grown = tmp_path / "grown.jsonl"
     new_rows = [{"instruction": f"Name a use of {thing}.", "input": "", "output": f"{thing} can be used for work."}
@@ -162,15 +175,31 @@ def test_grown_pool_computes_only_new_rows_and_alpha_rescores_nothing(prefect_ha
     assert state.is_completed(), state.message
     quality = summary(workspace, "quality")
     assert (quality["rows_computed"], quality["rows_reused"]) == (5, 40)
+    # Exactly the high-quality rows never embedded before are embedded now.
+    kept = set(pd.read_parquet(newest(workspace, "high_quality") / "rows.parquet", columns=["id"])["id"])
     embed = summary(workspace, "embed")
-    new_high_quality = embed["rows_computed"]
-    assert embed["rows_reused"] + new_high_quality == embed["rows"] and new_high_quality <= 5
+    assert embed["rows_computed"] == len(kept - embedded_before) and embed["rows_reused"] == len(kept & embedded_before)
+    # The UI's progress artifact of the sharded stage ends at 100 %.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        [progress] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mods-quality-progress"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert progress.type == "progress" and progress.data == 100.0
 
     # Another quality threshold keeps other rows: nothing is scored again, and only the
-    # newly kept rows are embedded.
-    state = mods_pipeline(config=tiny_config(tmp_path, tiny_llama_dir, pool=grown, keep_fraction=0.9),
-                          return_state=True)
-    states = task_states(state)
-    assert states["quality"] == "Cached" and "quality-shard" not in states
-    embed = summary(workspace, "embed")
-    assert embed["rows_reused"] >= 36 and embed["rows_computed"] == embed["rows"] - embed["rows_reused"]
+    # newly kept rows are embedded — by fraction, and by α.
+    for threshold in ({"keep_fraction": 0.9}, {"alpha": float(pd.read_parquet(
+            newest(workspace, "quality") / "scores.parquet")["quality_score"].quantile(0.3)), "keep_fraction": None}):
+        embedded_before = embedded_ids(workspace)
+        config = tiny_config(tmp_path, tiny_llama_dir, pool=grown).model_copy(deep=True)
+        for field, value in threshold.items():
+            setattr(config.quality, field, value)
+        state = mods_pipeline(config=config, return_state=True)
+        assert state.is_completed(), state.message
+        states = task_states(state)
+        assert states["quality"] == "Cached" and "quality-shard" not in states, (threshold, states)
+        kept = set(pd.read_parquet(newest(workspace, "high_quality") / "rows.parquet", columns=["id"])["id"])
+        embed = summary(workspace, "embed")
+        assert embed["rows_computed"] == len(kept - embedded_before), threshold

@@ -191,3 +191,20 @@ def test_a_server_away_is_transient_a_bad_value_is_not():
         assert is_transient(error)
     assert not is_transient(ValueError("no row passed the quality filter"))
     assert not is_transient(KeyError("seed_answer"))
+
+
+def test_a_new_scorer_version_never_reuses_old_scores(tmp_path, monkeypatch):
+    """quality and necessity keys, and their row stores, follow SCORER_VERSION; it carries
+    the shipped preference head's digest, so a refit head is a new version by itself."""
+    import mods.scoring as scoring
+    from mods.stages import plan_key, row_store
+
+    params = {"scorer": {"kind": "likelihood", "model": str(tmp_path / "no-model"), "device": "cpu"}}
+    inputs = {"sample": {"stage": "sample", "key": "0123456789abcdef"}}
+    before = plan_key("quality", params, inputs), row_store(tmp_path, "quality", params, inputs).fingerprint
+    necessity = plan_key("necessity", params, {"answers": {"stage": "answers", "key": "fedcba9876543210"}})
+    monkeypatch.setattr(scoring, "SCORER_VERSION", scoring.SCORER_VERSION + "-next")
+    after = plan_key("quality", params, inputs), row_store(tmp_path, "quality", params, inputs).fingerprint
+    assert before[0] != after[0] and before[1] != after[1]
+    assert necessity != plan_key("necessity", params, {"answers": {"stage": "answers", "key": "fedcba9876543210"}})
+    assert scoring._file_digest(scoring.PREFERENCE_HEAD_FILE) in scoring.SCORER_VERSION
