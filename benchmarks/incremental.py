@@ -1,4 +1,4 @@
-"""What the row store saves, on the real default scorer (SmolLM2 likelihood, this machine).
+"""What the row store saves, on the real default scorer (preference: SmolLM2 + MiniLM, this machine).
 
 1. full:   score a pool (ingest → sample → quality) in a fresh workspace;
 2. grown:  add 5% new rows to the pool, rerun in the same workspace (only new rows scored);
