@@ -9,7 +9,7 @@ Last line:
     incremental_ratio=X resume_ratio=Y rows_recomputed=R identical=true|false
 incremental_ratio = seconds of the grown rerun / seconds of the full run (goal ≤ 0.15);
 resume_ratio = seconds to finish after a kill at half the rows / seconds of the full run (goal ≤ 0.6;
-the unfinished half holds the longer rows, as shards run shortest first);
+shards run costliest first, then alternating, so half the rows is about half the work);
 rows_recomputed = rows the grown rerun scored; identical = the resumed run's scores.parquet
 has the same bytes as the uninterrupted run's.
 
