@@ -181,3 +181,22 @@ def test_score_and_embed_commands_give_the_pipeline_stages_values(rows_file: Pat
     assert set(cli_vectors.index) == set(stage_vectors.index)
     for row_id in cli_vectors.index:
         assert np.array_equal(np.asarray(cli_vectors[row_id]), np.asarray(stage_vectors[row_id]))
+
+
+def test_a_hub_id_reaches_the_hub_reader_and_fails_in_one_line(tmp_path: Path, capsys):
+    """`--data org/name` stays a hub id (only existing paths are made absolute), so the
+    readers' hub branch answers: here, without `datasets`, in one line before any work."""
+    from flows.mods_pipeline import resolve_sources
+
+    existing = tmp_path / "pool.jsonl"
+    existing.write_text("{}\n")
+    assert resolve_sources(["tatsu-lab/alpaca", str(existing)]) == ["tatsu-lab/alpaca", str(existing.resolve())]
+    try:
+        import datasets  # noqa: F401
+
+        pytest.skip("datasets is installed; the hub path needs a network")
+    except ImportError:
+        pass
+    assert main(["run", "--data", "tatsu-lab/alpaca", "--workspace", str(tmp_path / "ws")]) == 2
+    line = one_line_error(capsys)
+    assert "tatsu-lab/alpaca" in line and "Hugging Face hub id" in line and "`datasets`" in line
