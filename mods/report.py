@@ -85,7 +85,9 @@ def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
     stages = {}
     for name, folder in inputs.items():
         marker = read_marker(folder)
-        stages[name] = {"key": marker["key"], "seconds": marker["seconds"], "summary": marker["summary"]}
+        # A row-wise stage's marker times its assembly; its shards' seconds are in the summary.
+        seconds = marker["seconds"] + float(marker["summary"].get("shard_seconds") or 0.0)
+        stages[name] = {"key": marker["key"], "seconds": round(seconds, 3), "summary": marker["summary"]}
     ingest_report = json.loads((Path(inputs["ingest"]) / "ingest_report.json").read_text())
     final_model = _in_workspace(inputs["final_train"], "model")
     counts = {
@@ -128,6 +130,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         *(f"| {name.replace('_', ' ')} | {value} |" for name, value in counts.items()),
         "",
         "## Stages",
+        "",
+        "Seconds of each stage's work when it was computed (a reused artifact keeps its own); for a "
+        "row-wise stage, its shards' seconds summed (more than the wall time when several workers "
+        "shared it) plus the assembly.",
         "",
         "| stage | key | seconds | summary |",
         "|---|---|---:|---|",

@@ -36,6 +36,9 @@ import pyarrow.parquet as pq
 
 from mods.artifacts import Workspace, atomic_write_bytes, hash_json
 
+# A part's metadata key for the seconds its shard took (the stage's summary sums them).
+PART_SECONDS = "mods.seconds"
+
 log = logging.getLogger("mods.rowstore")
 
 ROW_KEY = "row_key"
@@ -98,19 +101,40 @@ class RowStore:
     def has_part(self, shard: Shard) -> bool:
         return self.part_path(shard).is_file()
 
-    def write_part(self, shard: Shard, results: pd.DataFrame) -> Path:
-        """Results of one shard (a ``row_key`` column + result columns), atomically."""
+    def write_part(self, shard: Shard, results: pd.DataFrame, seconds: float | None = None) -> Path:
+        """Results of one shard (a ``row_key`` column + result columns), atomically; the
+        seconds it took to compute travel in the part's metadata (``part_seconds``)."""
         if results[ROW_KEY].tolist() != list(shard.row_keys):
             raise ValueError(f"{self.stage}: shard {shard.index} results do not match its rows")
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.part_path(shard)
+        table = pa.Table.from_pandas(results.reset_index(drop=True), preserve_index=False)
+        if seconds is not None:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), PART_SECONDS: f"{seconds:.3f}"})
         buffer = io.BytesIO()
-        results.reset_index(drop=True).to_parquet(buffer, index=False)
+        pq.write_table(table, buffer)
         with _locked_tmp(path) as (tmp, handle):
             handle.write(buffer.getvalue())
             handle.flush()
             os.replace(tmp, path)  # still locked: a sweep never sees an unlocked temporary part of ours
         return path
+
+    def part_seconds(self, shards: Sequence[Shard]) -> float:
+        """Seconds the parts of ``shards`` took to compute, summed (parts written without a
+        time, or missing, count 0)."""
+        total = 0.0
+        for shard in shards:
+            try:
+                metadata = pq.read_schema(self.part_path(shard)).metadata or {}
+                total += float(metadata.get(PART_SECONDS.encode(), b"0"))
+            except (OSError, ValueError, pa.ArrowException):
+                continue
+        return total
+
+    def read_plan(self, plan_id: str) -> list[Shard]:
+        """Every shard of a recorded plan, in run order."""
+        frame = pd.read_parquet(self.plan_path(plan_id))
+        return [Shard(int(index), tuple(group[ROW_KEY])) for index, group in frame.groupby("shard", sort=True)]
 
     def _parts(self) -> list[Path]:
         return sorted(self.dir.glob("part-*.parquet")) if self.dir.is_dir() else []

@@ -13,6 +13,7 @@ Row-wise stages (quality, embed, answers, necessity) keep per-row results in a
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -287,12 +288,13 @@ def _compute_shard(stage_: Stage, store: RowStore, typed: BaseModel, work: pd.Da
     rowwise = stage_.rowwise
     assert rowwise is not None
     rows = work.set_index(ROW_KEY).loc[list(shard.row_keys)].reset_index()
+    started = time.perf_counter()
     state = _setup(stage_, store, typed, resources)
     parts = [compute_block(rowwise, state, block, typed, stage_.spec.name)
              for block in blocks(rows, rowwise.block_rows(typed))]
     results = pd.concat(parts, ignore_index=True)
     results.insert(0, ROW_KEY, rows[ROW_KEY].to_numpy())
-    store.write_part(shard, results)
+    store.write_part(shard, results, seconds=time.perf_counter() - started)
 
 
 def run_shard(workspace: Workspace | str | Path, name: str, params: Any, inputs: Mapping[str, Any],
@@ -343,8 +345,12 @@ def _rowwise_body(stage_: Stage, typed: BaseModel, artifacts: Mapping[str, Artif
             results = store.read(work[ROW_KEY].tolist()).drop(columns=[ROW_KEY])
         summary = rowwise.assemble(ctx, typed, work, results)
         computed = counts["missing"] if counts else len(missing)
+        # The shards' own seconds (the marker's `seconds` is this assembly only): summed
+        # over shards, so more than the wall time when several workers shared the stage.
+        planned = store.read_plan(counts["plan_id"]) if counts and counts.get("plan_id") else shards
         return {**summary, "rows_computed": computed, "rows_reused": len(unique) - computed,
-                "shards": counts["shards"] if counts else len(shards)}
+                "shards": counts["shards"] if counts else len(shards),
+                "shard_seconds": round(store.part_seconds(planned), 3)}
 
     return body
 
@@ -365,7 +371,7 @@ def execute(workspace: str | Path | Workspace, name: str, params: Any, inputs: M
     artifacts = _artifacts(stage_, inputs)
     key_values, key_inputs = _key_parts(stage_, typed, artifacts)
     if stage_.rowwise is not None:
-        counts = {"missing": plan.missing, "shards": plan.shards} if plan else None
+        counts = {"missing": plan.missing, "shards": plan.shards, "plan_id": plan.plan_id} if plan else None
         body = _rowwise_body(stage_, typed, artifacts, counts, rows_per_shard)
     else:
         body = stage_.body  # type: ignore[assignment]

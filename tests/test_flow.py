@@ -143,6 +143,13 @@ def test_one_shard_and_many_shards_give_identical_bytes(prefect_harness, tiny_ll
     assert mods_pipeline(config=many, return_state=True).is_completed()
     assert summary(Path(many.workspace), "quality")["shards"] == 5  # 40 rows / 8
     assert summary(Path(one.workspace), "quality")["shards"] == 1
+    # The shards' own time reaches the summary and the report (the marker times assembly).
+    for workspace in (Path(one.workspace), Path(many.workspace)):
+        quality = newest(workspace, "quality")
+        marker = json.loads((quality / "_SUCCESS.json").read_text())
+        assert marker["summary"]["shard_seconds"] > 0
+        report = json.loads((newest(workspace, "export") / "report.json").read_text())
+        assert report["stages"]["quality"]["seconds"] == round(marker["seconds"] + marker["summary"]["shard_seconds"], 3)
     assert artifact_bytes(Path(one.workspace)) == artifact_bytes(Path(many.workspace))
 
 

@@ -43,3 +43,17 @@ def test_the_rows_left_after_some_shards_finished_fall_into_the_same_blocks():
         again = cut_shards(left, block_rows=4, rows_per_shard=rows_per_shard)
         for shard in again:
             assert {tuple(b) for b in blocks(pd.Series(shard.row_keys), 4)} <= all_blocks
+
+
+def test_a_parts_seconds_travel_in_its_metadata(tmp_path):
+    from mods.rowstore import RowStore
+
+    from mods.artifacts import Workspace
+
+    store = RowStore(Workspace(tmp_path), "quality", "f" * 16)
+    shards = cut_shards(work(8), block_rows=4, rows_per_shard=4)
+    for shard, seconds in zip(shards, (1.5, None)):
+        store.write_part(shard, pd.DataFrame({ROW_KEY: list(shard.row_keys), "x": range(len(shard.row_keys))}),
+                         seconds=seconds)
+    assert store.part_seconds(shards) == 1.5  # a part without a time counts 0
+    assert store.read(list(shards[0].row_keys))["x"].tolist() == [0, 1, 2, 3]
