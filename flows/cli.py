@@ -428,7 +428,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
-    from mods.training import TrainConfig, train_model
+    from mods.stages import train_fitting_memory
+    from mods.training import TrainConfig
 
     rows = _load_rows(args.data, args)
     config = _model(TrainConfig, {"method": args.method, "epochs": args.epochs, "learning_rate": args.learning_rate,
@@ -438,7 +439,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # Beside the output, so an interrupted run resumes when the same command is run again.
     checkpoints = out.parent / f".{out.name}.checkpoints"
-    summary = train_model(args.base_model, rows, config, out, progress=not args.quiet, checkpoint_dir=checkpoints)
+    summary = train_fitting_memory(args.base_model, rows, config, out, checkpoints, progress=not args.quiet)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the model is complete: nothing left to resume
     print(json.dumps(summary, indent=2))
     print(f"model written to {args.out}")

@@ -702,20 +702,18 @@ def smaller_batch_size(config: TrainConfig) -> int | None:
     return max(size for size in range(1, half + 1) if config.global_batch % size == 0)
 
 
-def _train(ctx: StageContext, params: TrainingParams, selections: list[str]) -> dict[str, Any]:
+def train_fitting_memory(base_model: str, rows: pd.DataFrame, config: TrainConfig, out_dir: Path,
+                         checkpoint_root: Path, progress: Any = True) -> dict[str, Any]:
+    """``train_model``, retried with a smaller ``batch_size`` (``smaller_batch_size``) each
+    time it runs out of memory. Each batch size checkpoints in a folder of its own under
+    ``checkpoint_root`` (another batch size is another run). The training stages and
+    ``mods train`` both call this."""
     from mods.training import train_model
 
-    rows = read_table(ctx.inputs["high_quality"], "rows.parquet")
-    chosen: list[str] = []
-    for name in selections:
-        chosen += read_table(ctx.inputs[name], "selected.parquet")["id"].tolist()
-    chosen = list(dict.fromkeys(chosen))  # seed ∪ augmented, deduplicated, pick order kept
-    train_rows = rows.set_index("id").loc[chosen].reset_index()
-    config = params.train
     while True:
         try:
-            return train_model(params.base_model, train_rows, config, ctx.out / "model", progress=ctx.progress,
-                               checkpoint_dir=ctx.scratch / f"checkpoints-b{config.batch_size}")
+            return train_model(base_model, rows, config, out_dir, progress=progress,
+                               checkpoint_dir=Path(checkpoint_root) / f"checkpoints-b{config.batch_size}")
         except BaseException as error:  # noqa: BLE001 - only out-of-memory is handled
             smaller = smaller_batch_size(config)
             if not is_out_of_memory(error) or smaller is None:
@@ -725,6 +723,17 @@ def _train(ctx: StageContext, params: TrainingParams, selections: list[str]) -> 
             config = config.model_copy(update={"batch_size": smaller})
             log.warning("training ran out of memory; retrying with batch_size=%d (global_batch=%d unchanged)",
                         config.batch_size, config.global_batch)
+
+
+def _train(ctx: StageContext, params: TrainingParams, selections: list[str]) -> dict[str, Any]:
+    rows = read_table(ctx.inputs["high_quality"], "rows.parquet")
+    chosen: list[str] = []
+    for name in selections:
+        chosen += read_table(ctx.inputs[name], "selected.parquet")["id"].tolist()
+    chosen = list(dict.fromkeys(chosen))  # seed ∪ augmented, deduplicated, pick order kept
+    train_rows = rows.set_index("id").loc[chosen].reset_index()
+    return train_fitting_memory(params.base_model, train_rows, params.train, ctx.out / "model", ctx.scratch,
+                                progress=ctx.progress)
 
 
 # Version 2: global_batch replaces gradient_accumulation, processes leaves the key, and

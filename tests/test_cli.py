@@ -144,6 +144,35 @@ def test_necessity_without_a_model_folder_is_one_line(rows_file: Path, tmp_path:
     assert "--model-dir" in one_line_error(capsys)
 
 
+def test_train_out_of_memory_retries_with_a_smaller_batch_like_the_stage(rows_file: Path, tmp_path: Path,
+                                                                        tiny_llama_dir: Path, monkeypatch, caplog):
+    """`mods train` shares the training stages' out-of-memory retry: the batch shrinks, the
+    global batch stays, the model is written and no checkpoint folder is left."""
+    import torch
+
+    import mods.training
+
+    real_train = mods.training.train_model
+    batch_sizes = []
+
+    def train_that_fits_two_rows(base_model, rows, config, out_dir, progress=True, checkpoint_dir=None):
+        batch_sizes.append((config.batch_size, config.global_batch))
+        if config.batch_size > 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real_train(base_model, rows, config, out_dir, progress=progress, checkpoint_dir=checkpoint_dir)
+
+    monkeypatch.setattr(mods.training, "train_model", train_that_fits_two_rows)
+    model_dir = tmp_path / "model"
+    with caplog.at_level("WARNING"):
+        assert main(["train", str(rows_file), "--base-model", str(tiny_llama_dir), "--out", str(model_dir),
+                     "--epochs", "1", "--max-length", "48", "--batch-size", "8", "--global-batch", "8",
+                     "--device", "cpu", "--quiet"]) == 0
+    assert batch_sizes == [(8, 8), (4, 8), (2, 8)]
+    assert "retrying with batch_size=4" in caplog.text and "retrying with batch_size=2" in caplog.text
+    assert (model_dir / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / ".model.checkpoints").exists()
+
+
 def test_train_global_batch_not_a_multiple_of_the_batch_is_one_line(rows_file: Path, tmp_path: Path, capsys):
     assert main(["train", str(rows_file), "--out", str(tmp_path / "m"), "--batch-size", "16", "--device", "cpu",
                  "--quiet"]) == 2
