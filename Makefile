@@ -53,6 +53,8 @@ bench: models
 	$(BIN)/python benchmarks/kcenter.py
 	$(BIN)/python benchmarks/quality_scorer.py
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/incremental.py --rows 192 --rows-per-shard 16
+	$(BIN)/python benchmarks/train_generate.py
 
 clean-work:
 	rm -rf work
