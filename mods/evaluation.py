@@ -329,9 +329,10 @@ def agreement_phrase(agreement: Mapping[str, Any], short: bool = False) -> str:
     measured = "?" if value is None else f"{value:.0%}"
     if short:
         if agreement.get("in_sample"):
-            return (f"{measured} human agreement in-sample ({pairs_phrase(agreement, short=True)}),\n"
+            # Broken where a panel title 4 inches wide has room (the judge's name precedes it).
+            return (f"{measured} human agreement in-sample\n({pairs_phrase(agreement, short=True)}), "
                     f"{agreement['held_out_agreement']:.0%} cross-validated")
-        return f"{measured} human agreement ({pairs_phrase(agreement, short=True)})"
+        return f"{measured} human agreement\n({pairs_phrase(agreement, short=True)})"
     text = f"{measured} human agreement {pairs_phrase(agreement)}"
     if agreement.get("in_sample"):
         text += f" (in-sample: fitted on them; cross-validated {agreement['held_out_agreement']:.0%})"
@@ -949,7 +950,8 @@ def report_body(ctx: StageContext, params: ReportParams) -> dict[str, Any]:
 
 
 # Version 2: the pipeline scorer's agreement, the caveats, no workspace path in the report.
-declare(Stage(StageSpec("evaluate", "2", "cpu", "evaluation.json, the win/tie/lose chart and report.md."),
+# Version 3: chart titles wrapped to fit their panels.
+declare(Stage(StageSpec("evaluate", "3", "cpu", "evaluation.json, the win/tie/lose chart and report.md."),
               (), ReportParams, body=report_body))
 
 
