@@ -312,17 +312,33 @@ def micro_batch_seed(seed: int, index: int) -> int:
 # --- checkpoints ------------------------------------------------------------------------------
 
 
+def uses_fsdp(config: TrainConfig, processes: int) -> bool:
+    """Full fine-tuning over several processes shards the model (FSDP); LoRA, and any
+    training in one process, keeps a whole copy in each process (DDP)."""
+    return config.method == "full" and processes > 1
+
+
+def checkpoint_layout(config: TrainConfig, processes: int) -> str:
+    """How a checkpoint's files depend on the process count. A replicated (DDP or single
+    process) checkpoint holds one copy of the weights, optimiser and scheduler, and
+    nothing else a resume needs from the process count: the data order and the
+    micro-batches of a step come from ``global_batch``, and every micro-batch seeds its
+    own dropout. So a worker with another number of GPUs resumes it. FSDP writes one
+    shard per process: only the same count can load it."""
+    return f"fsdp-{processes}" if uses_fsdp(config, processes) else "replicated"
+
+
 def run_fingerprint(model_path: str, encoded: Sequence[EncodedRow], config: TrainConfig, processes: int,
                     mixed_precision: str) -> str:
     """What a checkpoint must match to be resumed: the base model, the token ids, every
-    setting that changes the weights, the resolved process count and the resolved
-    precision. Not the device nor the checkpoint interval. The process count does not
-    change the weights, but a checkpoint's layout depends on it (per-process RNG states,
-    FSDP shards), so one saved by another count is not resumed."""
+    setting that changes the weights, the checkpoint layout (``checkpoint_layout``) and
+    the resolved precision. Not the device, the checkpoint interval, nor the process
+    count beyond the layout (it does not change the weights)."""
     digest = hashlib.sha256()
     settings = config.model_dump(mode="json", exclude={"device", "processes", "checkpoint_every", "gradient_checkpointing"})
     digest.update(json.dumps({"format": CHECKPOINT_FORMAT, "model": str(model_path), "config": settings,
-                              "processes": processes, "mixed_precision": mixed_precision}, sort_keys=True).encode())
+                              "layout": checkpoint_layout(config, processes), "mixed_precision": mixed_precision},
+                             sort_keys=True).encode())
     for row in encoded:
         digest.update(len(row.input_ids).to_bytes(4, "little"))
         digest.update(torch.tensor(row.input_ids, dtype=torch.int32).numpy().tobytes())
@@ -432,7 +448,7 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
         torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(config.precision, device)
     mixed_precision = "bf16" if amp_dtype is not None else "no"
-    fsdp = config.method == "full" and job.processes > 1
+    fsdp = uses_fsdp(config, job.processes)
     plan = training_plan([len(r.input_ids) for r in encoded], config, job.processes)
     fsdp_plugin = None
     if fsdp:
@@ -525,6 +541,10 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
     if resume is not None:
         folder, meta = resume
         accelerator.load_state(str(folder), strict=False)
+        # load_state restores accelerate's micro-batch counter, which counts this run's
+        # slots per process: a checkpoint of another process count would put the
+        # gradient syncs off the step boundaries. A checkpoint is always on one.
+        accelerator.step = 0
         loaded = _trainable_checksum(model, accelerator, fsdp)
         if not math.isclose(loaded, meta["checksum"], rel_tol=1e-6, abs_tol=1e-6):
             raise RuntimeError(f"checkpoint {folder} did not load: weight checksum {loaded} != {meta['checksum']}")

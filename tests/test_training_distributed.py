@@ -176,11 +176,11 @@ def wait_until_gone(text: str, seconds: float = 30) -> list[int]:
     return left
 
 
-def test_kill_9_at_half_then_rerun_resumes_to_the_same_weights(tiny_llama_dir: Path, tmp_path: Path, two_process_run):
-    reference_out, reference = two_process_run
-    out, checkpoints = tmp_path / "model", tmp_path / "checkpoints"
-    total = reference["optimizer_steps"]
-    driver = start_driver(tmp_path, tiny_llama_dir, lora_config(), out, checkpoints)
+def kill_9_at_half(tmp_path: Path, model: Path, config: TrainConfig, out: Path, checkpoints: Path,
+                   total: int) -> int:
+    """Start train_model in a process of its own, `kill -9` its process group once the
+    checkpoint of half the steps exists; the newest checkpoint's step."""
+    driver = start_driver(tmp_path, model, config, out, checkpoints)
     deadline = time.monotonic() + 120
     while newest_step(checkpoints) < total // 2 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -191,6 +191,14 @@ def test_kill_9_at_half_then_rerun_resumes_to_the_same_weights(tiny_llama_dir: P
     assert not (out / "adapter_model.safetensors").exists()
     # the launched processes die with their caller: nothing trains on as an orphan
     assert wait_until_gone(str(tmp_path)) == []
+    return killed_at
+
+
+def test_kill_9_at_half_then_rerun_resumes_to_the_same_weights(tiny_llama_dir: Path, tmp_path: Path, two_process_run):
+    reference_out, reference = two_process_run
+    out, checkpoints = tmp_path / "model", tmp_path / "checkpoints"
+    total = reference["optimizer_steps"]
+    killed_at = kill_9_at_half(tmp_path, tiny_llama_dir, lora_config(), out, checkpoints, total)
 
     summary = train_model(str(tiny_llama_dir), ROWS, lora_config(), out, progress=False, checkpoint_dir=checkpoints)
     assert summary["resumed_from_step"] >= killed_at > 0
@@ -199,6 +207,32 @@ def test_kill_9_at_half_then_rerun_resumes_to_the_same_weights(tiny_llama_dir: P
     assert max_difference(weights(out), weights(reference_out)) <= WEIGHT_TOLERANCE
     # train_model leaves the checkpoints to its caller, and kept only the newest one
     assert [p.name for p in checkpoints.iterdir()] == [f"step-{total - 1:08d}"]
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [(2, 1), (1, 2)])
+def test_a_lora_checkpoint_resumes_on_another_number_of_processes(tiny_llama_dir: Path, tmp_path: Path,
+                                                                   two_process_run, one_thread, saved_by, resumed_by):
+    """A stage retried on a worker with another number of GPUs resumes its checkpoint (a
+    replicated one: weights, optimiser, scheduler; the steps do not depend on the count)."""
+    reference_out, reference = two_process_run
+    out, checkpoints = tmp_path / "model", tmp_path / "checkpoints"
+    total = reference["optimizer_steps"]
+    killed_at = kill_9_at_half(tmp_path, tiny_llama_dir, lora_config(processes=saved_by), out, checkpoints, total)
+    summary = train_model(str(tiny_llama_dir), ROWS, lora_config(processes=resumed_by), out, progress=False,
+                          checkpoint_dir=checkpoints)
+    assert summary["processes"] == resumed_by
+    assert summary["resumed_from_step"] >= killed_at > 0
+    assert summary["optimizer_steps"] == total and summary["tokens"] == reference["tokens"]
+    assert abs(summary["last_loss"] - reference["last_loss"]) < 1e-4
+    assert max_difference(weights(out), weights(reference_out)) <= WEIGHT_TOLERANCE
+
+    # and back: that run left its checkpoint of step 15 of 16 (odd: with 2 processes each
+    # has one slot per step, with 1 process two), resumed by the first count
+    assert newest_step(checkpoints) == total - 1
+    back = train_model(str(tiny_llama_dir), ROWS, lora_config(processes=saved_by), tmp_path / "back", progress=False,
+                       checkpoint_dir=checkpoints)
+    assert back["resumed_from_step"] == total - 1
+    assert max_difference(weights(tmp_path / "back"), weights(reference_out)) <= WEIGHT_TOLERANCE
 
 
 def test_interrupting_the_caller_stops_the_processes(tiny_llama_dir: Path, tmp_path: Path):
@@ -260,9 +294,11 @@ def test_fsdp_full_fine_tuning_on_two_processes_matches_one_and_resumes(tiny_lla
     saved = next(checkpoints.glob("step-*"))
     assert (saved / "pytorch_model_fsdp_0").is_dir() and (saved / "optimizer_0").is_dir()
 
-    single = train_model(str(tiny_llama_dir), ROWS, lora_config(**full, processes=1), tmp_path / "single",
-                         progress=False)
-    assert single["fsdp"] is False
+    # one process cannot load a checkpoint sharded over two: it starts over (and, saving
+    # nothing with checkpoint_every 0, leaves the sharded checkpoint for the rerun below)
+    single = train_model(str(tiny_llama_dir), ROWS, lora_config(**{**full, "checkpoint_every": 0}, processes=1),
+                         tmp_path / "single", progress=False, checkpoint_dir=checkpoints)
+    assert single["fsdp"] is False and single["resumed_from_step"] == 0
     assert max_difference(weights(tmp_path / "fsdp"), weights(tmp_path / "single")) <= WEIGHT_TOLERANCE
 
     # a rerun resumes from the sharded checkpoint (step 6 of 8) and ends at the same weights
