@@ -156,3 +156,68 @@ def test_no_worker_fails_the_stage_in_bounded_time(prefect_harness, tiny_llama_d
     assert runs and all(r.state.is_cancelled() for r in runs), [(r.name, r.state.name) for r in runs]
     message = state.message or str(state.result(raise_on_failure=False))
     assert re.search(r"GPU stage 'quality': no worker of pool 'mods-gpu' .* online for 5 s", message), message
+
+
+def test_ctrl_c_while_a_worker_runs_a_shard_stops_it_and_cancels_the_rest(prefect_harness, tiny_llama_dir: Path,
+                                                                           tmp_path: Path):
+    """Ctrl-C to a `mods run` whose quality shards are out on a real GPU worker: the command
+    ends in one line, the shard the worker is running is stopped (its process gone, the run
+    *Cancelled*), the queued shards are cancelled, and the worker runs nothing more."""
+    import signal
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.deploy import GPU_STAGE_DEPLOYMENT, deploy_all
+    from test_reliability import alive, big_pool, child_pids, start_mods, wait_for, write_config
+
+    deploy_all(gpus=1)
+    forget_workers("mods-gpu")
+    worker, worker_log = start_worker(tmp_path, "gpu-c", PREFECT_API_URL.value())
+    try:
+        wait_for_workers("mods-gpu", 1)
+        # many rows in shards of 8: quality shards queued behind the one the worker runs
+        config = write_config(tmp_path, tiny_llama_dir, "ctrl-c", "ws", pool=big_pool(tmp_path / "big.jsonl"),
+                              rows_per_shard=8)
+        started = time.time()
+        run = start_mods(tmp_path, "run", "--config", str(config), "--gpu-deployment", GPU_STAGE_DEPLOYMENT,
+                         "--quiet", env={"PREFECT_API_URL": PREFECT_API_URL.value()})
+
+        def shard_runs() -> list:
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="quality-shard")), limit=200)
+            return [r for r in runs if r.created and r.created.timestamp() >= started - 1]
+
+        wait_for(lambda: any(r.state.is_running() for r in shard_runs()) or run.poll() is not None, 300,
+                 "a quality shard running on the worker")
+        assert run.poll() is None, run.communicate()[1][-2000:]
+        assert child_pids(worker.pid), "the worker has no flow-run process"
+        running = {r.id for r in shard_runs() if r.state.is_running()}
+        queued = {r.id for r in shard_runs() if not r.state.is_final() and r.id not in running}
+        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 130, err[-2000:]
+        assert err.strip().splitlines()[-1] == "mods run: interrupted" and "Traceback" not in err
+
+        # every shard run ends: the started one stopped by its worker, the queued ones cancelled
+        wait_for(lambda: all(r.state.is_final() for r in shard_runs()), 120, "every shard run in a final state")
+        runs = {r.id: r for r in shard_runs()}
+        assert running and queued, "expected one shard running and others queued at the Ctrl-C"
+        assert all(runs[i].state.is_cancelled() for i in running | queued), \
+            [(r.name, r.state.name) for i, r in runs.items() if i in running | queued]
+        done = [r for r in runs.values() if r.state.is_completed()]
+        assert len(done) + len(running | queued) == len(runs), sorted({r.state.name for r in runs.values()})
+        wait_for(lambda: not alive(child_pids(worker.pid)), 60, "the worker's flow-run process to stop")
+        # nothing more is taken: a while later no run has started since
+        time.sleep(5)
+        assert [r.name for r in shard_runs() if r.state.is_completed()] == [r.name for r in done]
+        assert worker.poll() is None, "the worker itself must survive a cancelled run"
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, 9)
+        print(worker_log.read_text()[-3000:])
