@@ -71,10 +71,14 @@ ALL = ["ingest", "sample", "quality", "high_quality", "embed", "seed_select", "s
 ROWWISE = ["quality", "embed", "answers", "necessity"]
 
 
+def newest(workspace: Path, stage: str) -> Path:
+    """The newest artifact folder of a stage."""
+    return max((workspace / "artifacts" / stage).glob("[!.]*"), key=lambda p: (p / "_SUCCESS.json").stat().st_mtime)
+
+
 def summary(workspace: Path, stage: str) -> dict[str, Any]:
     """The _SUCCESS.json summary of the newest artifact of a stage."""
-    folders = sorted((workspace / "artifacts" / stage).glob("[!.]*"), key=lambda p: (p / "_SUCCESS.json").stat().st_mtime)
-    return json.loads((folders[-1] / "_SUCCESS.json").read_text())["summary"]
+    return json.loads((newest(workspace, stage) / "_SUCCESS.json").read_text())["summary"]
 
 
 def test_cache_cold_warm_beta_change_and_lost_artifact(prefect_harness, tiny_llama_dir: Path, tmp_path: Path):
@@ -157,10 +161,6 @@ def embedded_ids(workspace: Path) -> set[str]:
     """Ids in every embedding artifact of the workspace so far."""
     return {i for f in (workspace / "artifacts" / "embed").glob("[!.]*/embeddings.parquet")
             for i in pd.read_parquet(f, columns=["id"])["id"]}
-
-
-def newest(workspace: Path, stage: str) -> Path:
-    return max((workspace / "artifacts" / stage).glob("[!.]*"), key=lambda p: (p / "_SUCCESS.json").stat().st_mtime)
 
 
 def test_grown_pool_computes_only_new_rows_and_alpha_rescores_nothing(prefect_harness, tiny_llama_dir: Path,

@@ -45,6 +45,24 @@ def forget_workers(pool: str) -> None:
                            path_params={"work_pool_name": pool, "name": worker.name}).raise_for_status()
 
 
+def stop_worker(worker: subprocess.Popen) -> None:
+    worker.terminate()
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, 9)
+
+
+def runs_named_like(prefix: str, since: float) -> list:
+    """Flow runs whose name starts with ``prefix``, created since ``since`` (a time.time())."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=prefix)), limit=200)
+    return [r for r in runs if r.created and r.created.timestamp() >= since - 1]
+
+
 def wait_for_workers(pool: str, count: int, timeout: float = 120) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import WorkerStatus
@@ -125,12 +143,7 @@ def test_shards_fan_out_over_two_gpu_workers(prefect_harness, tiny_llama_dir: Pa
         assert artifact_bytes(Path(config.workspace)) == artifact_bytes(Path(local.workspace))
     finally:
         for worker, _ in workers:
-            worker.terminate()
-        for worker, _ in workers:
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, 9)
+            stop_worker(worker)
 
 
 def test_no_worker_fails_the_stage_in_bounded_time(prefect_harness, tiny_llama_dir: Path, tmp_path: Path, monkeypatch):
@@ -147,12 +160,7 @@ def test_no_worker_fails_the_stage_in_bounded_time(prefect_harness, tiny_llama_d
     started = time.time()
     state = mods_pipeline(config=config, return_state=True)
     assert state.is_failed()
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="quality-shard")))
-    runs = [r for r in runs if r.created and r.created.timestamp() >= started - 1]
+    runs = runs_named_like("quality-shard", started)
     assert runs and all(r.state.is_cancelled() for r in runs), [(r.name, r.state.name) for r in runs]
     message = state.message or str(state.result(raise_on_failure=False))
     assert re.search(r"GPU stage 'quality': no worker of pool 'mods-gpu' .* online for 5 s", message), message
@@ -165,8 +173,6 @@ def test_ctrl_c_while_a_worker_runs_a_shard_stops_it_and_cancels_the_rest(prefec
     *Cancelled*), the queued shards are cancelled, and the worker runs nothing more."""
     import signal
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     from prefect.settings import PREFECT_API_URL
 
     from deployments.deploy import GPU_STAGE_DEPLOYMENT, deploy_all
@@ -185,10 +191,7 @@ def test_ctrl_c_while_a_worker_runs_a_shard_stops_it_and_cancels_the_rest(prefec
                          "--quiet", env={"PREFECT_API_URL": PREFECT_API_URL.value()})
 
         def shard_runs() -> list:
-            with get_client(sync_client=True) as client:
-                runs = client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="quality-shard")), limit=200)
-            return [r for r in runs if r.created and r.created.timestamp() >= started - 1]
+            return runs_named_like("quality-shard", started)
 
         wait_for(lambda: any(r.state.is_running() for r in shard_runs()) or run.poll() is not None, 300,
                  "a quality shard running on the worker")
@@ -215,9 +218,5 @@ def test_ctrl_c_while_a_worker_runs_a_shard_stops_it_and_cancels_the_rest(prefec
         assert [r.name for r in shard_runs() if r.state.is_completed()] == [r.name for r in done]
         assert worker.poll() is None, "the worker itself must survive a cancelled run"
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, 9)
+        stop_worker(worker)
         print(worker_log.read_text()[-3000:])
