@@ -37,7 +37,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def write_pools(folder: Path, rows: int) -> tuple[Path, Path]:
     """The base pool and the same pool with 5% more rows (real ShareGPT rows)."""
     from mods.ingest import IngestConfig, ingest
-    from mods.stages import demo_sources
+    from mods.readers import demo_sources
 
     pool = ingest(demo_sources(), IngestConfig(), progress=False).rows
     size = pool["instruction"].str.len() + pool["input"].str.len() + pool["output"].str.len()

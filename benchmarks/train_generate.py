@@ -39,7 +39,7 @@ from mods import training  # noqa: E402
 from mods.generation import GenerationConfig, generate_answers  # noqa: E402
 from mods.ingest import IngestConfig, ingest  # noqa: E402
 from mods.models import load_causal_lm, resolve_model_path  # noqa: E402
-from mods.stages import demo_sources  # noqa: E402
+from mods.readers import demo_sources  # noqa: E402
 from mods.training import TrainConfig, load_trained_model, train_model  # noqa: E402
 
 

@@ -80,7 +80,7 @@ def _load_rows(data: list[str], args: argparse.Namespace, keep_duplicates: bool 
 
 
 def _write_parquet(frame, out: str) -> None:
-    from mods.artifacts import write_parquet
+    from mods.core.artifacts import write_parquet
 
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def _validation_text(error: Exception) -> str:
 
 def _preflight(config) -> Path:
     """Everything that can be checked before a model is loaded or a server started."""
-    from mods.artifacts import check_workspace
+    from mods.core.artifacts import check_workspace
     from mods.readers import SourceError, check_readable, discover
 
     from flows.mods_pipeline import resolve_sources
@@ -323,7 +323,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every artifact of a workspace against its marker (sizes and sha256); a file
     or folder that cannot be read counts as damaged. Exit status 1 when any is."""
-    from mods.artifacts import Workspace, artifact_problem
+    from mods.core.artifacts import Workspace, artifact_problem
 
     ws = Workspace(args.workspace)
     root = ws.root / "artifacts"
@@ -402,7 +402,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     from mods.embedding import read_embeddings
     from mods.kcenter import k_center_greedy
-    from mods.stages import selection_frame
+    from mods.selection import selection_frame
 
     if not Path(args.embeddings).is_file():
         raise UserError(f"{args.embeddings}: no such file (make one with `mods embed`)")
@@ -428,8 +428,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
-    from mods.stages import train_fitting_memory
-    from mods.training import TrainConfig
+    from mods.training import TrainConfig, train_fitting_memory
 
     rows = _load_rows(args.data, args)
     config = _model(TrainConfig, {"method": args.method, "epochs": args.epochs, "learning_rate": args.learning_rate,

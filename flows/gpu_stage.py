@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from mods.faults import is_transient
+from mods.core.faults import is_transient
 from tasks import STAGE_TASKS
 from tasks._stage import shard_task, with_workspace_cache
 

@@ -19,9 +19,10 @@ from typing import Any, Callable
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
-from mods.artifacts import Workspace, artifact_problem
+from mods.core.artifacts import Workspace, artifact_problem
 from mods.config import ExecutionConfig, PipelineConfig
-from mods.stages import PIPELINE, RowPlan, demo_sources, get_stage, plan_key, plan_rows, stage_params
+from mods.readers import demo_sources
+from mods.stages import PIPELINE, RowPlan, get_stage, plan_key, plan_rows, stage_params
 from flows.gpu_runs import GpuRuns, RemoteJob, StageFailed
 from tasks import STAGE_TASKS
 from tasks._stage import shard_task, with_workspace_cache

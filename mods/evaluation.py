@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from mods.artifacts import (
+from mods.core.artifacts import (
     Artifact,
     ArtifactError,
     StageContext,
@@ -51,7 +51,9 @@ from mods.generation import GenerationConfig
 from mods.config import Baseline, JudgeKind
 from mods.judges import LLMJudgeConfig, count_outcomes, winning_score
 from mods.scoring import ScorerConfig
-from mods.stages import Stage, declare, model_fingerprint, read_table, scorer_identity
+from mods.models import model_fingerprint
+from mods.scoring import scorer_identity
+from mods.stages import Stage, declare, read_table
 from mods.training import TrainConfig
 
 MODS = "mods"

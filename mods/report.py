@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from mods.artifacts import atomic_write_text, read_marker, write_parquet
+from mods.core.artifacts import atomic_write_text, read_marker, write_parquet
 
 SELECTED_JSONL = "selected.jsonl"
 SELECTED_PARQUET = "selected.parquet"

@@ -51,7 +51,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from mods.models import load_causal_lm, pick_device, resolve_model_path
+from mods.models import load_causal_lm, model_fingerprint, pick_device, resolve_model_path
 from mods.prompts import answer_suffix, chat_prompt
 
 # Bumped whenever the definition of that kind's score changes.
@@ -795,3 +795,11 @@ class PreferenceScorer(_FeatureScorer):
         q = pd.Series(self.head.apply(features.fillna({c: 0.0 for c in self.head.features})), index=features.index)
         return q.where(features["answer_tokens"] > 0, EMPTY_SCORE).astype(np.float64)
 
+
+def scorer_identity(scorer: ScorerConfig) -> list[str]:
+    """What a scorer's scores depend on beyond its configuration's values: the files of its
+    model and embedding model (the preference scorer's similarities), and the scorer's own
+    definition version (formulas and the shipped preference head's digest): a changed one
+    must not reuse old scores. The quality stages and the evaluation's scorer judge use it."""
+    return [model_fingerprint(scorer.model), model_fingerprint(getattr(scorer, "embedding_model", None)),
+            f"scorer:{SCORER_VERSION}"]

@@ -4,7 +4,10 @@ scores have no calibrated zero (the offline likelihood scorer)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import pandas as pd
 
 
 def keep_above(scores: np.ndarray, alpha: float | None = None, fraction: float | None = None) -> np.ndarray:
@@ -34,3 +37,28 @@ def keep_below(scores: np.ndarray, beta: float | None = None, fraction: float | 
     if count:
         mask[np.argsort(scores, kind="stable")[:count]] = True
     return mask
+
+
+def selection_frame(ids: list[str], result: Any) -> pd.DataFrame:
+    """A k-center result as a table: id, pick order, distance at the pick, radius after."""
+    return pd.DataFrame(
+        {
+            "id": pd.Series([ids[i] for i in result.indices], dtype=str),
+            "pick_order": np.arange(len(result.indices), dtype=np.int64),
+            "pick_distance": np.asarray(result.pick_distances, dtype=np.float64),
+            "radius_after": np.asarray(result.radii, dtype=np.float64),
+        }
+    )
+
+
+def empty_selection() -> pd.DataFrame:
+    return pd.DataFrame({"id": pd.Series([], dtype=str), "pick_order": pd.Series([], dtype=np.int64),
+                         "pick_distance": pd.Series([], dtype=np.float64), "radius_after": pd.Series([], dtype=np.float64)})
+
+
+def pickable_rows(matrix: np.ndarray, already_selected: list[int]) -> int:
+    """Rows k-center can still pick: distinct vectors that are not a center already
+    (identical instructions embed identically; k-center never picks a duplicate)."""
+    taken = set(already_selected)
+    centers = {matrix[i].tobytes() for i in taken}
+    return len({row.tobytes() for i, row in enumerate(matrix) if i not in taken} - centers)

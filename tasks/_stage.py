@@ -7,7 +7,7 @@ global), and the cache records live in the workspace beside the artifacts. When 
 artifact is gone or damaged, the record is dropped before Prefect looks it up, so the
 stage reruns instead of handing out a name of nothing.
 
-Retries are only for failures that can pass the next time (``mods.faults.is_transient``:
+Retries are only for failures that can pass the next time (``mods.core.faults.is_transient``:
 out of memory, a lost connection, an I/O timeout); a bad row or parameter fails at once.
 """
 
@@ -20,8 +20,8 @@ from prefect import task
 from prefect.context import TaskRunContext
 from prefect.tasks import Task
 
-from mods.artifacts import Workspace, artifact_problem
-from mods.faults import is_transient
+from mods.core.artifacts import Workspace, artifact_problem
+from mods.core.faults import is_transient
 from mods.stages import get_stage, plan_key, run_shard
 
 # Seconds before a transient failure is retried (memory freed, a connection back).

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mods.artifacts import Artifact, ArtifactError, StageSpec, Workspace, artifact_key, fingerprint_files, is_complete, run_stage
+from mods.core.artifacts import Artifact, ArtifactError, StageSpec, Workspace, artifact_key, fingerprint_files, is_complete, run_stage
 from mods.stages import key_params
 
 SPEC = StageSpec("demo", "1", "cpu", "test stage")

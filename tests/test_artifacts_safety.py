@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mods.artifacts import (
+from mods.core.artifacts import (
     MARKER,
     Artifact,
     ArtifactError,
@@ -106,7 +106,7 @@ def test_a_moved_workspace_still_serves_its_artifacts(tmp_path: Path):
 RACER = textwrap.dedent("""
     import sys, time, json
     from pathlib import Path
-    from mods.artifacts import StageSpec, Workspace, run_stage
+    from mods.core.artifacts import StageSpec, Workspace, run_stage
     ws, go = Workspace(sys.argv[1]), float(sys.argv[2])
     def body(ctx):
         for i in range(20):
@@ -122,7 +122,7 @@ RACER = textwrap.dedent("""
 READER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from mods.artifacts import artifact_problem
+    from mods.core.artifacts import artifact_problem
     stage_dir, until = Path(sys.argv[1]), float(sys.argv[2])
     seen = errors = 0
     while time.time() < until:
@@ -169,7 +169,7 @@ def test_artifact_is_plain_stage_and_key():
 UNREADABLE_CHILD = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from mods.artifacts import StageSpec, Workspace, artifact_problem, run_stage
+    from mods.core.artifacts import StageSpec, Workspace, artifact_problem, run_stage
     ws, folder = Workspace(sys.argv[1]), Path(sys.argv[2])
     def body(ctx):
         (ctx.out / "data.txt").write_text("x" * 1000)
@@ -207,7 +207,7 @@ def test_unreadable_file_or_folder_in_an_artifact_is_named_and_rebuilt(tmp_path:
 
 HOLDER = textwrap.dedent("""
     import os, sys, time
-    from mods.artifacts import Workspace
+    from mods.core.artifacts import Workspace
     ws, key = Workspace(sys.argv[1]), sys.argv[2]
     with ws.lock("demo", key):
         tmp = ws.artifact_dir("demo", key).parent / f".{key}.tmp-host-{os.getpid()}-0000"
@@ -264,7 +264,7 @@ def test_stale_folders_of_dead_writers_under_other_keys_are_removed_when_the_sta
 PART_HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from mods.rowstore import _locked_tmp
+    from mods.core.rowstore import _locked_tmp
     with _locked_tmp(Path(sys.argv[1]) / f"part-{sys.argv[2]}.parquet") as (tmp, handle):
         handle.write(b"partial")
         handle.flush()
@@ -276,7 +276,7 @@ PART_HOLDER = textwrap.dedent("""
 def test_temporary_parts_of_dead_writers_are_removed_and_a_live_writers_kept(tmp_path: Path):
     import pandas as pd
 
-    from mods.rowstore import ROW_KEY, RowStore, Shard
+    from mods.core.rowstore import ROW_KEY, RowStore, Shard
 
     store = RowStore(Workspace(tmp_path), "quality", "fingerprint")
     store.dir.mkdir(parents=True)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_core_package_never_imports_prefect():
     offenders = []
-    for path in (ROOT / "mods").glob("*.py"):
+    for path in (ROOT / "mods").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
@@ -22,7 +22,7 @@ def test_core_package_never_imports_prefect():
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in {"prefect", "tasks", "flows"}]
     assert offenders == []
     # and importing every core module at run time pulls in no Prefect either
-    modules = sorted(f"mods.{p.stem}" for p in (ROOT / "mods").glob("*.py") if p.stem != "__init__")
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "mods").rglob("*.py") if p.stem != "__init__")
     code = f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

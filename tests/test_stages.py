@@ -1,6 +1,6 @@
 import numpy as np
 
-from mods.stages import pickable_rows
+from mods.selection import pickable_rows
 
 
 def test_pickable_rows_counts_distinct_non_center_vectors():
@@ -62,7 +62,7 @@ def test_a_deterministic_error_is_not_split_or_retried():
 def _fake_training_inputs(tmp_path):
     import pandas as pd
 
-    from mods.artifacts import StageContext, Workspace
+    from mods.core.artifacts import StageContext, Workspace
 
     pd.DataFrame({"id": ["a"], "instruction": ["i"], "input": [""], "output": ["o"]}).to_parquet(tmp_path / "rows.parquet")
     pd.DataFrame({"id": ["a"]}).to_parquet(tmp_path / "selected.parquet")
@@ -131,7 +131,7 @@ def test_a_training_stage_removes_its_checkpoints_once_the_artifact_is_complete(
     import pandas as pd
 
     import mods.training
-    from mods.artifacts import StageSpec, Workspace, artifact_problem, run_stage
+    from mods.core.artifacts import StageSpec, Workspace, artifact_problem, run_stage
     from mods.stages import TrainingParams, execute
     from mods.training import TrainConfig
 
@@ -170,7 +170,7 @@ def test_a_training_stage_removes_its_checkpoints_once_the_artifact_is_complete(
 def test_a_server_away_is_transient_a_bad_value_is_not():
     import httpx
 
-    from mods.faults import is_transient
+    from mods.core.faults import is_transient
 
     class ConcurrencySlotAcquisitionError(Exception):  # Prefect's, by name
         pass

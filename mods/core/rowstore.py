@@ -34,12 +34,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mods.artifacts import Workspace, atomic_write_bytes, hash_json
+from mods.core.artifacts import Workspace, atomic_write_bytes, hash_json
 
 # A part's metadata key for the seconds its shard took (the stage's summary sums them).
 PART_SECONDS = "mods.seconds"
 
-log = logging.getLogger("mods.rowstore")
+log = logging.getLogger("mods.core.rowstore")
 
 ROW_KEY = "row_key"
 

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 from pydantic import BaseModel
 
-log = logging.getLogger("mods.artifacts")
+log = logging.getLogger("mods.core.artifacts")
 
 MARKER = "_SUCCESS.json"
 KEY_LENGTH = 16
