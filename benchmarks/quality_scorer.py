@@ -84,16 +84,16 @@ SINGLE_FEATURES = ["judge", "log_info", "answer_tokens", "lp_answer", "pmi", "si
 
 
 def _feature_code_hash() -> str:
-    from mods import scoring
+    from mods.scoring_likelihood import LikelihoodScorer
+    from mods.scoring_preference import PreferenceScorer, text_features
 
-    code = "".join(inspect.getsource(f) for f in (scoring.LikelihoodScorer, scoring.PreferenceScorer,
-                                                    scoring.text_features))
+    code = "".join(inspect.getsource(f) for f in (LikelihoodScorer, PreferenceScorer, text_features))
     return hashlib.sha256(code.encode()).hexdigest()[:12]
 
 
 def all_features_scorer(cfg):
     """A preference scorer that computes every feature (a zero head naming them all)."""
-    from mods.scoring import PreferenceHead, PreferenceScorer
+    from mods.scoring_preference import PreferenceHead, PreferenceScorer
 
     names = sorted({f for cols in HEADS.values() for f in cols} | set(SINGLE_FEATURES))
     zero = PreferenceHead(features=names, mean=[0.0] * len(names), scale=[1.0] * len(names), weights=[0.0] * len(names))
@@ -180,7 +180,9 @@ def human_benchmark(args: argparse.Namespace) -> int:
         length_only,
         unique_rows,
     )
-    from mods.scoring import PREFERENCE_HEAD_FILE, LikelihoodScorer, ScorerConfig
+    from mods.scoring import ScorerConfig
+    from mods.scoring_likelihood import LikelihoodScorer
+    from mods.scoring_preference import PREFERENCE_HEAD_FILE
 
     if not PANDALM.is_file():
         print(f"SKIP: {PANDALM} not found (the benchmark needs ../shared/data beside the project)")
@@ -275,7 +277,7 @@ def human_benchmark(args: argparse.Namespace) -> int:
         PREFERENCE_HEAD_FILE.write_text(json.dumps(head, indent=1) + "\n")
         print(f"wrote {PREFERENCE_HEAD_FILE}")
     if PREFERENCE_HEAD_FILE.is_file():
-        from mods.scoring import load_preference_head
+        from mods.scoring_preference import load_preference_head
 
         shipped = load_preference_head()
         s = shipped.apply(feats)
@@ -361,7 +363,8 @@ def corruption_benchmark(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from mods.scoring import LikelihoodScorer, ScorerConfig, build_scorer
+    from mods.scoring import ScorerConfig, build_scorer
+    from mods.scoring_likelihood import LikelihoodScorer
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -410,7 +413,7 @@ def corruption_benchmark(args: argparse.Namespace) -> int:
         print(f"  {kind:<10} {100 * acc:5.1f}%  ({n} pairs)")
     if args.tune:
         print("\nper-feature accuracy (NaN lp_end filled as the scorer does):")
-        from mods.scoring import END_FILL, END_FLOOR
+        from mods.scoring_likelihood import END_FILL, END_FLOOR
 
         feats["lp_end_c"] = feats["lp_end"].fillna(END_FILL).clip(lower=END_FLOOR, upper=0)
         for name in ("lp_answer", "lp_answer_neutral", "pmi", "lp_end_c"):

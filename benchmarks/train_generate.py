@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from mods import training  # noqa: E402
+from mods import training_plan, training_process  # noqa: E402
 from mods.generation import GenerationConfig, generate_answers  # noqa: E402
 from mods.ingest import IngestConfig, ingest  # noqa: E402
 from mods.models import load_causal_lm, resolve_model_path  # noqa: E402
@@ -50,16 +50,16 @@ def demo_rows(n: int, max_chars: int = 800) -> pd.DataFrame:
 
 
 def time_training(rows: pd.DataFrame, out: Path, precision: str, grouped: bool) -> tuple[float, int]:
-    original = training.length_grouped_batches
+    original = training_plan.length_grouped_batches
     if not grouped:  # baseline: batches in input order
-        training.length_grouped_batches = lambda lengths, size, seed: [
+        training_plan.length_grouped_batches = lambda lengths, size, seed: [
             list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)
         ]
     try:
         config = TrainConfig(epochs=1, batch_size=8, max_length=256, precision=precision, device="cpu")
         summary = train_model("smollm2-135m-instruct", rows, config, out, progress=False)
     finally:
-        training.length_grouped_batches = original
+        training_plan.length_grouped_batches = original
     return summary["seconds"], summary["tokens"]
 
 
@@ -171,7 +171,7 @@ def main() -> None:
     resolve_model_path("smollm2-135m-instruct")  # prepare outside the timings
     rows = demo_rows(args.rows + args.prompts)
     train_rows, prompt_rows = rows.head(args.rows), rows.tail(args.prompts)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 CPU: {training.cpu_supports_bf16()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 CPU: {training_process.cpu_supports_bf16()}")
 
     with tempfile.TemporaryDirectory() as tmp:
         if "processes" in parts:

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mods.kcenter import _as_index_array, _as_matrix, _check_finite, _Coverage, _resolve_device
+from mods.kcenter import _as_index_array, _as_matrix, _check_finite, _resolve_device
+from mods.kcenter_backends import _Coverage
 
 __all__ = ["coverage_curve", "random_coverage_curve", "plot_coverage"]
 

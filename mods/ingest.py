@@ -7,16 +7,17 @@ every row:  read = kept + duplicates + quarantined + decontaminated, per file.
 
 The unit of "read" is a candidate row: one per record, except self-instruct tasks,
 which give one row per instance (a task with no instances is one quarantined row).
+
+Per record: ``mods.ingest_shapes`` recognises the shape and maps it to candidate rows;
+``mods.ingest_text`` validates text fields (quarantine reasons) and gives the normalised
+row id that merges duplicates. This module runs them over the sources and accounts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,16 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from mods import schema as S
+from mods.ingest_shapes import _candidates
+from mods.ingest_text import _Quarantine, row_id, safe_text
 from mods.readers import RawRecord, Source, SourceError, discover, read_source
-
-ENDOFTEXT = "<|endoftext|>"
-USER_ROLES = {"human", "user", "prompter", "question"}
-ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bing", "bard", "model", "bot", "answer"}
-SYSTEM_ROLES = {"system"}
-
-# C0 controls other than tab/newline/CR, DEL, and lone surrogates (undecodable bytes)
-_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class IngestError(Exception):
@@ -102,290 +96,6 @@ class IngestResult:
     rows: pd.DataFrame
     quarantine: pd.DataFrame
     report: dict
-
-
-class _Quarantine(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def normalise(text: str) -> str:
-    """What two copies must share to count as duplicates: NFKC, case-folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def row_id(instruction: str, input_text: str, output: str, history: list, later: list) -> str:
-    payload = json.dumps(
-        [normalise(instruction), normalise(input_text), normalise(output),
-         [[normalise(u), normalise(a)] for u, a in history],
-         [[t["role"], normalise(t["content"])] for t in later]],
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def safe_text(s: str) -> str:
-    """Text that UTF-8 encoding (Parquet) accepts: undecodable bytes shown as \\xNN."""
-    if not _SURROGATE.search(s):
-        return s
-    try:
-        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:
-        return s.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _type_name(v: Any) -> str:
-    return "null" if v is None else type(v).__name__
-
-
-class _Missing:
-    pass
-
-
-MISSING = _Missing()
-
-
-def _check_text(value: Any, what: str, cfg: IngestConfig, required: bool, reason_base: str) -> str:
-    """Validate one text field; returns it trimmed or raises _Quarantine."""
-    if value is MISSING or value is None:
-        if required:
-            raise _Quarantine(f"missing_{reason_base}", f"{what} is {'absent' if value is MISSING else 'null'}")
-        return ""
-    if not isinstance(value, str):
-        raise _Quarantine("wrong_type", f"{what} is a {_type_name(value)}, not a string: {str(value)[:60]!r}")
-    m = _BAD_CHARS.search(value)
-    if m:
-        ch = m.group()
-        if "\ud800" <= ch <= "\udfff":
-            raise _Quarantine("invalid_utf8", f"{what} contains bytes that are not valid UTF-8")
-        raise _Quarantine("control_chars", f"{what} contains control character U+{ord(ch):04X} at offset {m.start()}")
-    value = value.strip()
-    if required and len(value) < cfg.min_chars:
-        raise _Quarantine(f"empty_{reason_base}",
-                          f"{what} is empty" if not value else f"{what} is shorter than {cfg.min_chars} characters")
-    if len(value) > cfg.max_chars:
-        raise _Quarantine("too_long", f"{what} has {len(value)} characters (max_chars={cfg.max_chars})")
-    return value
-
-
-# ---------------------------------------------------------------- shapes
-
-
-@dataclass
-class _Candidate:
-    instruction: str
-    input: str
-    output: str
-    history: list  # [[user, assistant], ...]
-    later: list  # [{"role", "content"}, ...] turns after the scored one
-    meta: dict
-
-
-def _lookup(obj: dict) -> dict[str, str]:
-    return {str(k).lower(): k for k in obj}
-
-
-def _get(obj: dict, keys: dict[str, str], *names: str) -> tuple[Any, str | None]:
-    for n in names:
-        k = keys.get(n.lower())
-        if k is not None:
-            return obj[k], k
-    return MISSING, None
-
-
-def _detect(keys: dict[str, str], mapping: dict[str, str]) -> str:
-    if any(src.lower() in keys for src in mapping.values()):
-        return "mapped"
-    if "conversations" in keys or "messages" in keys:
-        return "conversations"
-    if "instances" in keys and "instruction" in keys:
-        return "self_instruct"
-    if "prompt" in keys and "completion" in keys:
-        return "prompt_completion"
-    if "question" in keys and ("std_answer" in keys or "answer" in keys):
-        return "question_answer"
-    if keys.keys() & {"instruction", "output", "response", "input"}:
-        return "alpaca_response" if "response" in keys and "output" not in keys else "alpaca"
-    return "unknown"
-
-
-def _history_pairs(value: Any, cfg: IngestConfig) -> list[list[str]]:
-    if value is MISSING or value is None:
-        return []
-    if isinstance(value, str):  # some exports store it JSON-encoded
-        try:
-            value = json.loads(value) if value.strip() else []
-        except ValueError:
-            raise _Quarantine("bad_history", "history is a string that is not a JSON list") from None
-    if not isinstance(value, list):
-        raise _Quarantine("bad_history", f"history is a {_type_name(value)}, not a list of [user, assistant] pairs")
-    pairs = []
-    for i, p in enumerate(value):
-        if not isinstance(p, (list, tuple)) or len(p) != 2:
-            raise _Quarantine("bad_history", f"history[{i}] is not a [user, assistant] pair")
-        u = _check_text(p[0], f"history[{i}][0]", cfg, True, "instruction")
-        a = _check_text(p[1], f"history[{i}][1]", cfg, True, "output")
-        pairs.append([u, a])
-    return pairs
-
-
-def _apply_turn(instr: str, inp: str, out: str, history: list, cfg: IngestConfig, meta: dict) -> _Candidate:
-    """A row with chat history: move the scored turn to the first exchange if asked."""
-    if cfg.turn == "first" and history:
-        later = []
-        for u, a in history[1:]:
-            later += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-        last_user = f"{instr}\n\n{inp}" if inp else instr
-        later += [{"role": "user", "content": last_user}, {"role": "assistant", "content": out}]
-        meta["later_turns"] = later
-        return _Candidate(history[0][0], "", history[0][1], [], later, meta)
-    return _Candidate(instr, inp, out, history, [], meta)
-
-
-def _conversation(value: Any, cfg: IngestConfig, meta: dict) -> _Candidate:
-    if isinstance(value, str):
-        raise _Quarantine("bad_conversation", "conversations is a string, not a list of turns")
-    if not isinstance(value, list):
-        raise _Quarantine("bad_conversation", f"conversations is a {_type_name(value)}, not a list of turns")
-    turns: list[dict] = []
-    system = []
-    for i, t in enumerate(value):
-        if not isinstance(t, dict):
-            raise _Quarantine("bad_conversation", f"turn {i + 1} is a {_type_name(t)}, not an object")
-        tk = _lookup(t)
-        role, _ = _get(t, tk, "from", "role", "speaker")
-        text, _ = _get(t, tk, "value", "content", "text")
-        if not isinstance(role, str):
-            raise _Quarantine("bad_conversation", f"turn {i + 1} has no 'from'/'role'")
-        r = role.lower()
-        if r in SYSTEM_ROLES:
-            system.append(_check_text(text, f"turn {i + 1} (system)", cfg, False, "instruction"))
-            continue
-        if r in USER_ROLES:
-            r = "user"
-        elif r in ASSISTANT_ROLES:
-            r = "assistant"
-        else:
-            raise _Quarantine("unknown_role", f"turn {i + 1} has role {role!r} (neither user nor assistant)")
-        turns.append({"role": r, "content": text, "n": i + 1})
-    if system:
-        meta["system"] = "\n\n".join(s for s in system if s)
-    if not turns:
-        raise _Quarantine("no_answered_turn", "the conversation has no user or assistant turns")
-    if len(turns) == 1:
-        raise _Quarantine("single_turn", f"the conversation has one turn only (from the {turns[0]['role']})")
-
-    def text_of(t: dict, required: bool, base: str) -> str:
-        return _check_text(t["content"], f"turn {t['n']} ({t['role']})", cfg, required, base)
-
-    if cfg.turn == "first":
-        if turns[0]["role"] != "user":
-            raise _Quarantine("starts_with_assistant", "the conversation starts with the assistant (turn='first')")
-        if turns[1]["role"] != "assistant":
-            raise _Quarantine("no_answered_turn", "the first user turn is followed by another user turn, not an answer")
-        scored, history, rest, strays = 0, [], turns[2:], []
-    else:
-        scored = max((i for i in range(len(turns) - 1)
-                      if turns[i]["role"] == "user" and turns[i + 1]["role"] == "assistant"), default=-1)
-        if scored < 0:
-            raise _Quarantine("no_answered_turn", "no user turn is followed by an assistant turn")
-        history, strays, i = [], [], 0
-        while i < scored:
-            if turns[i]["role"] == "user" and turns[i + 1]["role"] == "assistant" and i + 1 < scored:
-                history.append([text_of(turns[i], True, "instruction"), text_of(turns[i + 1], True, "output")])
-                i += 2
-            else:
-                strays.append({"role": turns[i]["role"], "content": text_of(turns[i], False, "output")})
-                i += 1
-        rest = turns[scored + 2:]
-    instr = text_of(turns[scored], True, "instruction")
-    out = text_of(turns[scored + 1], True, "output")
-    later = [{"role": t["role"], "content": text_of(t, False, "output")} for t in rest]
-    if later:
-        meta["later_turns"] = later
-    if strays:
-        meta["unpaired_turns"] = strays
-    return _Candidate(instr, "", out, history, later, meta)
-
-
-def _candidates(obj: Any, cfg: IngestConfig) -> list[_Candidate | _Quarantine]:
-    """One record -> its candidate rows (several for self-instruct tasks)."""
-    if not isinstance(obj, dict):
-        return [_Quarantine("not_an_object", f"the record is a {_type_name(obj)}, not an object")]
-    keys = _lookup(obj)
-    mapping = cfg.field_mapping
-    shape = _detect(keys, mapping)
-    if shape == "unknown":
-        return [_Quarantine("unknown_shape", f"no recognisable fields (has: {', '.join(list(obj)[:8])})")]
-    used: set[str] = set()
-
-    def get(canon: str, *aliases: str) -> Any:
-        names = (mapping[canon],) if canon in mapping else aliases
-        v, k = _get(obj, keys, *names)
-        if k is not None:
-            used.add(k)
-        return v
-
-    meta: dict[str, Any] = {"shape": shape}
-    out: list[_Candidate | _Quarantine] = []
-    try:
-        if shape == "conversations":
-            conv = get("history", "conversations", "messages")
-            cand = _conversation(conv, cfg, meta)
-            out.append(cand)
-        elif shape == "self_instruct":
-            instr = get("instruction", "instruction")
-            instances = get("input", "instances")
-            if not isinstance(instances, list):
-                raise _Quarantine("wrong_type", f"instances is a {_type_name(instances)}, not a list")
-            if not instances:
-                raise _Quarantine("empty_instances", "the task has no instances")
-            for k, inst in enumerate(instances):
-                try:
-                    i_meta = dict(meta, instance=k)
-                    if not isinstance(inst, dict):
-                        raise _Quarantine("wrong_type", f"instances[{k}] is a {_type_name(inst)}, not an object")
-                    ik = _lookup(inst)
-                    out.append(_Candidate(
-                        _check_text(instr, "instruction", cfg, True, "instruction"),
-                        _check_text(_get(inst, ik, "input")[0], f"instances[{k}].input", cfg, False, "input"),
-                        _check_text(_get(inst, ik, "output")[0], f"instances[{k}].output", cfg, True, "output"),
-                        [], [], i_meta))
-                except _Quarantine as q:
-                    q.detail = f"instance {k}: {q.detail}"
-                    out.append(q)
-        else:
-            if shape == "prompt_completion":
-                instr_v, inp_v, out_v = get("instruction", "prompt"), MISSING, get("output", "completion")
-                if isinstance(out_v, str):
-                    out_v = out_v.rstrip()
-                    if out_v.endswith(ENDOFTEXT):
-                        out_v = out_v[: -len(ENDOFTEXT)]
-            elif shape == "question_answer":
-                instr_v, inp_v, out_v = get("instruction", "question"), MISSING, get("output", "std_answer", "answer")
-            else:  # alpaca, alpaca_response, mapped
-                instr_v = get("instruction", "instruction")
-                inp_v = get("input", "input")
-                out_v = get("output", "output", "response")
-            hist_v = get("history", "history")
-            instr = _check_text(instr_v, "instruction", cfg, True, "instruction")
-            inp = _check_text(inp_v, "input", cfg, False, "input")
-            outp = _check_text(out_v, "output", cfg, True, "output")
-            history = _history_pairs(hist_v, cfg)
-            out.append(_apply_turn(instr, inp, outp, history, cfg, meta))
-    except _Quarantine as q:
-        out.append(q)
-    extra = {k: v for k, v in obj.items() if k not in used}
-    if extra:
-        for c in out:
-            if isinstance(c, _Candidate):
-                c.meta["extra"] = extra
-    return out
 
 
 # ---------------------------------------------------------------- the run

@@ -230,7 +230,7 @@ class LLMJudge:
         return allowed + [self._space if separators == 0 else self._newline]
 
     def fingerprint(self) -> dict[str, Any]:
-        from mods.scoring import model_hash
+        from mods.scoring_common import model_hash
 
         return {"model": str(self.path), "model_hash": model_hash(self.path),
                 **self.config.model_dump(exclude={"device", "model"})}

@@ -64,7 +64,7 @@ def _write_tokens(encoded: Sequence[Any], path: Path) -> None:
 def _read_tokens(path: Path) -> list[Any]:
     import pyarrow.parquet as pq
 
-    from mods.training import EncodedRow
+    from mods.training_data import EncodedRow
 
     table = pq.read_table(path).to_pydict()
     return [EncodedRow(ids, labels) for ids, labels in zip(table["input_ids"], table["labels"])]
@@ -172,7 +172,8 @@ def _supervise(job_path: Path) -> None:
 
 
 def _worker(job_path: Path) -> None:
-    from mods.training import TrainJob, run_training_process
+    from mods.training import TrainJob
+    from mods.training_process import run_training_process
 
     _die_with_parent(signal.SIGKILL, _SUPERVISOR_PID_ENV)
     rank = int(os.environ.get("RANK", "0"))

@@ -209,7 +209,7 @@ def fit_preference_head(
 
     Features are standardised with the mean and standard deviation of the rows the
     pairs use (fixed numbers in the result: the scorer applies them to any row alone).
-    Returns the fields of ``mods.scoring.PreferenceHead``: features, mean, scale, weights.
+    Returns the fields of ``mods.scoring_preference.PreferenceHead``: features, mean, scale, weights.
     """
     x = features[list(columns)].to_numpy(dtype=np.float64)
     if not np.isfinite(x).all():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import mods.kcenter as kc
+import mods.kcenter_backends as kc
 from mods.kcenter import KCenterResult, first_center, k_center_greedy
 
 

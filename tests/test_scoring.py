@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mods.scoring import LikelihoodScorer, RewardModelScorer, ScorerConfig, build_scorer
+from mods.scoring import ScorerConfig, build_scorer
+from mods.scoring_likelihood import LikelihoodScorer
+from mods.scoring_reward_model import RewardModelScorer
 
 try:  # works whether or not tests/ is a package
     from tests.tiny_models import make_tiny_llama, make_tiny_reward_model
@@ -226,11 +228,11 @@ def test_likelihood_shortcuts_do_not_change_scores(tiny_llama: Path) -> None:
 
 # ----------------------------------------------------------------------------- preference
 
-from mods.scoring import (  # noqa: E402
-    EMPTY_SCORE,
+from mods.scoring import SCORER_VERSION  # noqa: E402
+from mods.scoring_likelihood import EMPTY_SCORE  # noqa: E402
+from mods.scoring_preference import (  # noqa: E402
     JUDGE_QUESTION,
     PREFERENCE_HEAD_FILE,
-    SCORER_VERSION,
     PreferenceHead,
     PreferenceScorer,
     load_preference_head,
