@@ -53,7 +53,9 @@ def write_pools(folder: Path, rows: int) -> tuple[Path, Path]:
 def score_pool(workspace: Path, pool: Path, rows_per_shard: int) -> tuple[float, dict]:
     """ingest → sample → quality in the core (no Prefect); seconds and the quality summary."""
     from mods.config import SampleConfig
-    from mods.stages import IngestParams, ScoringParams, execute
+    from mods.core.engine import execute
+    from mods.stages.data import IngestParams
+    from mods.stages.quality import ScoringParams
 
     started = time.perf_counter()
     ingest = execute(workspace, "ingest", IngestParams(sources=[str(pool)]), {}, progress=False).artifact

@@ -41,7 +41,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, TRAIN_DEPLOYMENT_ENV  # the env variables the pipeline reads
+from flows.executors import GPU_DEPLOYMENT_ENV, TRAIN_DEPLOYMENT_ENV  # the env variables the pipeline reads
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_STAGE_DEPLOYMENT = "mods-gpu-stage/gpu"

@@ -1,7 +1,7 @@
 """`mods` command line: the whole flow (`mods run`) and one subcommand per stage on plain files.
 
 Per-stage subcommands call the same stage functions as the flow and the GPU workers
-(mods.stages), without Prefect or a workspace. Every failure ends in one line on stderr
+(mods/core/engine.py compute_rows), without Prefect or a workspace. Every failure ends in one line on stderr
 and exit status 2 (130 for Ctrl-C); the detail goes to a log file.
 """
 
@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mods.core.faults import first_line
+from flows.cli_flags import UserError, add_flags, from_flags
+
 # Offline by design: no model hub, no telemetry. Our own loggers reach the Prefect UI.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,15 +30,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-class UserError(Exception):
-    """A problem with what the user gave: printed as one line, exit status 2."""
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # --- rows from files, for the per-stage commands ----------------------------------------------
@@ -86,17 +80,6 @@ def _write_parquet(frame, out: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_parquet(frame, path)
     print(f"wrote {len(frame)} rows to {path}")
-
-
-def _model(model: type, values: dict[str, Any], what: str):
-    """A parameter model from command-line values (None = the model's own default)."""
-    from pydantic import ValidationError
-
-    try:
-        return model(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as error:
-        problem = error.errors()[0]
-        raise UserError(f"{what}: {'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
 
 
 # --- mods run ---------------------------------------------------------------------------------
@@ -276,7 +259,7 @@ def _drain_prefect_clients() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if args.gpu_deployment:
-        from flows.mods_pipeline import GPU_DEPLOYMENT_ENV
+        from flows.executors import GPU_DEPLOYMENT_ENV
 
         os.environ[GPU_DEPLOYMENT_ENV] = args.gpu_deployment
     workspace = _preflight(config)
@@ -360,20 +343,14 @@ def cmd_prepare_models(args: argparse.Namespace) -> int:
 # --- per-stage commands (the same stage functions as the flow) --------------------------------
 
 
-def _scoring_params(args: argparse.Namespace):
-    from mods.scoring import ScorerConfig
-    from mods.stages import ScoringParams
-
-    scorer = _model(ScorerConfig, {"kind": args.scorer, "model": args.model, "batch_size": args.batch_size,
-                                   "max_length": args.max_length, "device": args.device}, "scorer")
-    return ScoringParams(scorer=scorer)
-
-
 def cmd_score(args: argparse.Namespace) -> int:
-    from mods.stages import compute_rows
+    from mods.core.engine import compute_rows
+    from mods.scoring import ScorerConfig
+    from mods.stages.quality import ScoringParams
 
     rows = _load_rows(args.data, args, keep_duplicates=True)
-    scores = compute_rows("quality", _scoring_params(args), rows, progress=not args.quiet)
+    scorer = from_flags(args, ScorerConfig, "scorer")
+    scores = compute_rows("quality", ScoringParams(scorer=scorer), rows, progress=not args.quiet)
     for column in scores.columns:
         rows[column] = scores[column].to_numpy()
     _write_parquet(rows, args.out)
@@ -384,11 +361,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
     import pyarrow.parquet as pq
 
+    from mods.core.engine import compute_rows
     from mods.embedding import EmbeddingConfig, embedding_texts, embeddings_table
-    from mods.stages import compute_rows
 
     rows = _load_rows(args.data, args, keep_duplicates=True)
-    config = _model(EmbeddingConfig, {"model": args.model, "text": args.text, "device": args.device}, "embedding")
+    config = from_flags(args, EmbeddingConfig, "embedding")
     work = rows.assign(text=embedding_texts(rows, config.text))
     vectors = np.stack(compute_rows("embed", config, work, progress=not args.quiet)["embedding"].tolist())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -431,10 +408,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mods.training import TrainConfig, train_fitting_memory
 
     rows = _load_rows(args.data, args)
-    config = _model(TrainConfig, {"method": args.method, "epochs": args.epochs, "learning_rate": args.learning_rate,
-                                  "batch_size": args.batch_size, "global_batch": args.global_batch,
-                                  "max_length": args.max_length, "device": args.device,
-                                  "processes": args.processes}, "train")
+    config = from_flags(args, TrainConfig, "train")
     out = Path(args.out)
     # Beside the output, so an interrupted run resumes when the same command is run again.
     checkpoints = out.parent / f".{out.name}.checkpoints"
@@ -446,21 +420,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_necessity(args: argparse.Namespace) -> int:
+    from mods.core.engine import compute_rows, release_models
     from mods.generation import GenerationConfig
-    from mods.stages import compute_rows
+    from mods.scoring import ScorerConfig
+    from mods.stages.quality import ScoringParams
 
     if not Path(args.model_dir).is_dir():
         raise UserError(f"--model-dir {args.model_dir}: not a folder (a `mods train` output or a local HF model)")
     rows = _load_rows(args.data, args, keep_duplicates=True)
-    generation = _model(GenerationConfig, {"max_new_tokens": args.max_new_tokens, "batch_size": args.gen_batch_size,
-                                           "device": args.device}, "generation")
-    answers = compute_rows("answers", generation, rows, resources={"seed_model": Path(args.model_dir)},
+    generation = from_flags(args, GenerationConfig, "generation")
+    scoring = ScoringParams(scorer=from_flags(args, ScorerConfig, "scorer"))
+    answers = compute_rows("answers", generation, rows, folders={"seed_model": Path(args.model_dir)},
                            progress=not args.quiet)
     rows["seed_answer"] = answers["seed_answer"].to_numpy()
-    from mods.stages import release_models
-
     release_models()
-    scores = compute_rows("necessity", _scoring_params(args), rows, progress=not args.quiet)
+    scores = compute_rows("necessity", scoring, rows, progress=not args.quiet)
     rows["necessity_score"] = scores["quality_score"].to_numpy()
     _write_parquet(rows, args.out)
     return 0
@@ -470,17 +444,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_scorer(parser: argparse.ArgumentParser) -> None:
-    from mods.scoring import ScorerConfig
-
-    kinds = list(ScorerConfig.model_fields["kind"].annotation.__args__)  # type: ignore[union-attr]
-    parser.add_argument("--scorer", choices=kinds, default=None,
-                        help=f"scorer kind (default: {ScorerConfig.model_fields['kind'].default}); reward-model needs "
-                             "--model, a local HF sequence-classification folder, as in the paper")
-    parser.add_argument("--model", dest="model", default=None, help="scorer model folder (required for reward-model)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--max-length", type=int, default=None)
-    parser.add_argument("--device", default=None)
+# The scorer's kind is --scorer on the command line (--model is the scorer's model).
+SCORER_FLAGS = {"kind": "scorer"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,53 +472,49 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-models", help="convert/cache the packaged offline models")
     prep.set_defaults(handler=cmd_prepare_models)
 
-    from mods import cli_ingest
+    from flows import cli_ingest
 
     cli_ingest.register(sub)
     from flows import cli_evaluate
 
     cli_evaluate.register(sub)
 
+    from mods.config import DEFAULT_BASE_MODEL, PipelineConfig
+    from mods.embedding import EmbeddingConfig
+    from mods.generation import GenerationConfig
+    from mods.scoring import ScorerConfig
+    from mods.training import TrainConfig
+
     score = sub.add_parser("score", help="add a quality_score column to DATA (one score per input row)")
     score.add_argument("data", nargs="+", metavar="DATA")
     score.add_argument("--out", required=True, help="output .parquet")
-    _add_scorer(score)
+    add_flags(score, ScorerConfig, rename=SCORER_FLAGS)
     _add_common(score)
     score.set_defaults(handler=cmd_score)
 
     embed = sub.add_parser("embed", help="embed DATA's instructions (id, embedding) for `mods select`")
     embed.add_argument("data", nargs="+", metavar="DATA")
     embed.add_argument("--out", required=True, help="output .parquet")
-    embed.add_argument("--model", default=None)
-    embed.add_argument("--text", default=None, choices=["instruction", "instruction+input"])
-    embed.add_argument("--device", default=None)
+    add_flags(embed, EmbeddingConfig)
     _add_common(embed)
     embed.set_defaults(handler=cmd_embed)
 
     select = sub.add_parser("select", help="k-center greedy selection over an embeddings file")
     select.add_argument("embeddings", help="a .parquet written by `mods embed`")
-    select.add_argument("--k", type=int, required=True)
+    select.add_argument("--k", type=int, required=True, help="rows to pick")
     select.add_argument("--out", required=True, help="output .parquet (id, pick_order, pick_distance, radius_after)")
     select.add_argument("--already-selected", help="a .parquet with an id column: rows that count as centers")
-    select.add_argument("--seed", type=int, default=0)
-    select.add_argument("--device", default=None)
+    select.add_argument("--seed", type=int, default=0, help="seed of the first pick (default: 0)")
+    select.add_argument("--device", default=None, help="'cpu', 'cuda', or empty for automatic")
     _add_common(select)
     select.set_defaults(handler=cmd_select)
 
     train = sub.add_parser("train", help="fine-tune a base LLM (LoRA by default) on DATA")
     train.add_argument("data", nargs="+", metavar="DATA")
     train.add_argument("--out", required=True, help="output folder (adapter or model)")
-    train.add_argument("--base-model", default="smollm2-135m-instruct")
-    train.add_argument("--method", choices=["lora", "full"])
-    train.add_argument("--epochs", type=float)
-    train.add_argument("--learning-rate", type=float)
-    train.add_argument("--batch-size", type=int, help="rows per micro-batch (memory; default 8)")
-    train.add_argument("--global-batch", type=int,
-                       help="rows per optimiser step over all processes, a multiple of --batch-size (default 8)")
-    train.add_argument("--max-length", type=int)
-    train.add_argument("--processes", type=int,
-                       help="training processes, speed only (default: every visible GPU, 1 on CPU)")
-    train.add_argument("--device", default=None)
+    train.add_argument("--base-model", default=DEFAULT_BASE_MODEL,
+                       help=f"{PipelineConfig.model_fields['base_model'].description} (default: {DEFAULT_BASE_MODEL})")
+    add_flags(train, TrainConfig)
     _add_common(train)
     train.set_defaults(handler=cmd_train)
 
@@ -561,9 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     nec.add_argument("data", nargs="+", metavar="DATA")
     nec.add_argument("--model-dir", dest="model_dir", required=True, help="a `mods train` output or a local HF causal LM")
     nec.add_argument("--out", required=True, help="output .parquet (seed_answer, necessity_score)")
-    nec.add_argument("--max-new-tokens", type=int, default=None)
-    nec.add_argument("--gen-batch-size", type=int, default=None)
-    _add_scorer(nec)
+    add_flags(nec, GenerationConfig, rename={"batch_size": "gen_batch_size"})
+    add_flags(nec, ScorerConfig, rename=SCORER_FLAGS)
     _add_common(nec)
     nec.set_defaults(handler=cmd_necessity)
     return parser

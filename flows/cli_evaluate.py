@@ -87,7 +87,7 @@ def summary_lines(document: dict[str, Any], result: dict[str, Any] | None = None
     """What the command prints: MoDS against each baseline, summed over test sets, per judge,
     each judge's and the pipeline scorer's agreement with people (a figure below the trust
     threshold said plainly), and, given the flow's ``result``, where the outputs are."""
-    from mods.evaluation import agreement_phrase
+    from mods.evaluation.report import agreement_phrase
 
     threshold = document.get("trust_threshold", 0.6)
     lines = []
@@ -121,7 +121,7 @@ def handle_evaluate(args: argparse.Namespace) -> int:
     except EvaluateUsageError as error:
         print(f"mods evaluate: {error}", file=sys.stderr)
         return 2
-    from mods.evaluation import latest_export
+    from mods.evaluation.runs import latest_export
 
     try:  # before the flow starts: a missing run is the user's, one line, no Prefect traceback
         latest_export(Path(workspace).expanduser().resolve(), config.export_key)

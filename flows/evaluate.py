@@ -1,8 +1,9 @@
 """Does the selection help? The ``mods-evaluate`` flow over a finished pipeline run.
 
-Thin on purpose: the method is in ``mods.evaluation`` (baselines, answers, judges, report);
-every step is a cached stage run by the pipeline's own ``StageRunner``, so a rerun with
-nothing changed executes nothing, and GPU stages go to the GPU pool the same way.
+Thin on purpose: the method is in mods/evaluation/ (baselines, answers, judges, report);
+every step is a stage (mods/stages/evaluation.py) run by the pipeline's executor
+(flows/executors.py), so a rerun with nothing changed executes nothing, and GPU stages go
+to the GPU pool the same way.
 
     prompts ─┐
     baselines (random, quality_top, seed_only[, full]) ─→ answers per model ─→ judge per
@@ -18,11 +19,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from mods.config import EvaluationConfig, ExecutionConfig
-from mods.evaluation import (
-    EVALUATION_JSON,
-    EVALUATION_PNG,
-    MODS,
-    REPORT_MD,
+from mods.evaluation.report import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD, prefect_artifact_contents
+from mods.evaluation.runs import MODS, latest_export, pipeline_inputs, run_settings
+from mods.scoring import ScorerConfig
+from mods.stages.evaluation import (
     SCORER_AGREEMENT,
     AgreementParams,
     AnswersParams,
@@ -30,13 +30,8 @@ from mods.evaluation import (
     JudgeParams,
     PromptsParams,
     ReportParams,
-    latest_export,
-    pipeline_inputs,
-    prefect_artifact_contents,
-    run_settings,
 )
-from mods.scoring import ScorerConfig
-from flows.mods_pipeline import GpuRouting, StageRunner
+from flows.executors import Executor, GpuRouting
 
 
 def _absolute(path: str) -> str:
@@ -46,7 +41,7 @@ def _absolute(path: str) -> str:
 
 def _publish(folder: Path) -> None:
     """The table, the full report and the chart as Prefect artifacts of this flow run
-    (contents from ``mods.evaluation.prefect_artifact_contents``)."""
+    (contents from ``mods.evaluation.report.prefect_artifact_contents``)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     contents = prefect_artifact_contents(folder)
@@ -87,7 +82,8 @@ def mods_evaluate(workspace: str = "work", config: EvaluationConfig = Evaluation
     export_key = latest_export(root, config.export_key)
     run_artifacts = pipeline_inputs(root, export_key)
     settings = run_settings(root, run_artifacts)
-    runner = StageRunner(str(root), ExecutionConfig(progress=config.progress), GpuRouting.from_env())
+    executor = Executor(root, ExecutionConfig(progress=config.progress), GpuRouting.from_env())
+    runner = executor.submit
 
     prompts = runner("evaluate_prompts", PromptsParams(
         test_sets_dir=_absolute(config.test_sets_dir), test_sets=list(config.test_sets),
@@ -132,10 +128,10 @@ def mods_evaluate(workspace: str = "work", config: EvaluationConfig = Evaluation
                                              judge_scorer=judge_scorer if "scorer" in config.judge else None,
                                              pipeline_scorer=pipeline_scorer,
                                              meta=report_meta(export_key, settings, config)), {})
-    folder = root / "artifacts" / report["stage"] / report["key"]
+    folder = report.dir(root)
     _publish(folder)
     result = {"evaluation_json": str(folder / EVALUATION_JSON), "chart": str(folder / EVALUATION_PNG),
               "report": str(folder / REPORT_MD), "workspace": str(root), "export_key": export_key,
-              "executed": list(runner.executed)}
+              "executed": list(executor.executed)}
     logger.info("MoDS evaluation written: %s", result)
     return result

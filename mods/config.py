@@ -66,8 +66,10 @@ class SeedSelectionConfig(_Strict):
     seed: int = Field(0, description="Seed for the first k-center pick.")
 
 
-class NecessityConfig(_Strict):
-    generation: GenerationConfig = Field(GenerationConfig(), description="How the seed model answers.")
+class AugmentSelectionConfig(_Strict):
+    """Which answered rows are still needed, and how many of them the augmented set takes
+    (the augment_select stage's parameters; the necessity section adds how the seed model answers)."""
+
     beta: float | None = Field(
         None,
         description="Rows whose seed-model answer scores below beta are 'still needed' "
@@ -85,10 +87,17 @@ class NecessityConfig(_Strict):
     seed: int = Field(0, description="Seed for the first pick when relative_to_seed is false.")
 
     @model_validator(mode="after")
-    def _one_threshold(self) -> "NecessityConfig":
+    def _one_threshold(self) -> "AugmentSelectionConfig":
         if self.beta is None and self.fraction is None:
             raise ValueError("necessity: set beta or fraction")
         return self
+
+
+class NecessityConfig(AugmentSelectionConfig):
+    generation: GenerationConfig = Field(GenerationConfig(), description="How the seed model answers.")
+
+    def augment_selection(self) -> AugmentSelectionConfig:
+        return AugmentSelectionConfig.model_validate(self.model_dump(exclude={"generation"}))
 
 
 class ExecutionConfig(_Strict):

@@ -14,7 +14,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from mods.core.artifacts import StageOutcome, Workspace, read_marker
+from mods.core.artifacts import Workspace, read_marker
+from mods.core.engine import StageOutcome
 from mods.report import REPORT_JSON, REPORT_MD
 
 # Rows of the coverage table: enough to read the curve's shape, few enough for one screen.

@@ -5,20 +5,34 @@ from pathlib import Path
 
 import pytest
 
-from mods.core.artifacts import Artifact, ArtifactError, StageSpec, Workspace, artifact_key, fingerprint_files, is_complete, run_stage
-from mods.stages import key_params
+from mods.core.artifacts import Artifact, ArtifactError, Workspace, fingerprint_files, is_complete
+from mods.core.engine import Engine, key_params
+from stage_helpers import fn_stage, run_body
 
-SPEC = StageSpec("demo", "1", "cpu", "test stage")
+
+def _writes(text: str):
+    def body(ctx):
+        (ctx.out / "data.txt").write_text(text)
+
+    return body
 
 
-def test_key_depends_on_params_inputs_and_version():
-    a = Artifact(stage="up", key="k1")
-    base = artifact_key(SPEC, {"alpha": 0.0, "k": 3}, [a])
-    assert artifact_key(SPEC, {"k": 3, "alpha": 0.0}, [a]) == base  # order of params does not matter
-    assert artifact_key(SPEC, {"alpha": 0.5, "k": 3}, [a]) != base
-    assert artifact_key(SPEC, {"alpha": 0.0, "k": 3}, [Artifact(stage="up", key="k2")]) != base
-    assert artifact_key(StageSpec("demo", "2", "cpu", ""), {"alpha": 0.0, "k": 3}, [a]) != base
-    assert artifact_key(StageSpec("other", "1", "cpu", ""), {"alpha": 0.0, "k": 3}, [a]) != base
+def test_key_depends_on_params_input_content_and_version(tmp_path: Path):
+    engine = Engine(tmp_path)
+    a = run_body(tmp_path, "up", {"v": 1}, {}, _writes("one")).artifact
+    b = run_body(tmp_path, "up", {"v": 2}, {}, _writes("two")).artifact
+    same = run_body(tmp_path, "up", {"v": 3}, {}, _writes("one")).artifact  # another key, the same bytes as a
+
+    def key(params, upstream, version="1", name="demo"):
+        return engine.resolve(fn_stage(name, _writes("x"), version, ("up",)), params, {"up": upstream}).key
+
+    base = key({"alpha": 0.0, "k": 3}, a)
+    assert key({"k": 3, "alpha": 0.0}, a) == base  # order of params does not matter
+    assert key({"alpha": 0.5, "k": 3}, a) != base
+    assert key({"alpha": 0.0, "k": 3}, b) != base  # other input content
+    assert same.key != a.key and key({"alpha": 0.0, "k": 3}, same) == base  # same content: same key (early cut-off)
+    assert key({"alpha": 0.0, "k": 3}, a, version="2") != base
+    assert key({"alpha": 0.0, "k": 3}, a, name="other") != base
 
 
 def test_device_and_progress_do_not_change_keys():
@@ -35,8 +49,8 @@ def test_run_stage_skips_complete_artifacts(tmp_path: Path):
         (ctx.out / "data.txt").write_text("hello")
         return {"rows": 1}
 
-    first = run_stage(ws, SPEC, {"k": 1}, {}, body)
-    second = run_stage(ws, SPEC, {"k": 1}, {}, body)
+    first = run_body(ws, "demo", {"k": 1}, {}, body)
+    second = run_body(ws, "demo", {"k": 1}, {}, body)
     assert first.executed and not second.executed
     assert len(calls) == 1
     assert first.artifact == second.artifact
@@ -53,7 +67,7 @@ def test_failed_body_leaves_no_artifact_and_no_temp(tmp_path: Path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        run_stage(ws, SPEC, {"k": 2}, {}, body)
+        run_body(ws, "demo", {"k": 2}, {}, body)
     stage_dir = tmp_path / "artifacts" / "demo"
     assert [p.name for p in stage_dir.iterdir() if not p.name.endswith(".lock")] == []
 
@@ -62,17 +76,17 @@ def test_missing_input_artifact_is_a_clear_error(tmp_path: Path):
     ws = Workspace(tmp_path)
     ghost = Artifact(stage="embed", key="abc")
     with pytest.raises(ArtifactError, match="needs the 'embed' artifact abc"):
-        run_stage(ws, SPEC, {}, {"embed": ghost}, lambda ctx: None)
+        run_body(ws, "demo", {}, {"embed": ghost}, lambda ctx: None)
 
 
 def test_incomplete_leftover_is_replaced(tmp_path: Path):
     ws = Workspace(tmp_path)
-    key = artifact_key(SPEC, {"k": 5}, [])
+    key = Engine(ws).resolve(fn_stage("demo", lambda ctx: None), {"k": 5}, {}).key
     leftover = ws.artifact_dir("demo", key)
     leftover.mkdir(parents=True)
     (leftover / "stale.txt").write_text("from a crash")
     assert not is_complete(leftover)
-    outcome = run_stage(ws, SPEC, {"k": 5}, {}, lambda ctx: (ctx.out / "fresh.txt").write_text("ok") and None)
+    outcome = run_body(ws, "demo", {"k": 5}, {}, lambda ctx: (ctx.out / "fresh.txt").write_text("ok") and None)
     assert outcome.executed
     assert not (leftover / "stale.txt").exists() and (leftover / "fresh.txt").exists()
 

@@ -16,14 +16,12 @@ from mods.core.artifacts import (
     MARKER,
     Artifact,
     ArtifactError,
-    StageSpec,
     Workspace,
     artifact_problem,
     read_marker,
-    run_stage,
 )
 
-SPEC = StageSpec("demo", "1", "cpu", "a test stage")
+from stage_helpers import run_body
 
 
 def write_files(ctx) -> dict:
@@ -34,7 +32,7 @@ def write_files(ctx) -> dict:
 
 
 def test_marker_records_every_file_with_size_and_sha256(tmp_path: Path):
-    outcome = run_stage(Workspace(tmp_path), SPEC, {"a": 1}, {}, write_files)
+    outcome = run_body(Workspace(tmp_path), "demo", {"a": 1}, {}, write_files)
     folder = outcome.artifact.dir(tmp_path)
     marker = read_marker(folder)
     assert set(marker["files"]) == {"data.txt", "sub/more.bin"}
@@ -46,42 +44,42 @@ def test_marker_records_every_file_with_size_and_sha256(tmp_path: Path):
 
 def test_truncated_file_is_rebuilt_and_a_flipped_byte_is_caught_by_verify(tmp_path: Path):
     ws = Workspace(tmp_path)
-    first = run_stage(ws, SPEC, {"a": 1}, {}, write_files)
+    first = run_body(ws, "demo", {"a": 1}, {}, write_files)
     data = first.artifact.dir(ws) / "data.txt"
     data.write_text("x" * 10)  # truncated, marker intact
     assert "has 10 bytes" in artifact_problem(data.parent)
-    again = run_stage(ws, SPEC, {"a": 1}, {}, write_files)
+    again = run_body(ws, "demo", {"a": 1}, {}, write_files)
     assert again.executed and data.read_text() == "x" * 1000
 
     data.write_text("y" * 1000)  # same size, other bytes: only the hash sees it
     assert artifact_problem(data.parent) is None
     assert "sha256" in artifact_problem(data.parent, verify_hashes=True)
-    assert not run_stage(ws, SPEC, {"a": 1}, {}, write_files).executed
-    assert run_stage(ws, SPEC, {"a": 1}, {}, write_files, verify_hashes=True).executed
+    assert not run_body(ws, "demo", {"a": 1}, {}, write_files).executed
+    assert run_body(ws, "demo", {"a": 1}, {}, write_files, verify=True).executed
     assert data.read_text() == "x" * 1000
 
 
 def test_garbage_marker_is_named_and_rebuilt(tmp_path: Path):
     ws = Workspace(tmp_path)
-    folder = run_stage(ws, SPEC, {"a": 1}, {}, write_files).artifact.dir(ws)
+    folder = run_body(ws, "demo", {"a": 1}, {}, write_files).artifact.dir(ws)
     (folder / MARKER).write_bytes(b"\x00garbage{")
     problem = artifact_problem(folder)
     assert str(folder / MARKER) in problem and "unreadable" in problem
-    assert run_stage(ws, SPEC, {"a": 1}, {}, write_files).executed
+    assert run_body(ws, "demo", {"a": 1}, {}, write_files).executed
     assert artifact_problem(folder) is None
 
 
 def test_damaged_input_stops_the_next_stage_with_one_line(tmp_path: Path):
     ws = Workspace(tmp_path)
-    upstream = run_stage(ws, SPEC, {"a": 1}, {}, write_files).artifact
+    upstream = run_body(ws, "demo", {"a": 1}, {}, write_files).artifact
     (upstream.dir(ws) / "data.txt").unlink()
     with pytest.raises(ArtifactError, match="data.txt is missing"):
-        run_stage(ws, StageSpec("next", "1", "cpu", ""), {}, {"demo": upstream}, write_files)
+        run_body(ws, "next", {}, {"demo": upstream}, write_files)
 
 
 def test_stale_temporary_folders_of_dead_writers_are_removed(tmp_path: Path):
     ws = Workspace(tmp_path)
-    first = run_stage(ws, SPEC, {"a": 2}, {}, write_files)
+    first = run_body(ws, "demo", {"a": 2}, {}, write_files)
     key = first.artifact.key
     # What a kill -9 during a save leaves: a temporary folder with a partial model.
     import shutil
@@ -90,23 +88,24 @@ def test_stale_temporary_folders_of_dead_writers_are_removed(tmp_path: Path):
     stale = ws.artifact_dir("demo", key).parent / f".{key}.tmp-otherhost-999999-deadbeef"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
-    assert run_stage(ws, SPEC, {"a": 2}, {}, write_files).executed
+    assert run_body(ws, "demo", {"a": 2}, {}, write_files).executed
     assert not stale.exists()
 
 
 def test_a_moved_workspace_still_serves_its_artifacts(tmp_path: Path):
     ws = Workspace(tmp_path / "a")
-    artifact = run_stage(ws, SPEC, {"a": 1}, {}, write_files).artifact
+    artifact = run_body(ws, "demo", {"a": 1}, {}, write_files).artifact
     os.rename(tmp_path / "a", tmp_path / "b")
     moved = Workspace(tmp_path / "b")
     assert artifact_problem(artifact.dir(moved)) is None
-    assert not run_stage(moved, SPEC, {"a": 1}, {}, write_files).executed
+    assert not run_body(moved, "demo", {"a": 1}, {}, write_files).executed
 
 
 RACER = textwrap.dedent("""
     import sys, time, json
     from pathlib import Path
-    from mods.core.artifacts import StageSpec, Workspace, run_stage
+    from mods.core.artifacts import Workspace
+    from stage_helpers import run_body
     ws, go = Workspace(sys.argv[1]), float(sys.argv[2])
     def body(ctx):
         for i in range(20):
@@ -115,7 +114,7 @@ RACER = textwrap.dedent("""
         return {}
     while time.time() < go:
         time.sleep(0.005)
-    outcome = run_stage(ws, StageSpec("race", "1", "cpu", ""), {"p": 1}, {}, body)
+    outcome = run_body(ws, "race", {"p": 1}, {}, body)
     print(json.dumps({"executed": outcome.executed, "key": outcome.artifact.key}))
 """)
 
@@ -141,7 +140,7 @@ READER = textwrap.dedent("""
 
 def test_four_processes_one_writer_no_reader_ever_sees_a_missing_file(tmp_path: Path):
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}"}
     go = time.time() + 3.0
     writers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(go)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
@@ -169,7 +168,8 @@ def test_artifact_is_plain_stage_and_key():
 UNREADABLE_CHILD = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from mods.core.artifacts import StageSpec, Workspace, artifact_problem, run_stage
+    from mods.core.artifacts import Workspace, artifact_problem
+    from stage_helpers import run_body
     ws, folder = Workspace(sys.argv[1]), Path(sys.argv[2])
     def body(ctx):
         (ctx.out / "data.txt").write_text("x" * 1000)
@@ -177,7 +177,7 @@ UNREADABLE_CHILD = textwrap.dedent("""
         (ctx.out / "sub" / "more.bin").write_bytes(b"\\0" * 10)
         return {"rows": 1}
     report = {"plain": artifact_problem(folder), "verify": artifact_problem(folder, verify_hashes=True)}
-    outcome = run_stage(ws, StageSpec("demo", "1", "cpu", ""), {"a": 1}, {}, body)
+    outcome = run_body(ws, "demo", {"a": 1}, {}, body)
     report["executed"] = outcome.executed
     report["after"] = artifact_problem(folder, verify_hashes=True)
     report["data"] = (folder / "data.txt").read_text() == "x" * 1000
@@ -191,12 +191,12 @@ def test_unreadable_file_or_folder_in_an_artifact_is_named_and_rebuilt(tmp_path:
 
     kwargs = child_kwargs()
     ws = Workspace(tmp_path)
-    folder = run_stage(ws, SPEC, {"a": 1}, {}, write_files).artifact.dir(ws)
+    folder = run_body(ws, "demo", {"a": 1}, {}, write_files).artifact.dir(ws)
     target = make_unreadable(folder / ("data.txt" if what == "file" else "sub"))
     named = target if what == "file" else target / "more.bin"
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", UNREADABLE_CHILD, str(tmp_path), str(folder)], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)}, **kwargs)
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}"}, **kwargs)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     # Sizes match; without --verify the file is still found unreadable (it is opened).
@@ -241,12 +241,12 @@ def test_stale_folders_of_dead_writers_under_other_keys_are_removed_when_the_sta
         assert dead_tmp.is_dir() and live_tmp.is_dir()
         # A complete artifact whose scratch outlived it, an incomplete key's checkpoints,
         # and a damaged artifact that was being removed.
-        complete = run_stage(ws, SPEC, {"a": 3}, {}, write_files).artifact.key
+        complete = run_body(ws, "demo", {"a": 3}, {}, write_files).artifact.key
         (stage_dir / f".{complete}.scratch" / "checkpoints").mkdir(parents=True)
         (stage_dir / ".0000c4ec0000c4ec.scratch" / "checkpoints").mkdir(parents=True)
         (stage_dir / ".0000b40e0000b40e.broken-12345678").mkdir()
 
-        assert run_stage(ws, SPEC, {"a": 4}, {}, write_files).executed  # the stage starts, under another key
+        assert run_body(ws, "demo", {"a": 4}, {}, write_files).executed  # the stage starts, under another key
         assert not dead_tmp.exists()
         assert live_tmp.is_dir() and (live_tmp / "model.safetensors").read_bytes() == b"partial"
         assert not (stage_dir / f".{complete}.scratch").exists()
@@ -257,7 +257,7 @@ def test_stale_folders_of_dead_writers_under_other_keys_are_removed_when_the_sta
         live.kill()
         live.wait()
     # Once the live writer is gone too, the next start removes its folder.
-    assert run_stage(ws, SPEC, {"a": 5}, {}, write_files).executed
+    assert run_body(ws, "demo", {"a": 5}, {}, write_files).executed
     assert not live_tmp.exists()
 
 

@@ -185,7 +185,7 @@ def test_score_and_embed_commands_give_the_pipeline_stages_values(rows_file: Pat
                                                                   tiny_llama_dir: Path):
     """One stage definition: `mods score` / `mods embed` on a file and the quality / embed
     stages on the same rows write the same numbers (they call the same stage functions)."""
-    from mods.stages import execute
+    from mods.core.engine import execute
 
     out = tmp_path / "scored.parquet"
     assert main(["score", str(rows_file), "--scorer", "likelihood", "--model", str(tiny_llama_dir), "--device", "cpu",

@@ -20,7 +20,7 @@ def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(pref
         DEPLOYMENTS, GPU_STAGE_DEPLOYMENT, MODS_TAG, POOLS, ROOT, TRAIN_STAGE_DEPLOYMENT, ZOMBIE_AUTOMATION,
         deploy_all, ensure_pools,
     )
-    from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, TRAIN_DEPLOYMENT_ENV
+    from flows.executors import GPU_DEPLOYMENT_ENV, TRAIN_DEPLOYMENT_ENV
 
     # What earlier versions left on a server (a 'gpu:0' limit, the GPU deployment limited to
     # one run at a time): the next deploy removes both.
@@ -64,7 +64,7 @@ def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(pref
         # The UI form: the typed config.
         assert "config" in pipeline.parameter_openapi_schema["properties"]
         assert [s.schedule.cron for s in pipeline.schedules] == ["0 3 * * 1"]
-        assert set(gpu.parameter_openapi_schema["properties"]) == {"workspace", "stage", "params", "inputs", "verify", "plan_id", "shard"}
+        assert set(gpu.parameter_openapi_schema["properties"]) == {"workspace", "run", "verify", "plan_id", "shard"}
 
         [automation] = client.read_automations_by_name(ZOMBIE_AUTOMATION)
         trigger = automation.trigger

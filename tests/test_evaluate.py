@@ -73,7 +73,7 @@ def test_judge_agreement_on_pairs_with_a_known_answer():
 
 
 def test_wilson_interval_and_sign_test():
-    from mods.evaluation import sign_test_p, wilson_interval
+    from mods.evaluation.statistics import sign_test_p, wilson_interval
 
     low, high = wilson_interval(32, 64)
     assert low < 0.5 < high and high - low == pytest.approx(0.24, abs=0.01)
@@ -99,7 +99,7 @@ def _run_tables(n_pool: int = 40, n_hq: int = 24, seed: int = 0):
 
 @pytest.mark.parametrize("name", ["random", "quality_top", "seed_only"])
 def test_baselines_have_exactly_the_selections_size(name):
-    from mods.evaluation import baseline_rows
+    from mods.evaluation.runs import baseline_rows
 
     sample, scores, high_quality, embeddings = _run_tables()
     rows = baseline_rows(name, 10, sample, scores, high_quality, embeddings, seed=3, kcenter_seed=0)
@@ -122,7 +122,7 @@ def test_baselines_have_exactly_the_selections_size(name):
 
 
 def test_full_baseline_is_every_high_quality_row_and_bad_sizes_are_errors():
-    from mods.evaluation import baseline_rows
+    from mods.evaluation.runs import baseline_rows
 
     sample, scores, high_quality, embeddings = _run_tables()
     assert len(baseline_rows("full", 10, sample, scores, high_quality, embeddings, seed=0)) == len(high_quality)
@@ -202,9 +202,9 @@ def test_llm_judge_always_reads_two_scores_from_a_tiny_model(tiny_llama_dir: Pat
 def test_reference_loglik_is_minus_the_training_loss(tiny_llama_dir: Path):
     import torch
 
-    from mods.evaluation import reference_loglik
+    from mods.evaluation.answering import reference_loglik
     from mods.models import load_causal_lm
-    from mods.training import collate, encode_rows
+    from mods.training_data import collate, encode_rows
 
     model, tokenizer = load_causal_lm(tiny_llama_dir, device="cpu")
     frame = pd.DataFrame({"instruction": ["Compute 12 + 7 * 3.", "Name a fruit."], "input": ["", "one only"],
@@ -223,7 +223,8 @@ def test_reference_loglik_is_minus_the_training_loss(tiny_llama_dir: Path):
 
 
 def _document(agreement: float, scorer_agreement: dict | None = None, caveats: tuple = (), **extra: object):
-    from mods.evaluation import comparison_rows, evaluation_document
+    from mods.evaluation.report import evaluation_document
+    from mods.evaluation.statistics import comparison_rows
 
     judged = pd.DataFrame({"test_set": ["koala"] * 3 + ["lima"] * 2, "outcome": ["win", "tie", "lose", "win", "win"]})
     comparisons = comparison_rows("scorer", "mods", "random", judged, ["koala", "lima"])
@@ -235,7 +236,9 @@ def _document(agreement: float, scorer_agreement: dict | None = None, caveats: t
 
 def test_a_judge_fitted_on_the_human_pairs_is_trusted_on_its_cross_validated_figure(tmp_path: Path):
     from mods.config import ScorerConfig
-    from mods.evaluation import AgreementParams, REPORT_MD, fitted_on_these_pairs, write_outputs
+    from mods.evaluation.head_fit import fitted_on_these_pairs
+    from mods.evaluation.report import REPORT_MD, write_outputs
+    from mods.stages.evaluation import AgreementParams
 
     # The shipped preference head names the PandaLM file it was fitted on, with its CV figures.
     params = AgreementParams(judge="scorer", scorer=ScorerConfig(kind="preference"),
@@ -257,9 +260,10 @@ def test_a_judge_fitted_on_the_human_pairs_is_trusted_on_its_cross_validated_fig
 
 def test_only_the_scorer_the_head_was_fitted_with_is_trusted_on_its_cross_validated_figure(tiny_llama_dir: Path):
     from mods.config import ScorerConfig
-    from mods.evaluation import AgreementParams, fitted_on_these_pairs, head_fit_differences
+    from mods.evaluation.head_fit import fitted_on_these_pairs, head_fit_differences
     from mods.models import _MARKER, default_cache_dir, smollm2_path
-    from mods.scoring import PreferenceHead, load_preference_head
+    from mods.scoring_preference import PreferenceHead, load_preference_head
+    from mods.stages.evaluation import AgreementParams
 
     def params(**scorer: object) -> AgreementParams:
         return AgreementParams(judge="scorer", scorer=ScorerConfig(kind="preference", **scorer),
@@ -287,7 +291,7 @@ def test_only_the_scorer_the_head_was_fitted_with_is_trusted_on_its_cross_valida
 
 def test_every_agreement_figure_says_which_pairs_and_the_caveats_are_in_the_report(tmp_path: Path):
     from mods.config import ScorerConfig
-    from mods.evaluation import REPORT_MD, agreement_phrase, scorer_caveats, write_outputs
+    from mods.evaluation.report import REPORT_MD, agreement_phrase, scorer_caveats, write_outputs
 
     preference, likelihood = ScorerConfig(kind="preference"), ScorerConfig(kind="likelihood")
     caveats = scorer_caveats(["scorer"], preference, preference.model_copy(update={"device": "cpu"}),
@@ -315,7 +319,7 @@ def test_every_agreement_figure_says_which_pairs_and_the_caveats_are_in_the_repo
 
 
 def test_prefect_artifact_contents_table_full_report_and_chart(tmp_path: Path):
-    from mods.evaluation import CHART_WIDTH_PX, EVALUATION_PNG, prefect_artifact_contents, write_outputs
+    from mods.evaluation.report import CHART_WIDTH_PX, EVALUATION_PNG, prefect_artifact_contents, write_outputs
 
     doc = _document(0.48)
     write_outputs(tmp_path, doc)
@@ -336,7 +340,7 @@ def test_prefect_artifact_contents_table_full_report_and_chart(tmp_path: Path):
 
 def test_the_command_prints_where_the_outputs_are_and_states_distrust_plainly(tmp_path: Path):
     from flows.cli_evaluate import summary_lines
-    from mods.evaluation import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD, write_outputs
+    from mods.evaluation.report import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD, write_outputs
 
     write_outputs(tmp_path, _document(0.48, scorer_agreement={"pairs": 64, "of_pairs": 742, "agreement": 0.52}))
     result = {"evaluation_json": str(tmp_path / EVALUATION_JSON), "chart": str(tmp_path / EVALUATION_PNG),
@@ -354,7 +358,7 @@ def test_the_command_prints_where_the_outputs_are_and_states_distrust_plainly(tm
 
 
 def test_evaluation_json_shape_and_the_trust_statement(tmp_path: Path):
-    from mods.evaluation import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD, write_outputs
+    from mods.evaluation.report import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD, write_outputs
 
     doc = _document(0.48)
     assert doc["judge"] == "scorer"

@@ -81,13 +81,44 @@ def summary(workspace: Path, stage: str) -> dict[str, Any]:
     return json.loads((newest(workspace, stage) / "_SUCCESS.json").read_text())["summary"]
 
 
-def test_cache_cold_warm_beta_change_and_lost_artifact(prefect_harness, tiny_llama_dir: Path, tmp_path: Path):
+def count_keys(monkeypatch) -> dict[str, int]:
+    """Stage name -> how often its artifact key was computed, and how often the source files
+    were walked for ingest's key ("ingest:sources")."""
+    import mods.core.engine as engine
+    from mods.stages.data import Ingest
+
+    counts: dict[str, int] = {}
+    real_key, real_sources = engine.stage_key, Ingest.key_extra
+
+    def counting_key(stage, *args):
+        counts[stage.name] = counts.get(stage.name, 0) + 1
+        return real_key(stage, *args)
+
+    def counting_sources(self, params):
+        counts["ingest:sources"] = counts.get("ingest:sources", 0) + 1
+        return real_sources(self, params)
+
+    monkeypatch.setattr(engine, "stage_key", counting_key)
+    monkeypatch.setattr(Ingest, "key_extra", counting_sources)
+    return counts
+
+
+def test_cache_cold_warm_beta_change_and_lost_artifact(prefect_harness, tiny_llama_dir: Path, tmp_path: Path,
+                                                       monkeypatch):
+    from prefect.cache_policies import NO_CACHE
+
     from flows.mods_pipeline import mods_pipeline
+    from tasks import stage_task
 
     config = tiny_config(tmp_path, tiny_llama_dir)
+    # Prefect keeps no cache of its own (nothing to go stale, no cache function deleting files):
+    # the engine decides from the artifacts, and computes each stage's key once per run.
+    assert all(stage_task(name).cache_policy is NO_CACHE and stage_task(name).cache_key_fn is None for name in ALL)
+    keys = count_keys(monkeypatch)
 
     cold = mods_pipeline(config=config, return_state=True)
     assert cold.is_completed(), cold.message
+    assert keys == {**{name: 1 for name in ALL}, "ingest:sources": 1}
     assert stage_states(cold) == {name: "Completed" for name in ALL}
     # Each row-wise stage ran its rows as shard tasks before assembling its artifact.
     assert {f"{name}-shard" for name in ROWWISE} <= set(task_states(cold))
@@ -105,8 +136,10 @@ def test_cache_cold_warm_beta_change_and_lost_artifact(prefect_harness, tiny_lla
         info = summary(workspace, name)
         assert info["rows_reused"] == 0 and info["rows_computed"] == info["rows"] and info["shards"] == 1
 
+    keys.clear()
     warm = mods_pipeline(config=config, return_state=True)
     assert task_states(warm) == {name: "Cached" for name in ALL}
+    assert keys == {**{name: 1 for name in ALL}, "ingest:sources": 1}
     assert warm.result() == {**result, "executed": []}
 
     # Changing only the necessity threshold reruns the selection from necessity on.
@@ -210,3 +243,45 @@ def test_grown_pool_computes_only_new_rows_and_alpha_rescores_nothing(prefect_ha
         kept = set(pd.read_parquet(newest(workspace, "high_quality") / "rows.parquet", columns=["id"])["id"])
         embed = summary(workspace, "embed")
         assert embed["rows_computed"] == len(kept - embedded_before), threshold
+
+def test_a_grown_pool_with_the_same_seed_set_keeps_the_seed_model_and_its_answers(prefect_harness, tiny_llama_dir: Path,
+                                                                                   tmp_path: Path):
+    """Early cut-off: keys follow the content a stage reads. A grown pool changes the pool's
+    artifacts and the embeddings, but when the seed set comes out the same, seed_train reads
+    the same rows: it keeps its key and its model, and the old rows' answers are reused."""
+    from flows.mods_pipeline import mods_pipeline
+    from mods.kcenter import first_center
+
+    pool = write_pool(tmp_path / "pool.jsonl")  # 40 rows
+    originals = [json.loads(line) for line in pool.read_text().splitlines()[:4]]
+    # Four rows asking what four pool rows ask, with other answers: they embed exactly as those
+    # rows do and come after them, so k-center never prefers them. The first pick is a seeded
+    # index into the rows: a seed whose first pick is the same row for 40 and 44 rows keeps it.
+    new_rows = [{**row, "output": f"Another answer, number {i}."} for i, row in enumerate(originals)]
+    grown = tmp_path / "grown.jsonl"
+    grown.write_text(pool.read_text() + "".join(json.dumps(r) + "\n" for r in new_rows))
+    seed = next(s for s in range(1000) if first_center(40, s) == first_center(44, s))
+
+    def config(data: Path):
+        value = tiny_config(tmp_path, tiny_llama_dir, pool=data, keep_fraction=1.0)
+        value.seed_selection.seed = seed
+        return value
+
+    assert mods_pipeline(config=config(pool), return_state=True).is_completed()
+    workspace = tmp_path / "ws"
+    seed_before = pd.read_parquet(newest(workspace, "seed_select") / "selected.parquet")["id"].tolist()
+    answered_before = len(pd.read_parquet(newest(workspace, "answers") / "answers.parquet"))
+
+    state = mods_pipeline(config=config(grown), return_state=True)
+    assert state.is_completed(), state.message
+    states = task_states(state)
+    # Every stage up to the seed selection reran on the grown pool (its rows are new) ...
+    assert all(states[name] == "Completed" for name in ("ingest", "sample", "quality", "high_quality", "embed",
+                                                        "seed_select"))
+    assert pd.read_parquet(newest(workspace, "seed_select") / "selected.parquet")["id"].tolist() == seed_before
+    # ... and the same seed set kept the seed model: nothing was trained again,
+    assert states["seed_train"] == "Cached"
+    assert len(list((workspace / "artifacts" / "seed_train").glob("[!.]*"))) == 1
+    # and only the four new rows were answered (the old rows' answers came from the row store).
+    answers = summary(workspace, "answers")
+    assert (answers["rows_computed"], answers["rows_reused"]) == (4, answered_before)

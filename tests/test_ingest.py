@@ -6,7 +6,6 @@ reason and a source location, or as a one-line IngestError naming the file.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from mods import schema as S
-from mods.cli_ingest import register
 from mods.ingest import AccountingError, IngestConfig, IngestError, IngestResult, check_accounting, ingest, read_rows, write_ingest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -476,10 +474,9 @@ def test_write_ingest_round_trip(tmp_path: Path) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mods")
-    register(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from flows.cli import main
+
+    return main(argv)
 
 
 def test_cli_ingests_and_prints_accounting(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -526,13 +523,13 @@ def test_cli_unreadable_file_or_folder_is_named_exit_2(tmp_path: Path, what: str
     inner = write(tmp_path / "data" / "inner" / "more.jsonl", jsonl(GOOD))
     named = make_unreadable(inner if what == "file" else inner.parent)
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-m", "mods.cli_ingest", str(tmp_path / "data"), "--out",
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "data"), "--out",
                              str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=120,
                             cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, **kwargs)
     err = result.stderr.strip()
     assert result.returncode == 2, err
     expected = "cannot read (Permission denied)" if what == "file" else "cannot read this folder (Permission denied)"
-    assert err == f"mods ingest: error: {named}: {expected}"
+    assert err == f"mods ingest: {named}: {expected}"
 
 
 # ------------------------------------------------------------------ the real data

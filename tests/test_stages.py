@@ -15,20 +15,22 @@ def test_out_of_memory_block_is_split_until_it_fits():
     import pandas as pd
     import torch
 
-    from mods.stages import Rowwise, compute_block
+    from mods.core.engine import compute_block
+    from mods.core.stage import RowwiseStage
 
     seen: list[int] = []
 
-    def compute(state, block, params):
-        seen.append(len(block))
-        if len(block) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return pd.DataFrame({"double": block["x"] * 2})
+    class Doubling(RowwiseStage):
+        name = "demo"
 
-    rowwise = Rowwise(load=None, keys=None, setup=None, compute=compute, assemble=None, block_rows=lambda p: 8,
-                      fingerprint_extra=lambda p, i: [])
+        def process_batch(self, state, block, params):
+            seen.append(len(block))
+            if len(block) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return pd.DataFrame({"double": block["x"] * 2})
+
     block = pd.DataFrame({"x": range(8)})
-    result = compute_block(rowwise, None, block, None, "demo")
+    result = compute_block(Doubling(), None, block, None)
     assert result["double"].tolist() == [2 * x for x in range(8)]
     assert seen[0] == 8 and max(seen[1:]) <= 4 and sum(n for n in seen if n <= 2) == 8
 
@@ -38,19 +40,21 @@ def test_a_deterministic_error_is_not_split_or_retried():
     import pytest
     from prefect.states import Failed
 
-    from mods.stages import Rowwise, compute_block
-    from tasks._stage import retry_if_transient
+    from mods.core.engine import compute_block
+    from mods.core.stage import RowwiseStage
+    from tasks import retry_if_transient
 
     calls = []
 
-    def compute(state, block, params):
-        calls.append(len(block))
-        raise ValueError("bad row")
+    class Failing(RowwiseStage):
+        name = "demo"
 
-    rowwise = Rowwise(load=None, keys=None, setup=None, compute=compute, assemble=None, block_rows=lambda p: 8,
-                      fingerprint_extra=lambda p, i: [])
+        def process_batch(self, state, block, params):
+            calls.append(len(block))
+            raise ValueError("bad row")
+
     with pytest.raises(ValueError):
-        compute_block(rowwise, None, pd.DataFrame({"x": range(8)}), None, "demo")
+        compute_block(Failing(), None, pd.DataFrame({"x": range(8)}), None)
     assert calls == [8]
     import torch
 
@@ -62,7 +66,8 @@ def test_a_deterministic_error_is_not_split_or_retried():
 def _fake_training_inputs(tmp_path):
     import pandas as pd
 
-    from mods.core.artifacts import StageContext, Workspace
+    from mods.core.artifacts import Workspace
+    from mods.core.stage import StageContext
 
     pd.DataFrame({"id": ["a"], "instruction": ["i"], "input": [""], "output": ["o"]}).to_parquet(tmp_path / "rows.parquet")
     pd.DataFrame({"id": ["a"]}).to_parquet(tmp_path / "selected.parquet")
@@ -75,8 +80,11 @@ def test_training_out_of_memory_retries_with_half_the_batch_and_the_same_global_
     import torch
 
     import mods.training
-    from mods.stages import TrainingParams, _train
+    from mods.stages.training import SeedTrain, TrainingParams
     from mods.training import TrainConfig
+
+    def _train(ctx, params, selections):
+        return SeedTrain().run(ctx, params)
 
     tried = []
     fits = 2
@@ -109,30 +117,45 @@ def test_training_out_of_memory_retries_with_half_the_batch_and_the_same_global_
     assert [size for size, _, _ in tried] == [10, 5, 2, 1]  # 30's divisors: 5 ≤ 10/2, 2 ≤ 5/2, 1
 
 
+def _training_inputs(workspace):
+    import pandas as pd
+
+    from stage_helpers import table_artifact
+
+    rows = pd.DataFrame({"id": ["a", "b"], "instruction": ["i", "j"], "input": ["", ""], "output": ["o", "p"]})
+    return {"high_quality": table_artifact(workspace, "high_quality", {"rows.parquet": rows}),
+            "seed_select": table_artifact(workspace, "seed_select", {"selected.parquet": rows[["id"]].iloc[:1]}),
+            "augment_select": table_artifact(workspace, "augment_select", {"selected.parquet": rows[["id"]].iloc[1:]})}
+
+
 def test_the_process_count_is_not_in_the_training_key_the_global_batch_is(tmp_path):
-    from mods.stages import TrainingParams, plan_key
+    from mods.core.engine import Engine
+    from mods.stages.training import TrainingParams
     from mods.training import TrainConfig
 
-    inputs = {"high_quality": {"stage": "high_quality", "key": "h"}, "seed_select": {"stage": "seed_select", "key": "s"}}
+    engine = Engine(tmp_path)
+    final = _training_inputs(tmp_path)
+    inputs = {name: final[name] for name in ("high_quality", "seed_select")}
 
     def key(**train) -> str:
-        return plan_key("seed_train", TrainingParams(base_model="x", train=TrainConfig(**train)), inputs)
+        return engine.resolve("seed_train", TrainingParams(base_model="x", train=TrainConfig(**train)), inputs).key
 
     # an 8-GPU worker and a 1-GPU worker compute the same update: one artifact
     assert key(processes=None) == key(processes=1) == key(processes=8) == key(processes=3, batch_size=8)
     assert key(global_batch=16) != key(global_batch=8)
     assert key(batch_size=4, global_batch=8) != key(batch_size=8, global_batch=8)  # other micro-batches
-    final = {**inputs, "augment_select": {"stage": "augment_select", "key": "a"}}
-    assert plan_key("final_train", TrainingParams(base_model="x", train=TrainConfig(processes=2)), final) == \
-        plan_key("final_train", TrainingParams(base_model="x", train=TrainConfig(processes=4)), final)
+    assert engine.resolve("final_train", TrainingParams(base_model="x", train=TrainConfig(processes=2)), final).key == \
+        engine.resolve("final_train", TrainingParams(base_model="x", train=TrainConfig(processes=4)), final).key
 
 
 def test_a_training_stage_removes_its_checkpoints_once_the_artifact_is_complete(tmp_path, tiny_llama_dir, monkeypatch):
     import pandas as pd
 
-    import mods.training
-    from mods.core.artifacts import StageSpec, Workspace, artifact_problem, run_stage
-    from mods.stages import TrainingParams, execute
+    import mods.training_process
+    from mods.core.artifacts import Workspace, artifact_problem
+    from stage_helpers import run_body
+    from mods.core.engine import execute
+    from mods.stages.training import TrainingParams
     from mods.training import TrainConfig
 
     workspace = Workspace(tmp_path / "ws")
@@ -142,18 +165,18 @@ def test_a_training_stage_removes_its_checkpoints_once_the_artifact_is_complete(
     def write(name: str, filename: str, frame: pd.DataFrame):
         def body(ctx):
             frame.to_parquet(ctx.out / filename, index=False)
-        return run_stage(workspace, StageSpec(name, "test", "cpu", ""), {"test": name}, {}, body).artifact
+        return run_body(workspace, name, {"test": name}, {}, body).artifact
 
     inputs = {"high_quality": write("high_quality", "rows.parquet", rows),
               "seed_select": write("seed_select", "selected.parquet", rows[["id"]])}
     saved = []
-    real_save = mods.training._save_checkpoint
+    real_save = mods.training_process._save_checkpoint
 
     def recording_save(accelerator, model, job, step, records, sharded):
         real_save(accelerator, model, job, step, records, sharded)
         saved.append(sorted(p.name for p in job.checkpoint_dir.iterdir()))
 
-    monkeypatch.setattr(mods.training, "_save_checkpoint", recording_save)
+    monkeypatch.setattr(mods.training_process, "_save_checkpoint", recording_save)
     config = TrainConfig(epochs=2, batch_size=2, global_batch=2, max_length=48, device="cpu", checkpoint_every=1,
                          processes=1)
     outcome = execute(workspace, "seed_train", TrainingParams(base_model=str(tiny_llama_dir), train=config), inputs,
@@ -196,15 +219,25 @@ def test_a_server_away_is_transient_a_bad_value_is_not():
 def test_a_new_scorer_version_never_reuses_old_scores(tmp_path, monkeypatch):
     """quality and necessity keys, and their row stores, follow SCORER_VERSION; it carries
     the shipped preference head's digest, so a refit head is a new version by itself."""
-    import mods.scoring as scoring
-    from mods.stages import plan_key, row_store
+    import pandas as pd
 
+    import mods.scoring as scoring
+    from mods.core.engine import Engine
+    from stage_helpers import table_artifact
+
+    engine = Engine(tmp_path)
     params = {"scorer": {"kind": "likelihood", "model": str(tmp_path / "no-model"), "device": "cpu"}}
-    inputs = {"sample": {"stage": "sample", "key": "0123456789abcdef"}}
-    before = plan_key("quality", params, inputs), row_store(tmp_path, "quality", params, inputs).fingerprint
-    necessity = plan_key("necessity", params, {"answers": {"stage": "answers", "key": "fedcba9876543210"}})
+    rows = pd.DataFrame({"id": ["a"], "instruction": ["i"], "input": [""], "output": ["o"], "seed_answer": ["s"]})
+    inputs = {"sample": table_artifact(tmp_path, "sample", {"rows.parquet": rows})}
+    answers = {"answers": table_artifact(tmp_path, "answers", {"answers.parquet": rows})}
+
+    def resolved():
+        quality = engine.resolve("quality", params, inputs)
+        return quality.key, quality.fingerprint, engine.resolve("necessity", params, answers).key
+
+    before = resolved()
     monkeypatch.setattr(scoring, "SCORER_VERSION", scoring.SCORER_VERSION + "-next")
-    after = plan_key("quality", params, inputs), row_store(tmp_path, "quality", params, inputs).fingerprint
+    after = resolved()
     assert before[0] != after[0] and before[1] != after[1]
-    assert necessity != plan_key("necessity", params, {"answers": {"stage": "answers", "key": "fedcba9876543210"}})
+    assert before[2] != after[2]
     assert scoring._file_digest(scoring.PREFERENCE_HEAD_FILE) in scoring.SCORER_VERSION

@@ -82,7 +82,8 @@ def test_shards_fan_out_over_two_gpu_workers(prefect_harness, tiny_llama_dir: Pa
     from prefect.settings import PREFECT_API_URL
 
     from deployments.deploy import GPU_STAGE_DEPLOYMENT, TRAIN_STAGE_DEPLOYMENT, deploy_all
-    from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, TRAIN_DEPLOYMENT_ENV, mods_pipeline
+    from flows.executors import GPU_DEPLOYMENT_ENV, TRAIN_DEPLOYMENT_ENV
+    from flows.mods_pipeline import mods_pipeline
 
     deploy_all(gpus=2)  # the pool runs as many GPU flow runs at once as it has GPUs
     workers = [start_worker(tmp_path, name, PREFECT_API_URL.value()) for name in ("gpu-a", "gpu-b")]
@@ -150,7 +151,8 @@ def test_no_worker_fails_the_stage_in_bounded_time(prefect_harness, tiny_llama_d
     """A GPU stage whose runs nobody picks up fails with a message naming the stage and the
     pool, not never; its runs are cancelled, so a worker started later does not run them."""
     from deployments.deploy import deploy_all
-    from flows.mods_pipeline import GPU_DEPLOYMENT_ENV, mods_pipeline
+    from flows.executors import GPU_DEPLOYMENT_ENV
+    from flows.mods_pipeline import mods_pipeline
 
     deploy_all()
     forget_workers("mods-gpu")

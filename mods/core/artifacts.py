@@ -1,17 +1,12 @@
-"""Content-addressed artifacts: every arrow of the pipeline is a folder on disk named by a key.
-
-key(stage) = hash(stage name, the stage's code version, its parameters, the keys of its
-input artifacts). So a rerun with nothing changed finds every artifact; changing one
-parameter changes the keys of that stage and of everything downstream, nothing upstream;
-the same key on another machine sharing the workspace finds the same artifact.
+"""Artifacts on disk: every arrow of the pipeline is a folder named by (stage, key).
 
 An artifact is named by (stage, key) only, never by an absolute path, so a workspace can
 be copied, moved or mounted elsewhere (another worker, a container) and still serves it.
-
-Writing is safe against crashes, corruption and concurrent runs:
-- a stage writes into a temporary sibling folder and renames it into place after writing
-  a completion marker, so a half-written artifact never carries a key (datatrove's
-  completion markers, applied per artifact);
+The key is computed by the engine (mods/core/engine.py); this module holds the primitives
+that make writing safe against crashes, corruption and concurrent runs:
+- completion markers: a stage writes into a temporary sibling folder and renames it into
+  place after writing ``_SUCCESS.json``, so a half-written artifact never carries a key
+  (datatrove's completion markers, applied per artifact);
 - the marker records every file's size and sha256; a reused artifact is checked against
   it (sizes always, hashes on request), and a damaged one is rebuilt;
 - one writer per artifact: an exclusive lock file per key. A second process waits for the
@@ -35,9 +30,8 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from pydantic import BaseModel
 
@@ -45,11 +39,6 @@ log = logging.getLogger("mods.core.artifacts")
 
 MARKER = "_SUCCESS.json"
 KEY_LENGTH = 16
-
-# "cpu": any machine; "gpu": one GPU (a shard, an embedding pass); "gpus": every GPU of one
-# machine (training: DDP/FSDP over all of them).
-Resource = Literal["cpu", "gpu", "gpus"]
-
 
 class ArtifactError(Exception):
     """A stage cannot run: an input artifact is missing or damaged (one-line message)."""
@@ -66,29 +55,17 @@ class Artifact(BaseModel):
         return as_workspace(workspace).artifact_dir(self.stage, self.key)
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """What the orchestration needs to know about a stage, declared next to its code.
-
-    ``version`` is the stage's code version: bump it when the stage's output for the same
-    inputs changes, so old artifacts stop matching. ``resources`` says where the stage
-    may run (a GPU worker or any CPU); the core never decides that.
-    """
-
-    name: str
-    version: str
-    resources: Resource
-    description: str
 
 
-def _canonical(value: Any) -> Any:
+
+def canonical(value: Any) -> Any:
     """Parameters as plain JSON values, with stable ordering, for hashing."""
     if isinstance(value, BaseModel):
-        return _canonical(value.model_dump(mode="json"))
+        return canonical(value.model_dump(mode="json"))
     if isinstance(value, Mapping):
-        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, float) and value != value:  # NaN is not JSON
@@ -97,14 +74,11 @@ def _canonical(value: Any) -> Any:
 
 
 def hash_json(value: Any, length: int = KEY_LENGTH) -> str:
-    blob = json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    blob = json.dumps(canonical(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
 
 
-def artifact_key(spec: StageSpec, params: Any, inputs: Sequence[Artifact | str]) -> str:
-    """The stage's key from its code version, parameters and input keys (order matters)."""
-    input_keys = [a.key if isinstance(a, Artifact) else str(a) for a in inputs]
-    return hash_json({"stage": spec.name, "version": spec.version, "params": params, "inputs": input_keys})
+
 
 
 def sha256_file(path: Path) -> str:
@@ -129,7 +103,7 @@ def fingerprint_files(paths: Iterable[Path], hash_content: bool = False) -> str:
 
 class Workspace:
     """A folder of artifacts: ``<root>/artifacts/<stage>/<key>/``, per-row results under
-    ``<root>/rowstore/``, Prefect's cache records under ``<root>/prefect-results``."""
+    ``<root>/rowstore/``, run logs under ``<root>/logs/``."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -145,12 +119,6 @@ class Workspace:
     @property
     def rowstore(self) -> Path:
         return self.root / "rowstore"
-
-    @property
-    def prefect_results(self) -> Path:
-        """Where Prefect keeps its cache records for this workspace (beside the artifacts,
-        so that whoever shares the artifacts shares the cache)."""
-        return self.root / "prefect-results"
 
     @contextlib.contextmanager
     def lock(self, stage: str, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
@@ -178,32 +146,22 @@ def check_workspace(root: str | Path) -> Path:
     return path.resolve()
 
 
-# Locks this process holds, by path, with their depth: a flock on a second descriptor of
-# the same file would block on our own lock (the flow holds a row-wise stage's lock over
-# its shards and then runs the stage, which takes it again).
+# Locks this process holds, by path, with the thread holding each. A flock on a second
+# descriptor of the same file waits for the first, so the same thread taking a lock twice
+# would wait for itself for ever: that is a bug, raised at once. (The engine takes a
+# stage's lock once per run.)
 _HELD_LOCKS: dict[str, int] = {}
 _HELD_LOCKS_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager
 def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """An exclusive advisory lock (flock) held while the block runs; re-entrant within a
-    process; released by the kernel if the process dies, so a killed writer never blocks
-    the next one."""
+    """An exclusive advisory lock (flock) held while the block runs; released by the kernel
+    if the process dies, so a killed writer never blocks the next one."""
     name = str(Path(path).resolve())
     with _HELD_LOCKS_GUARD:
-        if _HELD_LOCKS.get(name):
-            _HELD_LOCKS[name] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
-            yield
-        finally:
-            with _HELD_LOCKS_GUARD:
-                _HELD_LOCKS[name] -= 1
-        return
+        if _HELD_LOCKS.get(name) == threading.get_ident():
+            raise RuntimeError(f"{path}: this thread holds the lock already")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
     try:
@@ -214,7 +172,7 @@ def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator
                 on_wait()
             fcntl.flock(handle, fcntl.LOCK_EX)
         with _HELD_LOCKS_GUARD:
-            _HELD_LOCKS[name] = 1
+            _HELD_LOCKS[name] = threading.get_ident()
         try:
             yield
         finally:
@@ -227,7 +185,7 @@ def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator
 # --- completion markers ------------------------------------------------------------------
 
 
-def _manifest(folder: Path, with_hashes: bool = True) -> dict[str, dict[str, Any]]:
+def manifest(folder: Path, with_hashes: bool = True) -> dict[str, dict[str, Any]]:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER):
         entry: dict[str, Any] = {"size": path.stat().st_size}
@@ -298,27 +256,13 @@ def is_complete(path: str | Path, verify_hashes: bool = False) -> bool:
     return artifact_problem(path, verify_hashes) is None
 
 
-@dataclass
-class StageOutcome:
-    artifact: Artifact
-    executed: bool
-    seconds: float
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class StageContext:
-    """What a stage body gets: where to write, its inputs' folders, a scratch folder for
-    crash-surviving work (checkpoints), and the run's options."""
-
-    out: Path
-    inputs: dict[str, Path]
-    scratch: Path
-    workspace: Workspace
-    progress: bool = True
 
 
-def _remove_tree(path: Path) -> None:
+
+
+def remove_tree(path: Path) -> None:
     """shutil.rmtree that also gets through folders their owner left without permissions
     (chmod 000 inside a damaged artifact): it gives them back to the owner and goes on."""
     top = os.path.abspath(path)
@@ -344,21 +288,21 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path, onerror=retry)
 
 
-def _remove_leftovers(final: Path, verify_hashes: bool) -> None:
+def remove_leftovers(final: Path, verify_hashes: bool) -> None:
     """Temporary and damaged folders of this key. Only called with the key's lock held:
     then nobody else can be writing them. A damaged artifact is moved aside first (a
     rename, which needs no permission on its files) and then removed; a complete one is
     never touched."""
     for leftover in final.parent.glob(f".{final.name}.tmp-*"):
         log.warning("removing %s, left by a writer that died", leftover)
-        _remove_tree(leftover)
+        remove_tree(leftover)
     if final.exists():
         problem = artifact_problem(final, verify_hashes)
         if problem is not None:
             log.warning("rebuilding %s: %s", final, problem)
             aside = final.parent / f".{final.name}.broken-{uuid.uuid4().hex[:8]}"
             os.replace(final, aside)
-            _remove_tree(aside)
+            remove_tree(aside)
 
 
 # What a stage folder holds beside its artifacts: .<key>.lock, and the per-key folders
@@ -418,74 +362,9 @@ def remove_stale_folders(stage_dir: Path, except_key: str | None = None) -> list
                     if not complete:
                         continue
                 log.warning("removing %s, left by a writer that died", folder)
-                _remove_tree(folder)
+                remove_tree(folder)
                 removed.append(folder)
     return removed
-
-
-def run_stage(
-    workspace: Workspace,
-    spec: StageSpec,
-    params: Any,
-    inputs: Mapping[str, Artifact],
-    body: Callable[[StageContext], Mapping[str, Any] | None],
-    extra_key_inputs: Sequence[str] = (),
-    verify_hashes: bool = False,
-    progress: bool = True,
-) -> StageOutcome:
-    """Run ``body`` unless the artifact for this key is already complete and intact.
-
-    ``body`` writes its files into ``ctx.out`` and may return a small summary that goes
-    into the completion marker (row counts, timings). The folder is renamed into place
-    only after the marker is written.
-    """
-    folders: dict[str, Path] = {}
-    for name, artifact in inputs.items():
-        folder = artifact.dir(workspace)
-        problem = artifact_problem(folder, verify_hashes)
-        if problem is not None:
-            raise ArtifactError(f"stage {spec.name!r} needs the {artifact.stage!r} artifact {artifact.key}: {problem}")
-        folders[name] = folder
-    key = artifact_key(spec, params, [*inputs.values(), *extra_key_inputs])
-    final = workspace.artifact_dir(spec.name, key)
-    artifact = Artifact(stage=spec.name, key=key)
-    if artifact_problem(final, verify_hashes) is None:
-        return StageOutcome(artifact=artifact, executed=False, seconds=0.0, summary=read_marker(final)["summary"])
-
-    def waiting() -> None:
-        log.info("%s %s: another process is writing it; waiting for it", spec.name, key)
-
-    with workspace.lock(spec.name, key, on_wait=waiting):
-        if artifact_problem(final, verify_hashes) is None:  # the other writer finished it
-            return StageOutcome(artifact=artifact, executed=False, seconds=0.0, summary=read_marker(final)["summary"])
-        _remove_leftovers(final, verify_hashes)
-        remove_stale_folders(final.parent, except_key=key)
-        tmp = final.parent / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        scratch = workspace.scratch_dir(spec.name, key)
-        started = time.perf_counter()
-        try:
-            context = StageContext(out=tmp, inputs=folders, scratch=scratch, workspace=workspace, progress=progress)
-            summary = _canonical(dict(body(context) or {}))
-            seconds = time.perf_counter() - started
-            marker = {
-                "stage": spec.name,
-                "version": spec.version,
-                "key": key,
-                "params": _canonical(params),
-                "inputs": {a.stage: a.key for a in inputs.values()},
-                "seconds": round(seconds, 3),
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "summary": summary,
-                "files": _manifest(tmp),
-            }
-            (tmp / MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False))
-            os.replace(tmp, final)  # final is absent: _remove_leftovers moved any broken one aside
-        except BaseException:
-            _remove_tree(tmp)
-            raise
-        _remove_tree(scratch)
-    return StageOutcome(artifact=artifact, executed=True, seconds=seconds, summary=summary)
 
 
 def _tmp_name(path: Path) -> Path:

@@ -67,3 +67,9 @@ def release_accelerator_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001 - best effort
         pass
+
+
+def first_line(error: BaseException) -> str:
+    """The error's message, first line only (what a command prints), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,38 @@
+"""The MoDS pipeline: its stages in order (each after its inputs) and the one place that
+maps the user's configuration onto each stage's parameters.
+
+    ingest → sample → quality → high_quality → embed → seed_select → seed_train
+      → answers → necessity → augment_select → final_train → export
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from mods.config import PipelineConfig
+from mods.stages.data import IngestParams
+from mods.stages.export import ExportParams
+from mods.stages.quality import HighQualityParams, ScoringParams
+from mods.stages.training import TrainingParams
+
+PIPELINE: tuple[str, ...] = ("ingest", "sample", "quality", "high_quality", "embed", "seed_select", "seed_train",
+                             "answers", "necessity", "augment_select", "final_train", "export")
+
+
+def stage_params(config: PipelineConfig, sources: list[str]) -> dict[str, BaseModel]:
+    """Every stage's parameters from the pipeline configuration."""
+    scoring = ScoringParams(scorer=config.quality.scorer)
+    return {
+        "ingest": IngestParams(sources=sources, ingest=config.ingest),
+        "sample": config.sample,
+        "quality": scoring,
+        "high_quality": HighQualityParams(alpha=config.quality.alpha, keep_fraction=config.quality.keep_fraction),
+        "embed": config.embedding,
+        "seed_select": config.seed_selection,
+        "seed_train": TrainingParams(base_model=config.base_model, train=config.seed_training),
+        "answers": config.necessity.generation,
+        "necessity": scoring,
+        "augment_select": config.necessity.augment_selection(),
+        "final_train": TrainingParams(base_model=config.base_model, train=config.final_training),
+        "export": ExportParams(),
+    }

@@ -1,0 +1,26 @@
+"""Export: the selection in the shapes trainers read, with provenance, and the run report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mods.core.stage import CPU, Stage, StageContext, StageParams, register
+
+
+class ExportParams(StageParams):
+    pass
+
+
+@register
+class Export(Stage[ExportParams]):
+    name, version, resources = "export", "3", CPU
+    description = "selected.jsonl (Alpaca format), selected.parquet with provenance, the run report."
+    inputs = ("ingest", "sample", "quality", "high_quality", "embed", "seed_select", "seed_train", "answers",
+              "necessity", "augment_select", "final_train")
+    params = ExportParams
+    outputs = ("selected.jsonl", "selected.parquet", "report.json", "report.md", "coverage.png")
+
+    def run(self, ctx: StageContext, params: ExportParams) -> dict[str, Any]:
+        from mods.report import build_report
+
+        return build_report(ctx.out, ctx.inputs)

@@ -1,0 +1,46 @@
+"""A stage made from a function, for tests of the engine's guarantees without a real stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pydantic import BaseModel, ConfigDict
+
+from mods.core.artifacts import Workspace
+from mods.core.engine import Engine, StageOutcome
+from mods.core.stage import STAGES, Stage, StageContext
+
+
+class AnyParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+def fn_stage(name: str, body: Callable[[StageContext], Mapping[str, Any] | None], version: str = "1",
+             inputs: tuple[str, ...] = ()) -> Stage:
+    """A registered stage whose run() is ``body`` (a later one of the same name replaces it)."""
+    cls = type(f"FnStage_{name}", (Stage,), {
+        "name": name, "version": version, "description": "a test stage", "inputs": inputs, "params": AnyParams,
+        "run": lambda self, ctx, params: body(ctx),
+    })
+    STAGES[name] = stage = cls()
+    return stage
+
+
+def run_body(workspace: Workspace | str | Path, name: str, params: dict[str, Any], inputs: Mapping[str, Any],
+             body: Callable[[StageContext], Mapping[str, Any] | None], verify: bool = False,
+             version: str = "1") -> StageOutcome:
+    """What the engine does with a stage of this body: resolve, then run (or reuse)."""
+    engine = Engine(workspace, verify=verify, progress=False)
+    return engine.run(engine.resolve(fn_stage(name, body, version, tuple(inputs)), params, inputs))
+
+
+def table_artifact(workspace: Workspace | str | Path, stage: str, tables: Mapping[str, Any]) -> Any:
+    """A complete artifact of ``stage`` holding the given DataFrames as Parquet files (a
+    fake upstream for stages under test)."""
+
+    def body(ctx: StageContext) -> None:
+        for filename, frame in tables.items():
+            frame.to_parquet(ctx.out / filename, index=False)
+
+    return run_body(workspace, stage, {"tables": sorted(tables)}, {}, body, version="test").artifact
