@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from mods.config import PipelineConfig
+from mods.core.stage import get_stage
 from mods.stages.data import IngestParams
 from mods.stages.export import ExportParams
 from mods.stages.quality import HighQualityParams, ScoringParams
@@ -20,9 +21,10 @@ PIPELINE: tuple[str, ...] = ("ingest", "sample", "quality", "high_quality", "emb
 
 
 def stage_params(config: PipelineConfig, sources: list[str]) -> dict[str, BaseModel]:
-    """Every stage's parameters from the pipeline configuration."""
+    """Every stage's parameters from the pipeline configuration; a stage not named here
+    runs with its parameter model's defaults."""
     scoring = ScoringParams(scorer=config.quality.scorer)
-    return {
+    named: dict[str, BaseModel] = {
         "ingest": IngestParams(sources=sources, ingest=config.ingest),
         "sample": config.sample,
         "quality": scoring,
@@ -36,3 +38,4 @@ def stage_params(config: PipelineConfig, sources: list[str]) -> dict[str, BaseMo
         "final_train": TrainingParams(base_model=config.base_model, train=config.final_training),
         "export": ExportParams(),
     }
+    return {name: named[name] if name in named else get_stage(name).params() for name in PIPELINE}

@@ -1,4 +1,5 @@
-"""Shared test setup: offline, a private PREFECT_HOME, tiny models, one Prefect harness.
+"""Shared test setup: offline, a private PREFECT_HOME, tiny models, one Prefect harness, a
+marker per layer (tests/core, tests/method, tests/orchestration, tests/system).
 
 Environment variables are set before anything imports Prefect or transformers, so no
 test talks to a network or leaks cached results into the user's ~/.prefect.
@@ -27,6 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 import pytest  # noqa: E402
+
+
+# Tests live by layer: tests/<layer>/test_*.py, each marked with its layer (pytest -m core).
+LAYERS = ("core", "method", "orchestration", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        layer = Path(str(item.fspath)).parent.name
+        if layer in LAYERS:
+            item.add_marker(layer)
 
 
 @pytest.fixture(scope="session")

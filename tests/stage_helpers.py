@@ -18,13 +18,12 @@ class AnyParams(BaseModel):
 
 def fn_stage(name: str, body: Callable[[StageContext], Mapping[str, Any] | None], version: str = "1",
              inputs: tuple[str, ...] = ()) -> Stage:
-    """A registered stage whose run() is ``body`` (a later one of the same name replaces it)."""
+    """A stage whose run() is ``body`` (not registered: see ``run_body``)."""
     cls = type(f"FnStage_{name}", (Stage,), {
         "name": name, "version": version, "description": "a test stage", "inputs": inputs, "params": AnyParams,
         "run": lambda self, ctx, params: body(ctx),
     })
-    STAGES[name] = stage = cls()
-    return stage
+    return cls()
 
 
 def run_body(workspace: Workspace | str | Path, name: str, params: dict[str, Any], inputs: Mapping[str, Any],
@@ -32,7 +31,18 @@ def run_body(workspace: Workspace | str | Path, name: str, params: dict[str, Any
              version: str = "1") -> StageOutcome:
     """What the engine does with a stage of this body: resolve, then run (or reuse)."""
     engine = Engine(workspace, verify=verify, progress=False)
-    return engine.run(engine.resolve(fn_stage(name, body, version, tuple(inputs)), params, inputs))
+    stage = fn_stage(name, body, version, tuple(inputs))
+    # Registered while it runs (the engine finds a run's stage by name); a real stage of the
+    # same name (a fake upstream "high_quality") is put back afterwards.
+    real = STAGES.get(name)
+    STAGES[name] = stage
+    try:
+        return engine.run(engine.resolve(stage, params, inputs))
+    finally:
+        if real is None:
+            STAGES.pop(name, None)
+        else:
+            STAGES[name] = real
 
 
 def table_artifact(workspace: Workspace | str | Path, stage: str, tables: Mapping[str, Any]) -> Any:

@@ -241,3 +241,43 @@ def test_a_new_scorer_version_never_reuses_old_scores(tmp_path, monkeypatch):
     assert before[0] != after[0] and before[1] != after[1]
     assert before[2] != after[2]
     assert scoring._file_digest(scoring.PREFERENCE_HEAD_FILE) in scoring.SCORER_VERSION
+
+
+def test_the_architecture_docs_example_stage_runs(tmp_path, monkeypatch):
+    """The stage shown in docs/architecture.md, run as written: one class and the pipeline's list."""
+    import json
+    import re
+    from pathlib import Path
+    from typing import Any
+
+    import pandas as pd
+    from pydantic import Field
+
+    import mods.pipeline
+    from mods.config import PipelineConfig
+    from mods.core.engine import execute
+    from mods.core.stage import CPU, STAGES, Stage, StageContext, StageParams, read_table, register
+    from stage_helpers import table_artifact
+    from tasks import stage_task
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    section = doc[doc.index("### Adding a stage"):doc.index("## One engine")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace = {"__name__": "docs_example", "Any": Any, "Field": Field, "json": json, "CPU": CPU, "Stage": Stage,
+                 "StageContext": StageContext, "StageParams": StageParams, "read_table": read_table,
+                 "register": register}
+    try:
+        exec(code, namespace)
+        export = table_artifact(tmp_path, "export", {"selected.parquet": pd.DataFrame({"output": ["a", "bbb", "cc"]})})
+        outcome = execute(tmp_path, "selection_lengths", {}, {"export": export}, progress=False)
+        assert outcome.executed and outcome.summary["rows"] == 3 and outcome.summary["0.5"] == 2.0
+        assert json.loads((outcome.artifact.dir(tmp_path) / "lengths.json").read_text())["0.99"] <= 3.0
+        assert not execute(tmp_path, "selection_lengths", {}, {"export": export}, progress=False).executed
+        # In the pipeline's list it gets its defaults and becomes a task tagged with its resource.
+        monkeypatch.setattr(mods.pipeline, "PIPELINE", (*mods.pipeline.PIPELINE, "selection_lengths"))
+        params = mods.pipeline.stage_params(PipelineConfig(), ["pool.jsonl"])
+        assert params["selection_lengths"] == namespace["SelectionLengthsParams"]()
+        assert "resource:cpu" in stage_task("selection_lengths").tags
+    finally:
+        STAGES.pop("selection_lengths", None)
+        stage_task.cache_clear()

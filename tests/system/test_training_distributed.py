@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from mods.launch import TrainingProcessError
 from mods.training import TrainConfig, train_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WEIGHT_TOLERANCE = 1e-5
 
 ROWS = pd.DataFrame(

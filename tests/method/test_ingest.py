@@ -17,7 +17,7 @@ import pytest
 from mods import schema as S
 from mods.ingest import AccountingError, IngestConfig, IngestError, IngestResult, check_accounting, ingest, read_rows, write_ingest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 GOOD = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
 
 
@@ -522,7 +522,7 @@ def test_cli_unreadable_file_or_folder_is_named_exit_2(tmp_path: Path, what: str
     write(tmp_path / "data" / "ok.jsonl", jsonl(GOOD))
     inner = write(tmp_path / "data" / "inner" / "more.jsonl", jsonl(GOOD))
     named = make_unreadable(inner if what == "file" else inner.parent)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "data"), "--out",
                              str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=120,
                             cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, **kwargs)

@@ -421,7 +421,7 @@ def _settled_task_states(flow_state, timeout_s: float = 30.0) -> dict[str, str]:
     Pending (or have no state yet)."""
     import time
 
-    from test_flow import task_states
+    from pipeline_helpers import task_states
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -438,7 +438,7 @@ def _settled_task_states(flow_state, timeout_s: float = 30.0) -> dict[str, str]:
 
 @pytest.mark.flow
 def test_evaluation_flow_counts_sizes_and_rerun(prefect_harness, tiny_llama_dir: Path, tmp_path: Path, capsys):
-    from test_flow import tiny_config
+    from pipeline_helpers import tiny_config
 
     from flows.evaluate import mods_evaluate
     from flows.mods_pipeline import mods_pipeline

@@ -4,7 +4,6 @@ Each test runs the real command line (its own temporary Prefect server) on tiny 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -17,62 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from test_flow import ALL, summary, tiny_config, write_pool
+from pipeline_helpers import ALL, summary, tiny_config, write_pool
+from process_helpers import alive, big_pool, child_pids, cli_env, mods, start_mods, wait_for, write_config
 from unreadable import child_kwargs, make_unreadable
 
 pytestmark = pytest.mark.flow
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def big_pool(path: Path, rows: int = 320) -> Path:
-    """Enough rows that the quality stage takes many shards (8 rows each)."""
-    if not path.exists():
-        words = ["river", "stone", "cloud", "lamp", "garden", "engine", "letter", "market", "island", "violin"]
-        lines = []
-        for i in range(rows):
-            a, b = words[i % 10], words[(i // 10) % 10]
-            lines.append(json.dumps({"instruction": f"Describe a {a} near a {b} in story {i}.", "input": "",
-                                     "output": f"The {a} stood by the {b}; story {i} says it was quiet."}))
-        path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def write_config(tmp_path: Path, tiny_llama: Path, name: str, workspace: str, pool: Path | None = None,
-                 rows_per_shard: int = 1000, **overrides) -> Path:
-    config = tiny_config(tmp_path, tiny_llama, pool=pool, workspace=workspace, rows_per_shard=rows_per_shard)
-    values = config.model_dump(mode="json")
-    for dotted, value in overrides.items():
-        section, field = dotted.split("__")
-        values[section][field] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-def cli_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(ROOT)})
-    return env
-
-
-def mods(tmp_path: Path, *args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=cli_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout, **popen)
-
-
-def _as_in_a_terminal() -> None:
-    # A shell starts background jobs with SIGINT ignored, and the ignored disposition is
-    # inherited (CI or `make test &` may run us so); a terminal's foreground job has the default.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start_mods(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT,
-                            env={**cli_env(tmp_path), **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_as_in_a_terminal)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def computed_stages(stdout: str) -> list[str]:
@@ -83,15 +33,6 @@ def computed_stages(stdout: str) -> list[str]:
 
 def quality_parts(workspace: Path) -> list[Path]:
     return sorted((workspace / "rowstore" / "quality").glob("*/part-*.parquet"))
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def leftovers(workspace: Path) -> list[str]:
@@ -149,28 +90,6 @@ def test_ctrl_c_to_the_process_group_exits_130_promptly_and_leaves_nothing(tiny_
     wait_for(lambda: not alive(children), 30, "the temporary server to stop")
 
 
-def child_pids(pid: int) -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == pid]
-
-
-def alive(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if Path(f"/proc/{pid}").exists() and _state(pid) not in ("Z", "gone")]
-
-
-def _parent(proc: Path) -> int:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
-
-
 def test_two_concurrent_runs_on_one_workspace_execute_each_stage_once(tiny_llama_dir: Path, tmp_path: Path):
     config = write_config(tmp_path, tiny_llama_dir, "shared", "shared")
     # INFO: the flow's own "waiting" line (row-wise stages) is an INFO record of Prefect's logger.
@@ -207,13 +126,12 @@ def test_moved_workspace_and_corrupt_artifacts(tiny_llama_dir: Path, tmp_path: P
     assert moved.returncode == 0, moved.stderr[-2000:]
     assert computed_stages(moved.stdout) == ["augment_select", "final_train", "export"]
 
-    # A truncated scores.parquet (marker intact) and a garbage marker, with Prefect's records gone.
+    # A truncated scores.parquet (marker intact) and a garbage marker.
     w2 = tmp_path / "W2"
     (scores,) = (w2 / "artifacts" / "quality").glob("[!.]*/scores.parquet")
     scores.write_bytes(scores.read_bytes()[:100])
     (marker,) = (w2 / "artifacts" / "seed_select").glob("[!.]*/_SUCCESS.json")
     marker.write_text("garbage")
-    shutil.rmtree(w2 / "prefect-results")
     repaired = mods(tmp_path, "run", "--config", str(config), "--workspace", str(w2), "--set", "necessity.k=2",
                     "--quiet")
     assert repaired.returncode == 0, repaired.stderr[-2000:]

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from realserver import RealStack, StackUnavailable, postgres_bin_dir
-from test_flow import tiny_config
+from pipeline_helpers import tiny_config
 
 pytestmark = pytest.mark.realserver
 

@@ -139,7 +139,7 @@ READER = textwrap.dedent("""
 
 
 def test_four_processes_one_writer_no_reader_ever_sees_a_missing_file(tmp_path: Path):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}"}
     go = time.time() + 3.0
     writers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(go)], env=env,
@@ -194,7 +194,7 @@ def test_unreadable_file_or_folder_in_an_artifact_is_named_and_rebuilt(tmp_path:
     folder = run_body(ws, "demo", {"a": 1}, {}, write_files).artifact.dir(ws)
     target = make_unreadable(folder / ("data.txt" if what == "file" else "sub"))
     named = target if what == "file" else target / "more.bin"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", UNREADABLE_CHILD, str(tmp_path), str(folder)], capture_output=True,
                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}"}, **kwargs)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -219,7 +219,7 @@ HOLDER = textwrap.dedent("""
 
 
 def _holders(tmp_path: Path, script: str, *args_per_holder: list[str]) -> list[tuple[subprocess.Popen, Path]]:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     started = []
     for args in args_per_holder:
         proc = subprocess.Popen([sys.executable, "-c", script, *args], env={**os.environ, "PYTHONPATH": str(root)},

@@ -347,7 +347,7 @@ def test_pipeline_quality_and_necessity_with_preference_scorer(prefect_harness, 
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import mods.generation
     from flows.mods_pipeline import mods_pipeline
-    from test_flow import tiny_config
+    from pipeline_helpers import tiny_config
 
     from mods.config import PipelineConfig
 

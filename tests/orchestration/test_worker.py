@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from test_flow import ALL, artifact_bytes, stage_states, tiny_config
+from pipeline_helpers import ALL, artifact_bytes, stage_states, tiny_config
 
 pytestmark = pytest.mark.flow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GPU_STAGES = ["quality", "embed", "seed_train", "answers", "necessity", "final_train"]
 
 
@@ -178,7 +178,7 @@ def test_ctrl_c_while_a_worker_runs_a_shard_stops_it_and_cancels_the_rest(prefec
     from prefect.settings import PREFECT_API_URL
 
     from deployments.deploy import GPU_STAGE_DEPLOYMENT, deploy_all
-    from test_reliability import alive, big_pool, child_pids, start_mods, wait_for, write_config
+    from process_helpers import alive, big_pool, child_pids, start_mods, wait_for, write_config
 
     deploy_all(gpus=1)
     forget_workers("mods-gpu")
