@@ -42,8 +42,11 @@ run: models
 eval: models
 	$(BIN)/mods evaluate $(ARGS)
 
+# Test processes: two overlap the tests that wait (servers, heartbeats, workers) with the rest.
+TEST_WORKERS ?= 2
+
 test: models
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Unit tests only (no real models, no Prefect server).
 test-fast: setup

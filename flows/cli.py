@@ -479,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_evaluate.register(sub)
 
-    from mods.config import DEFAULT_BASE_MODEL, PipelineConfig
+    from mods.config import PipelineConfig
+    from mods.models import DEFAULT_BASE_MODEL
     from mods.embedding import EmbeddingConfig
     from mods.generation import GenerationConfig
     from mods.scoring import ScorerConfig

@@ -106,6 +106,10 @@ class Executor:
                 return self.engine.run(run)  # reused
             self._run_remote(deployment, [RemoteJob(run.stage, run.stage, self._remote_params(run),
                                                     self.execution.stage_retries)])
+            problem = self.engine.problem(run)
+            if problem is not None:  # never run it here instead: this may be a machine without GPUs
+                raise StageFailed(f"stage {run.stage}: its GPU run completed, but the artifact is not in this "
+                                  f"workspace ({problem}); do the workers share the workspace?")
             return dataclasses.replace(self.engine.run(run), executed=True)  # the worker wrote it
         shards = self._remote_shards(deployment) if deployment else self._local_shards
         return self.engine.run(run, run_shards=shards, rows_per_shard=self.execution.rows_per_shard)

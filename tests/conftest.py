@@ -34,11 +34,18 @@ import pytest  # noqa: E402
 LAYERS = ("core", "method", "orchestration", "system")
 
 
+# The layers that wait longest (servers, heartbeat windows, worker processes) start first,
+# so that `pytest -n 2 --dist loadfile` (make test) overlaps their waiting with the rest.
+FIRST = ("system", "orchestration", "method", "core")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         layer = Path(str(item.fspath)).parent.name
         if layer in LAYERS:
             item.add_marker(layer)
+    items.sort(key=lambda item: FIRST.index(layer) if (layer := Path(str(item.fspath)).parent.name) in FIRST
+               else len(FIRST))
 
 
 @pytest.fixture(scope="session")

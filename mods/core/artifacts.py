@@ -28,7 +28,6 @@ import re
 import shutil
 import socket
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping

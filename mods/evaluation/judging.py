@@ -15,6 +15,7 @@ from mods.config import JudgeKind
 from mods.core.artifacts import hash_json
 from mods.evaluation.statistics import wilson_interval
 from mods.judges import LLMJudgeConfig
+from mods.models import DEFAULT_BASE_MODEL
 from mods.models import model_fingerprint
 from mods.scoring import ScorerConfig, scorer_identity
 
@@ -109,5 +110,5 @@ def build_judge(params: JudgeParams) -> dict[str, Any]:
 def judge_label(params: JudgeParams) -> str:
     if params.judge == "scorer":
         scorer = params.scorer or ScorerConfig()
-        return f"{scorer.kind}: {scorer.model or 'smollm2-135m-instruct'}"
+        return f"{scorer.kind}: {scorer.model or DEFAULT_BASE_MODEL}"
     return (params.llm or LLMJudgeConfig()).model
