@@ -102,7 +102,8 @@ def fingerprint_files(paths: Iterable[Path], hash_content: bool = False) -> str:
 
 class Workspace:
     """A folder of artifacts: ``<root>/artifacts/<stage>/<key>/``, per-row results under
-    ``<root>/rowstore/``, run logs under ``<root>/logs/``."""
+    ``<root>/rowstore/``, run logs under ``<root>/logs/``, remembered input digests (derived,
+    safe to delete) under ``<root>/digests/``."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()

@@ -39,6 +39,7 @@ from mods.core.artifacts import (
     Workspace,
     artifact_problem,
     as_workspace,
+    atomic_write_text,
     canonical,
     hash_json,
     manifest,
@@ -146,9 +147,9 @@ class Engine:
             raise ValueError(f"stage {stage.name!r} needs input artifacts {missing}")
         artifacts = {name: Artifact.model_validate(inputs[name]) for name in stage.inputs}
         folders = self._input_folders(stage, artifacts)
-        read = stage.input_digest(typed, folders)
-        content = {name: content_digest(folder) for name, folder in folders.items()} if read is None else {"read": read}
-        key = stage_key(stage, key_params(typed), content, stage.key_extra(typed))
+        content = {name: content_digest(folder) for name, folder in folders.items()}
+        read = self._read_digest(stage, typed, folders, content)
+        key = stage_key(stage, key_params(typed), content if read is None else {"read": read}, stage.key_extra(typed))
         fingerprint = None
         if isinstance(stage, RowwiseStage):
             fingerprint = hash_json({"stage": stage.name, "version": stage.version,
@@ -156,6 +157,23 @@ class Engine:
                                      "extra": stage.row_fingerprint_extra(typed, artifacts)})
         return StageRun(stage=stage.name, params=typed.model_dump(mode="json"), inputs=artifacts, key=key,
                         fingerprint=fingerprint)
+
+    def _read_digest(self, stage: Stage, typed: BaseModel, folders: Mapping[str, Path], content: Any) -> Any:
+        """``stage.input_digest``, remembered by the inputs' content (from their markers): a
+        rerun reads no input file to compute its key, as for any other stage, and a large
+        pool is read once per content, not once per run."""
+        if type(stage).input_digest is Stage.input_digest:
+            return None
+        memo = self.workspace.root / "digests" / stage.name / hash_json(
+            {"version": stage.version, "params": key_params(typed), "inputs": content})
+        try:
+            return json.loads(memo.read_text())
+        except (OSError, ValueError):
+            pass
+        value = stage.input_digest(typed, folders)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo, json.dumps(value))
+        return value
 
     def _input_folders(self, stage: Stage, artifacts: Mapping[str, Artifact]) -> dict[str, Path]:
         folders = {}

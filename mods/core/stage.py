@@ -87,7 +87,8 @@ class Stage(Generic[P]):
         """What this stage reads of its inputs, for its key; None: every file of every input
         (from their markers, free). A stage that reads a small part of a large input (the
         training rows of a pool) returns a digest of that part, so an unchanged part keeps
-        the key (early cut-off)."""
+        the key (early cut-off). The engine remembers it per input content, so it is computed
+        once, not at every run."""
         return None
 
     def run(self, ctx: StageContext, params: P) -> Mapping[str, Any] | None:

@@ -229,3 +229,40 @@ def test_a_hub_id_reaches_the_hub_reader_and_fails_in_one_line(tmp_path: Path, c
     assert main(["run", "--data", "tatsu-lab/alpaca", "--workspace", str(tmp_path / "ws")]) == 2
     line = one_line_error(capsys)
     assert "tatsu-lab/alpaca" in line and "Hugging Face hub id" in line and "`datasets`" in line
+
+
+def test_every_flag_comes_from_its_parameter_model():
+    """One definition per parameter: the per-stage commands' flags are the models' fields,
+    with their types, choices, defaults and descriptions; a flag two models share sets both."""
+    import argparse
+
+    from flows.cli import build_parser
+    from flows.cli_flags import from_flags
+    from mods.embedding import EmbeddingConfig
+    from mods.generation import GenerationConfig
+    from mods.scoring import ScorerConfig
+    from mods.training import TrainConfig
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    def options(command: str) -> dict[str, argparse.Action]:
+        return {flag: action for action in commands[command]._actions for flag in action.option_strings}
+
+    for command, model, rename in (("train", TrainConfig, {}), ("embed", EmbeddingConfig, {}),
+                                   ("score", ScorerConfig, {"kind": "scorer"}),
+                                   ("necessity", GenerationConfig, {"batch_size": "gen_batch_size"})):
+        flags = options(command)
+        for name, field in model.model_fields.items():
+            flag = "--" + rename.get(name, name).replace("_", "-")
+            assert flag in flags, (command, flag)
+            assert (field.description or "")[:40].replace("%", "%%") in flags[flag].help, (command, flag)
+    assert options("train")["--method"].choices == ["lora", "full"]
+    assert options("score")["--scorer"].choices == ["preference", "likelihood", "reward-model"]
+
+    args = parser.parse_args(["necessity", "d.jsonl", "--model-dir", "m", "--out", "o.parquet", "--device", "cpu",
+                              "--gen-batch-size", "3", "--batch-size", "5", "--scorer", "likelihood"])
+    generation, scorer = from_flags(args, GenerationConfig, "g"), from_flags(args, ScorerConfig, "s")
+    assert (generation.device, generation.batch_size) == ("cpu", 3)
+    assert (scorer.device, scorer.batch_size, scorer.kind) == ("cpu", 5, "likelihood")
+    assert from_flags(parser.parse_args(["train", "d", "--out", "o"]), TrainConfig, "t") == TrainConfig()

@@ -174,7 +174,7 @@ def test_caller_config_without_execution_still_runs_gpu_stages_on_the_gpu_pool(s
     assert run.state.is_completed(), explain(stack, run)
     assert run.work_pool_name == "mods-cpu"
     runs = gpu_runs(config["workspace"])
-    assert {r.parameters["stage"] for r in runs} == GPU_STAGES
+    assert {r.parameters["run"]["stage"] for r in runs} == GPU_STAGES
     assert all(r.work_pool_name == "mods-gpu" and r.state.is_completed() for r in runs), \
         [(r.name, r.work_pool_name, r.state.name) for r in runs]
     exports = list(Path(config["workspace"], "artifacts", "export").glob("*/selected.parquet"))
@@ -193,7 +193,7 @@ def test_gpu_worker_killed_mid_stage_is_crashed_resubmitted_and_the_run_complete
 
     deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
     while True:
-        seed = [r for r in gpu_runs(workspace) if r.parameters["stage"] == "seed_train"]
+        seed = [r for r in gpu_runs(workspace) if r.parameters["run"]["stage"] == "seed_train"]
         if seed and seed[0].state.is_running():
             break
         pipeline = read_run(pipeline_run.id)
@@ -218,13 +218,13 @@ def test_gpu_worker_killed_mid_stage_is_crashed_resubmitted_and_the_run_complete
     run = wait_final(stack, pipeline_run.id)
     assert run.state.is_completed(), explain(stack, run)
 
-    seed = [r for r in gpu_runs(workspace) if r.parameters["stage"] == "seed_train"]
+    seed = [r for r in gpu_runs(workspace) if r.parameters["run"]["stage"] == "seed_train"]
     assert [r.state.name for r in seed] == ["Crashed", "Completed"], [(r.name, r.state.name) for r in seed]
     assert "heartbeat" in seed[0].state.message
     crashed_after = seed[0].state.timestamp.timestamp() - killed_at
     # Stages finished before the kill were not executed again: no new flow runs, markers untouched.
     later = [r for r in gpu_runs(workspace) if r.id not in runs_before]
-    assert {r.parameters["stage"] for r in later} <= {"seed_train", "answers", "necessity", "final_train"}
+    assert {r.parameters["run"]["stage"] for r in later} <= {"seed_train", "answers", "necessity", "final_train"}
     after = markers(workspace)
     assert {key: after[key] for key in before_kill} == before_kill
     assert any(key.startswith("seed_train/") for key in after)

@@ -185,19 +185,15 @@ def newest_log(workspace: Path) -> str:
 
 def test_k_above_the_high_quality_rows_is_capped_and_reported(prefect_harness, tiny_llama_dir: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch):
-    import dataclasses
-
     from flows.mods_pipeline import mods_pipeline
-    from mods import stages
+    from mods.core.stage import get_stage
 
-    def no_model(params, resources):
+    def no_model(self, params, folders):
         raise AssertionError("a model was loaded for a stage with no rows")
 
     # answers and necessity have no rows: neither may load its model (seed model, scorer).
     for name in ("answers", "necessity"):
-        stage = stages.STAGES[name]
-        monkeypatch.setitem(stages.STAGES, name,
-                            dataclasses.replace(stage, rowwise=dataclasses.replace(stage.rowwise, setup=no_model)))
+        monkeypatch.setattr(type(get_stage(name)), "setup", no_model)
     warnings: list[logging.LogRecord] = []
     catcher = logging.Handler(logging.WARNING)
     catcher.emit = warnings.append  # type: ignore[method-assign]
