@@ -286,7 +286,7 @@ def _fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, st
 
 
 def config_reference_markdown() -> str:
-    """Every PipelineConfig field with its default and description (the README's table)."""
+    """Every PipelineConfig field with its default and description (the table in docs/configuration.md)."""
     lines = ["| parameter | default | meaning |", "|---|---|---|"]
     lines += [f"| `{name}` | `{default}` | {text} |" if default else f"| `{name}` | | {text} |"
               for name, default, text in _fields(PipelineConfig)]

@@ -71,7 +71,7 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 RAW_MAX_CHARS = 4096
 
-# Every reason code a quarantine row can carry (documented in README.md, "Ingestion").
+# Every reason code a quarantine row can carry (documented in docs/ingestion.md).
 QUARANTINE_REASONS: dict[str, str] = {
     "json_syntax": "the line / record is not valid JSON",
     "truncated": "the file ends in the middle of a record",

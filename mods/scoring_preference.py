@@ -5,7 +5,7 @@ text statistics (copying the input, repetition, format), combined by a linear
 Bradley-Terry head fitted on PandaLM's human-labelled pairs
 (``mods/quality_head.json``; ``benchmarks/quality_scorer.py --fit``). The score is in
 logits of "people prefer this answer": the difference of two rows' scores is the
-head's log-odds that people prefer the first. See README.md, "Quality scoring".
+head's log-odds that people prefer the first. See docs/scoring.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The plan of a training run: which micro-batch each process runs at each optimiser step.
 
-Batch semantics (the README's *Training* section says the same): ``global_batch`` rows
+Batch semantics (docs/training.md says the same): ``global_batch`` rows
 per optimiser step, whatever the number of processes; ``processes`` only sets the speed.
 The rows are cut into one seeded sequence of micro-batches of ``batch_size``
 (length-grouped, reshuffled each epoch). Optimiser step ``s`` takes the next
