@@ -9,14 +9,10 @@ Three kinds, one module each (``mods.scoring_reward_model``, ``mods.scoring_like
 * ``likelihood`` — offline, from the packaged SmolLM2-135M-Instruct: a weighted sum of
   the answer's mean log-probability, its PMI with the instruction and the log-probability
   of ending the turn (the formula and its reasons: ``mods.scoring_likelihood``).
-* ``preference`` — offline, calibrated to human judgements: per-row features from the
-  same SmolLM2 passes (total surprisal, log-probabilities, a yes/no judge question),
-  MiniLM similarities between the answer and the instruction / input, and pure-Python
-  text statistics (copying the input, repetition, format), combined by a linear
-  Bradley-Terry head fitted on PandaLM's human-labelled pairs
-  (``mods/quality_head.json``; ``benchmarks/quality_scorer.py --fit``). The score is in
-  logits of "people prefer this answer": the difference of two rows' scores is the
-  head's log-odds that people prefer the first. See docs/scoring.md.
+* ``preference`` — offline, calibrated to human judgements: SmolLM2 and MiniLM features and
+  text statistics combined by a Bradley-Terry head fitted on PandaLM's human-labelled pairs;
+  the score is in logits of "people prefer this answer" (``mods.scoring_preference``,
+  docs/scoring.md).
 
 Every score depends on its own row only (no normalisation across the rows of a call).
 """
