@@ -199,8 +199,14 @@ def test_ctrl_c_while_a_worker_runs_a_shard_stops_it_and_cancels_the_rest(prefec
                  "a quality shard running on the worker")
         assert run.poll() is None, run.communicate()[1][-2000:]
         assert child_pids(worker.pid), "the worker has no flow-run process"
-        running = {r.id for r in shard_runs() if r.state.is_running()}
-        queued = {r.id for r in shard_runs() if not r.state.is_final() and r.id not in running}
+        # The shards are submitted one after the other: take the picture once all of them
+        # are (the count holds for four reads), from one read, so that no run falls between sets.
+        counts: list[int] = []
+        wait_for(lambda: counts.append(len(shard_runs())) or (len(counts) > 3 and len(set(counts[-4:])) == 1),
+                 60, "every quality shard submitted")
+        snapshot = shard_runs()
+        running = {r.id for r in snapshot if r.state.is_running()}
+        queued = {r.id for r in snapshot if not r.state.is_final() and r.id not in running}
         os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         _, err = run.communicate(timeout=120)
         assert run.returncode == 130, err[-2000:]
