@@ -58,6 +58,7 @@ bench: models
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/incremental.py --rows 192 --rows-per-shard 16
 	$(BIN)/python benchmarks/train_generate.py
+	$(BIN)/python benchmarks/early_cutoff.py
 
 clean-work:
 	rm -rf work
