@@ -257,6 +257,13 @@ def _drain_prefect_clients() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mods.core.faults import catching_interrupts
+
+    with catching_interrupts():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if args.gpu_deployment:
         from flows.executors import GPU_DEPLOYMENT_ENV

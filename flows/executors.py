@@ -26,7 +26,7 @@ from prefect.deployments import run_deployment
 from mods.config import ExecutionConfig
 from mods.core.artifacts import Artifact, Workspace
 from mods.core.engine import Engine, RowPlan, StageOutcome, StageRun
-from mods.core.faults import first_line
+from mods.core.faults import first_line, stop_if_interrupted
 from mods.core.stage import Resources, RowwiseStage, get_stage
 from flows.gpu_runs import GpuRuns, RemoteJob, StageFailed
 from tasks import shard_task, stage_task
@@ -74,6 +74,7 @@ class Executor:
 
     def submit(self, stage: str, params: Any, inputs: dict[str, Any]) -> Artifact:
         """The stage's artifact: resolved here (its key computed once), then run as a task."""
+        stop_if_interrupted()
         with self._one_line(stage):
             run = self.engine.resolve(stage, params, inputs)
         return self.submit_resolved(run)
@@ -125,6 +126,7 @@ class Executor:
         progress = self._progress(plan)
         task = shard_task.with_options(name=f"{run.stage}-shard", retries=self.execution.shard_retries)
         for index, rows in enumerate(plan.shard_rows):
+            stop_if_interrupted()
             task(run=run, plan_id=plan.plan_id, index=index, engine=self.engine)
             progress.shard_done(rows)
 

@@ -48,7 +48,7 @@ from mods.core.artifacts import (
     remove_stale_folders,
     remove_tree,
 )
-from mods.core.faults import is_out_of_memory, release_accelerator_memory
+from mods.core.faults import is_out_of_memory, release_accelerator_memory, stop_if_interrupted
 from mods.core.rowstore import ROW_KEY, RowStore, blocks, cut_shards
 from mods.core.stage import RowwiseStage, Stage, StageContext, get_stage
 
@@ -208,6 +208,7 @@ class Engine:
         after the other, when None), then assembles the artifact from the store."""
         if self.is_complete(run):
             return self._reused(run)
+        stop_if_interrupted()
         stage = get_stage(run.stage)
         final = run.artifact.dir(self.workspace)
 
@@ -247,6 +248,7 @@ class Engine:
             context = StageContext(out=tmp, inputs=folders, scratch=scratch, workspace=self.workspace,
                                    progress=self.progress)
             summary = canonical(dict(body(context) or {}))
+            stop_if_interrupted()  # never mark complete what an interrupt may have cut short
             seconds = time.perf_counter() - started
             marker = {
                 "stage": run.stage,
@@ -301,6 +303,7 @@ class Engine:
 
     def _run_shards_here(self, run: StageRun, plan: RowPlan) -> None:
         for index in range(plan.shards):
+            stop_if_interrupted()
             self.run_shard(run, plan.plan_id or "", index)
 
     def run_shard(self, run: StageRun, plan_id: str, index: int) -> dict[str, Any]:
@@ -316,7 +319,10 @@ class Engine:
         started = time.perf_counter()
         folders = stage.setup_folders({name: a.dir(self.workspace) for name, a in run.inputs.items()})
         state = _setup(stage, store.fingerprint, typed, folders)
-        parts = [compute_block(stage, state, block, typed) for block in blocks(rows, stage.block_rows(typed))]
+        parts = []
+        for block in blocks(rows, stage.block_rows(typed)):
+            stop_if_interrupted()
+            parts.append(compute_block(stage, state, block, typed))
         results = pd.concat(parts, ignore_index=True)
         results.insert(0, ROW_KEY, rows[ROW_KEY].to_numpy())
         store.write_part(shard, results, seconds=time.perf_counter() - started)

@@ -7,7 +7,11 @@ fails the same way every time, so it fails at once, in one line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import signal
+import threading
+from typing import Any, Iterator
 
 # errno values of I/O that can pass on a second try (network filesystems, busy devices).
 _TRANSIENT_ERRNO = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.ESTALE, errno.ECONNRESET,
@@ -73,3 +77,37 @@ def first_line(error: BaseException) -> str:
     """The error's message, first line only (what a command prints), or its type's name."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# Set when the user pressed Ctrl-C. Python drops a KeyboardInterrupt that lands while a
+# finalizer runs (a __del__ or weakref callback: "Exception ignored in ..."), and the run
+# would go on to the end; so the engine and the executors also stop at the next block,
+# shard or stage once this is set.
+interrupted = threading.Event()
+
+
+def stop_if_interrupted() -> None:
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def catching_interrupts() -> Iterator[None]:
+    """While the block runs, Ctrl-C sets ``interrupted`` as well as raising KeyboardInterrupt
+    (in the main thread, where SIGINT has Python's default handler; an ignored SIGINT stays
+    ignored). The handler and the flag are put back afterwards."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupted.clear()

@@ -281,3 +281,54 @@ def test_the_architecture_docs_example_stage_runs(tmp_path, monkeypatch):
     finally:
         STAGES.pop("selection_lengths", None)
         stage_task.cache_clear()
+
+
+def test_a_ctrl_c_that_python_dropped_still_stops_the_stage_at_the_next_block(tmp_path):
+    """Python drops a KeyboardInterrupt raised while a finalizer runs ("Exception ignored in
+    ..."): the run would go on. The Ctrl-C handler also sets a flag, and the engine stops at
+    the next block without writing the artifact."""
+    import pandas as pd
+    import pytest
+
+    from mods.core import faults
+    from mods.core.engine import Engine
+    from mods.core.stage import STAGES, RowwiseStage
+    from stage_helpers import AnyParams
+
+    seen: list[int] = []
+
+    class Counting(RowwiseStage):
+        name, version, description, params = "counting", "1", "counts blocks", AnyParams
+
+        def load(self, inputs, params):
+            return pd.DataFrame({"x": range(10)})
+
+        def row_keys(self, rows):
+            return rows["x"].astype(str), rows["x"]
+
+        def block_rows(self, params):
+            return 2
+
+        def process_batch(self, state, block, params):
+            seen.append(len(block))
+            if len(seen) == 2:
+                faults.interrupted.set()  # what the handler does before its KeyboardInterrupt is lost
+            return pd.DataFrame({"y": block["x"] * 2})
+
+        def assemble(self, ctx, params, rows, results):
+            results.to_parquet(ctx.out / "y.parquet")
+            return {}
+
+    STAGES["counting"] = stage = Counting()
+    engine = Engine(tmp_path, progress=False)
+    try:
+        run = engine.resolve(stage, {}, {})
+        with pytest.raises(KeyboardInterrupt):
+            engine.run(run)
+        assert seen == [2, 2]  # the third block never started
+        assert not engine.is_complete(run) and engine.row_store(run).known_keys() == set()
+        faults.interrupted.clear()
+        assert engine.run(run).executed and seen == [2, 2] + [2] * 5  # the next run does the work
+    finally:
+        faults.interrupted.clear()
+        STAGES.pop("counting", None)
