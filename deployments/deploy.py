@@ -2,8 +2,9 @@
 
     python deployments/deploy.py                  # pools + deployments + automation on $PREFECT_API_URL
     python deployments/deploy.py --gpus 4         # the mods-gpu pool runs at most 4 stages at once
-    python deployments/deploy.py --image mods:gpu # docker pools instead of process pools
     python deployments/deploy.py --train-pool     # training stages on mods-train (whole machines)
+    python deployments/deploy.py --gpu-image mods:gpu --volume mods_work:/opt/mods/work --network mods_default
+                                                  # GPU stages as containers (docker work pools)
 
 Pools: ``mods-cpu`` runs the pipeline flow (and every CPU stage in its process);
 ``mods-gpu`` runs ``mods-gpu-stage``, one stage (or one shard of a row-wise stage) per
@@ -95,6 +96,38 @@ class Reliability:
 
 
 POOLS = [PoolSpec("mods-cpu", "cpu"), PoolSpec("mods-gpu", "gpu"), PoolSpec("mods-train", "gpus")]
+# With --gpu-image the GPU deployments go to docker-type pools of their own (a pool's type
+# cannot change, and the process pools keep serving process workers).
+DOCKER_POOLS = {"mods-gpu": PoolSpec("mods-gpu-docker", "gpu"), "mods-train": PoolSpec("mods-train-docker", "gpus")}
+# Where the image holds the code (docker/Dockerfile's WORKDIR): flow runs start there.
+IMAGE_CODE_DIR = "/opt/mods"
+
+
+@dataclass(frozen=True)
+class DockerGpuPool:
+    """How the docker work pools run GPU flow runs: one container per flow run."""
+
+    image: str
+    # "SOURCE:TARGET[:mode]"; the workspace must be at the same path as in the pipeline's process
+    volumes: tuple[str, ...] = ()
+    network: str | None = None  # a user-defined network (compose's), or "host"
+    user: str | None = None  # "uid:gid" inside the container (default: the image's user)
+    gpu_driver: str = "nvidia"
+
+    def job_variables(self, resources: str) -> dict[str, Any]:
+        # Docker's device request: one GPU for a stage or shard, every GPU for a whole-machine training.
+        request = {"driver": self.gpu_driver, "count": 1 if resources == "gpu" else -1, "capabilities": [["gpu"]]}
+        create: dict[str, Any] = {"device_requests": [request]}
+        if self.user:
+            create["user"] = self.user
+        variables: dict[str, Any] = {"image": self.image, "image_pull_policy": "IfNotPresent",
+                                     "volumes": list(self.volumes), "auto_remove": True,
+                                     "container_create_kwargs": create}
+        if self.network == "host":
+            variables["network_mode"] = "host"
+        elif self.network:
+            variables["networks"] = [self.network]
+        return variables
 
 DEPLOYMENTS = [
     DeploymentSpec(
@@ -178,26 +211,44 @@ def zombie_automation(reliability: Reliability) -> Any:
     )
 
 
-def ensure_pools(pool_type: str, gpus: int) -> None:
+def ensure_pools(gpus: int, docker: bool = False) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    limits = {"mods-cpu": None, "mods-gpu": gpus, "mods-train": None}
+    limits = {"cpu": None, "gpu": gpus, "gpus": None}
+    pools = [(pool, "process") for pool in POOLS]
+    if docker:
+        pools += [(pool, "docker") for pool in DOCKER_POOLS.values()]
     with get_client(sync_client=True) as client:
-        for pool in POOLS:
+        for pool, pool_type in pools:
+            limit = limits[pool.resources]
             try:
-                client.create_work_pool(WorkPoolCreate(name=pool.name, type=pool_type,
-                                                       concurrency_limit=limits[pool.name]))
+                client.create_work_pool(WorkPoolCreate(name=pool.name, type=pool_type, concurrency_limit=limit,
+                                                       base_job_template=_base_job_template(pool_type)))
             except ObjectAlreadyExists:
                 # a redeploy with another --gpus changes the limit (None clears it)
-                client.update_work_pool(pool.name, WorkPoolUpdate(concurrency_limit=limits[pool.name]))
+                client.update_work_pool(pool.name, WorkPoolUpdate(concurrency_limit=limit))
         # Older versions created 'gpu:0' and never acquired it: it only misled readers.
         for name in _OBSOLETE_GLOBAL_LIMITS:
             try:
                 client.delete_global_concurrency_limit_by_name(name)
             except ObjectNotFound:
                 pass
+
+
+def _base_job_template(pool_type: str) -> dict[str, Any]:
+    """The worker type's own template (what `prefect work-pool create --type` uses): without
+    it the server knows no job variables, and a docker pool would ignore the image."""
+    if pool_type == "docker":
+        try:
+            from prefect_docker.worker import DockerWorker
+        except ImportError as error:
+            raise ValueError("docker work pools need prefect-docker: pip install 'mods-select[docker]'") from error
+        return DockerWorker.get_default_base_job_template()
+    from prefect.workers.process import ProcessWorker
+
+    return ProcessWorker.get_default_base_job_template()
 
 
 def ensure_automation(reliability: Reliability) -> str:
@@ -215,22 +266,25 @@ def ensure_automation(reliability: Reliability) -> str:
         return str(client.create_automation(automation))
 
 
-def deploy_all(image: str | None = None, gpus: int = 1,
+def deploy_all(gpus: int = 1,
                heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS,
                crash_after_seconds: int = DEFAULT_CRASH_AFTER_SECONDS,
-               train_pool: bool = False) -> list[str]:
+               train_pool: bool = False, docker: DockerGpuPool | None = None) -> list[str]:
     """Create pools, deployments and the zombie-flow automation; returns the deployment ids.
 
     ``gpus``: how many GPU stages may run at once (the GPUs behind the mods-gpu pool).
     ``train_pool``: send training stages to mods-train (whole machines) instead of mods-gpu.
+    ``docker``: run the GPU deployments as containers on the docker pools instead.
     """
     from prefect import Flow
+    from prefect.runner.storage import LocalStorage
 
     if gpus < 1:
         raise ValueError(f"gpus must be at least 1, got {gpus}")
     reliability = Reliability(heartbeat_seconds, crash_after_seconds)
-    ensure_pools("docker" if image else "process", gpus)
+    ensure_pools(gpus, docker=docker is not None)
     ensure_automation(reliability)
+    resources = {pool.name: pool.resources for pool in POOLS}
     ids = []
     for spec in DEPLOYMENTS:
         flow = Flow.from_source(source=str(ROOT), entrypoint=spec.entrypoint)
@@ -240,28 +294,37 @@ def deploy_all(image: str | None = None, gpus: int = 1,
         if train_pool and GPU_DEPLOYMENT_ENV in spec.env:
             env[TRAIN_DEPLOYMENT_ENV] = TRAIN_STAGE_DEPLOYMENT
         job_variables: dict[str, Any] = {"env": env}
-        if image:
-            job_variables["image"] = image
-        ids.append(str(flow.deploy(
+        pool = spec.pool
+        in_container = docker is not None and pool in DOCKER_POOLS
+        if in_container:
+            job_variables.update(docker.job_variables(resources[pool]))
+            pool = DOCKER_POOLS[pool].name
+        deployment = flow.to_deployment(
             name=spec.name,
-            work_pool_name=spec.pool,
+            work_pool_name=pool,
             description=spec.description,
             parameters=spec.parameters or None,
             cron=spec.cron,
-            image=image,
-            build=False,
-            push=False,
             job_variables=job_variables,
             tags=[MODS_TAG],
-            print_next_steps=False,
-            ignore_warnings=True,
-        )))
+        )
+        if in_container:
+            # The flow's code is the image's, not this checkout's path on the deploying machine.
+            deployment.storage = LocalStorage(IMAGE_CODE_DIR)
+        ids.append(str(deployment.apply(image=docker.image if in_container else None)))
     return ids
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", help="docker image for docker-type pools (default: process pools)")
+    parser.add_argument("--gpu-image", help="run the GPU stages as containers of this image on the docker pools "
+                        "mods-gpu-docker / mods-train-docker (default: process workers on mods-gpu / mods-train)")
+    parser.add_argument("--volume", action="append", default=[], metavar="SOURCE:TARGET",
+                        help="with --gpu-image: a volume for each container (repeat); the workspace must be mounted "
+                        "at the path the pipeline uses")
+    parser.add_argument("--network", help="with --gpu-image: the containers' network (compose's, or 'host')")
+    parser.add_argument("--container-user", metavar="UID:GID",
+                        help="with --gpu-image: the user inside the containers (default: the image's)")
     parser.add_argument("--gpus", type=int, default=1,
                         help="GPUs behind the mods-gpu pool: at most this many GPU stages run at once (default 1)")
     parser.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_SECONDS,
@@ -274,14 +337,21 @@ def main() -> None:
                         help=f"seconds without a heartbeat before a flow run is marked Crashed "
                         f"(default {DEFAULT_CRASH_AFTER_SECONDS})")
     args = parser.parse_args()
+    if (args.volume or args.network or args.container_user) and not args.gpu_image:
+        parser.error("--volume, --network and --container-user need --gpu-image")
+    docker = (DockerGpuPool(args.gpu_image, tuple(args.volume), args.network, args.container_user)
+              if args.gpu_image else None)
     try:
-        ids = deploy_all(args.image, args.gpus, args.heartbeat, args.crash_after, args.train_pool)
+        ids = deploy_all(args.gpus, args.heartbeat, args.crash_after, args.train_pool, docker)
     except ValueError as error:
         parser.error(str(error))
     for deployment_id in ids:
         print(f"deployed {deployment_id}")
+    gpu_workers = ("prefect worker start --pool mods-gpu-docker --type docker   (where the GPUs and Docker are)"
+                   if docker else
+                   "CUDA_VISIBLE_DEVICES=<i> prefect worker start --pool mods-gpu --limit 1   (one per GPU)")
     print("start workers:  prefect worker start --pool mods-cpu\n"
-          "                CUDA_VISIBLE_DEVICES=<i> prefect worker start --pool mods-gpu --limit 1   (one per GPU)"
+          f"                {gpu_workers}"
           + ("\n                prefect worker start --pool mods-train --limit 1   (one per GPU machine)"
              if args.train_pool else ""))
 

@@ -37,6 +37,8 @@ LAYERS = ("core", "method", "orchestration", "system")
 # The layers that wait longest (servers, heartbeat windows, worker processes) start first,
 # so that `pytest -n 2 --dist loadfile` (make test) overlaps their waiting with the rest.
 FIRST = ("system", "orchestration", "method", "core")
+# Within them, the longest file first (an image build, a compose stack, containers).
+LONGEST = ("test_containers.py",)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -44,8 +46,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         layer = Path(str(item.fspath)).parent.name
         if layer in LAYERS:
             item.add_marker(layer)
-    items.sort(key=lambda item: FIRST.index(layer) if (layer := Path(str(item.fspath)).parent.name) in FIRST
-               else len(FIRST))
+    def order(item: pytest.Item) -> tuple[int, int]:
+        path = Path(str(item.fspath))
+        layer = FIRST.index(path.parent.name) if path.parent.name in FIRST else len(FIRST)
+        return layer, 0 if path.name in LONGEST else 1
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")

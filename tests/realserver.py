@@ -251,7 +251,8 @@ class RealStack:
 
     # ---------------------------------------------------------------- workers
 
-    def start_worker(self, pool: str, name: str | None = None, limit: int | None = None) -> Managed:
+    def start_worker(self, pool: str, name: str | None = None, limit: int | None = None,
+                     worker_type: str = "process") -> Managed:
         name = name or f"{pool}-{len(self.workers)}"
         home = self.root / f"home-{name}"
         home.mkdir(exist_ok=True)
@@ -259,7 +260,7 @@ class RealStack:
         env["PREFECT_WORKER_QUERY_SECONDS"] = "1"
         env["PREFECT_WORKER_HEARTBEAT_SECONDS"] = "5"
         env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the log says what each flow run did
-        args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+        args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", worker_type,
                 "--name", name]
         if limit is not None:
             args += ["--limit", str(limit)]

@@ -29,7 +29,7 @@ def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(pref
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu:0", limit=1))
         except ObjectAlreadyExists:
             pass
-    ensure_pools("process", gpus=1)
+    ensure_pools(gpus=1)
     Flow.from_source(source=str(ROOT), entrypoint="flows/gpu_stage.py:gpu_stage").deploy(
         name="gpu", work_pool_name="mods-gpu", concurrency_limit=1, build=False, push=False,
         print_next_steps=False, ignore_warnings=True)
@@ -118,7 +118,7 @@ def test_reliability_settings_that_would_break_runs_are_refused(heartbeat: int, 
 
 
 def test_compose_is_closed_by_default():
-    """docker/compose.yaml (not run here: no Docker engine): secrets only from docker/.env,
+    """docker/compose.yaml as written (tests/system/test_containers.py runs it): secrets only from docker/.env,
     only the server's port published and on 127.0.0.1 unless MODS_BIND says otherwise,
     the server asks for the auth string and the workers send it."""
     import re
@@ -150,3 +150,56 @@ def test_compose_is_closed_by_default():
     values = dict(re.findall(r"^([A-Z_]+)=(.*)$", example, flags=re.M))
     assert values["PREFECT_AUTH_STRING"] == "" and values["POSTGRES_PASSWORD"] == ""
     assert (ROOT / "docker" / ".gitignore").read_text().split().count(".env") == 1  # secrets stay out of git
+
+
+@pytest.mark.flow
+def test_gpu_image_sends_gpu_deployments_to_docker_pools_with_a_device_request(prefect_harness):
+    """--gpu-image: the GPU deployments become containers of the image on docker-type pools
+    (one GPU each, every GPU for training), with the workspace volume, starting in the
+    image's code folder; the CPU deployments and the process pools stay as they were."""
+    from prefect.client.orchestration import get_client
+
+    from deployments.deploy import (
+        DEPLOYMENTS, GPU_STAGE_DEPLOYMENT, IMAGE_CODE_DIR, TRAIN_STAGE_DEPLOYMENT, DockerGpuPool, deploy_all,
+    )
+
+    docker = DockerGpuPool("mods:cpu", volumes=("mods_work:/opt/mods/work",), network="mods_default", user="0:0")
+    assert len(deploy_all(gpus=2, docker=docker)) == len(DEPLOYMENTS)
+    try:
+        with get_client(sync_client=True) as client:
+            pools = {pool.name: pool for pool in client.read_work_pools()}
+            assert pools["mods-gpu-docker"].type == "docker" and pools["mods-train-docker"].type == "docker"
+            assert pools["mods-gpu"].type == "process" and pools["mods-gpu-docker"].concurrency_limit == 2
+            # the pool knows the docker worker's job variables (else the image would be ignored)
+            assert "image" in pools["mods-gpu-docker"].base_job_template["variables"]["properties"]
+            gpu = client.read_deployment_by_name(GPU_STAGE_DEPLOYMENT)
+            train = client.read_deployment_by_name(TRAIN_STAGE_DEPLOYMENT)
+            pipeline = client.read_deployment_by_name("mods-pipeline/weekly")
+            assert (gpu.work_pool_name, train.work_pool_name, pipeline.work_pool_name) == (
+                "mods-gpu-docker", "mods-train-docker", "mods-cpu")
+            assert gpu.job_variables["image"] == "mods:cpu"
+            assert gpu.job_variables["volumes"] == ["mods_work:/opt/mods/work"]
+            assert gpu.job_variables["networks"] == ["mods_default"]
+            assert gpu.job_variables["container_create_kwargs"] == {
+                "device_requests": [{"driver": "nvidia", "count": 1, "capabilities": [["gpu"]]}], "user": "0:0"}
+            assert train.job_variables["container_create_kwargs"]["device_requests"][0]["count"] == -1
+            assert gpu.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+            assert gpu.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+                "directory": IMAGE_CODE_DIR}}]
+            assert "image" not in pipeline.job_variables and pipeline.pull_steps[0][
+                "prefect.deployments.steps.set_working_directory"]["directory"] != IMAGE_CODE_DIR
+    finally:
+        deploy_all()  # back to the defaults for the other tests of this session
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment_by_name(GPU_STAGE_DEPLOYMENT).work_pool_name == "mods-gpu"
+
+
+def test_docker_options_without_an_image_are_refused():
+    import subprocess
+    import sys
+
+    from deployments.deploy import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "deployments" / "deploy.py"), "--network", "host"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "need --gpu-image" in result.stderr.strip().splitlines()[-1]
