@@ -430,6 +430,7 @@ def cmd_necessity(args: argparse.Namespace) -> int:
     from mods.core.engine import compute_rows, release_models
     from mods.generation import GenerationConfig
     from mods.scoring import ScorerConfig
+    from mods.stages.necessity import AnswersParams
     from mods.stages.quality import ScoringParams
 
     if not Path(args.model_dir).is_dir():
@@ -437,7 +438,8 @@ def cmd_necessity(args: argparse.Namespace) -> int:
     rows = _load_rows(args.data, args, keep_duplicates=True)
     generation = from_flags(args, GenerationConfig, "generation")
     scoring = ScoringParams(scorer=from_flags(args, ScorerConfig, "scorer"))
-    answers = compute_rows("answers", generation, rows, folders={"seed_model": Path(args.model_dir)},
+    answers = compute_rows("answers", AnswersParams(**generation.model_dump()), rows,
+                           folders={"seed_model": Path(args.model_dir)},
                            progress=not args.quiet)
     rows["seed_answer"] = answers["seed_answer"].to_numpy()
     release_models()

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 
 from mods.config import EvaluationConfig, ExecutionConfig
 from mods.evaluation.report import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD, prefect_artifact_contents
-from mods.evaluation.runs import MODS, latest_export, pipeline_inputs, run_settings
+from mods.evaluation.runs import MODS, compared_run_label, latest_export, pipeline_inputs, run_settings
 from mods.scoring import ScorerConfig
 from mods.stages.evaluation import (
     SCORER_AGREEMENT,
@@ -94,9 +94,14 @@ def mods_evaluate(workspace: str = "work", config: EvaluationConfig = Evaluation
     for baseline in config.baselines:
         models[baseline] = runner("evaluate_baseline", BaselineParams(
             baseline=baseline, seed=config.seed, kcenter_seed=settings["kcenter_seed"],
+            tokens=settings["selection_tokens"] if baseline == "longest" else None,
             base_model=settings["base_model"], train=settings["train"]),
             {name: run_artifacts[name] for name in ("sample", "quality", "high_quality", "embed", "seed_select",
                                                     "augment_select")})
+    if config.compare_with:  # another selection configuration of this workspace, judged like a baseline
+        other_key = latest_export(root, config.compare_with)
+        models[compared_run_label(other_key)] = pipeline_inputs(root, other_key)["final_train"]
+    opponents = [name for name in models if name != MODS]
 
     answer_params = AnswersParams(generation=config.generation, reference_max_length=config.reference_max_length)
     answers = {name: runner("evaluate_answers", answer_params, {"prompts": prompts, "model": model})
@@ -114,7 +119,7 @@ def mods_evaluate(workspace: str = "work", config: EvaluationConfig = Evaluation
         agreement = agreement_params(kind, params.scorer, config)
         artifacts[f"agreement/{kind}"] = measured[agreement.model_dump_json()] = runner(
             "evaluate_agreement", agreement, {})
-        for baseline in config.baselines:
+        for baseline in opponents:
             artifacts[f"judge/{kind}/{baseline}"] = runner(
                 "evaluate_judge", params, {"prompts": prompts, "answers_a": answers[MODS], "answers_b": answers[baseline]})
     # The pipeline's own quality scorer against people, whatever the judges: reused when the
@@ -124,7 +129,7 @@ def mods_evaluate(workspace: str = "work", config: EvaluationConfig = Evaluation
         "evaluate_agreement", scorer_agreement, {})
 
     report = runner("evaluate", ReportParams(artifacts=artifacts, judges=list(config.judge),
-                                             baselines=list(config.baselines), trust_threshold=config.trust_threshold,
+                                             baselines=opponents, trust_threshold=config.trust_threshold,
                                              judge_scorer=judge_scorer if "scorer" in config.judge else None,
                                              pipeline_scorer=pipeline_scorer,
                                              meta=report_meta(export_key, settings, config)), {})

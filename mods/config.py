@@ -12,8 +12,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mods.core.stage import KEY_WHEN_SET
+from mods.coverage_methods import CoverageConfig
 from mods.embedding import EmbeddingConfig
 from mods.generation import GenerationConfig
+from mods.ifd import IfdConfig
 from mods.ingest import IngestConfig
 from mods.judges import LLMJudgeConfig
 from mods.models import DEFAULT_BASE_MODEL
@@ -25,6 +28,9 @@ from mods.training import TrainConfig
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+NecessityMethod = Literal["generate", "reward_gap", "ifd"]
 
 
 class SampleConfig(_Strict):
@@ -50,35 +56,82 @@ class QualityConfig(_Strict):
         description="Keep rows scoring above alpha (paper, reward model: 0.0 Alpaca, 1.0 its 214k mix). "
         "Leave empty to keep a fraction instead.",
     )
+    alpha_percentile: float | None = Field(
+        None, ge=0, le=100,
+        description="alpha as a percentile of the pool's quality scores (e.g. 40: keep rows above the 40th "
+        "percentile); instead of alpha. The report shows both the percentile and the raw value.",
+    )
     keep_fraction: float | None = Field(
-        0.6, gt=0, le=1, description="Keep the best-scoring fraction (used when alpha is empty)."
+        0.6, gt=0, le=1, description="Keep the best-scoring fraction (used when alpha and alpha_percentile are empty)."
     )
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "QualityConfig":
-        if self.alpha is None and self.keep_fraction is None:
-            raise ValueError("quality: set alpha or keep_fraction")
+        if self.alpha is not None and self.alpha_percentile is not None:
+            raise ValueError("quality: set alpha or alpha_percentile, not both")
+        if self.alpha is None and self.alpha_percentile is None and self.keep_fraction is None:
+            raise ValueError("quality: set alpha, alpha_percentile or keep_fraction")
         return self
 
 
-class SeedSelectionConfig(_Strict):
-    k: int = Field(16, ge=1, description="Seed-set size picked by k-center greedy.")
-    seed: int = Field(0, description="Seed for the first k-center pick.")
+class BudgetFields(_Strict):
+    """A set's size in tokens instead of rows, and caps per source (mods/budgets.py)."""
+
+    tokens: int | None = Field(
+        None, ge=1, json_schema_extra=KEY_WHEN_SET,
+        description="Size in tokens instead of rows (prompt in the training format + answer, counted with the base "
+        "model's tokenizer): picks stop before the total would pass it; k is then ignored. Empty = k rows.",
+    )
+    source_caps: dict[str, int] = Field(
+        {}, json_schema_extra=KEY_WHEN_SET,
+        description="Cap per source, in the budget's unit (rows, or tokens): {pattern: cap}; a pattern is a glob "
+        "matched against a row's source path or any of its folder/file names, first match wins.",
+    )
+    source_shares: dict[str, float] = Field(
+        {}, json_schema_extra=KEY_WHEN_SET,
+        description="Cap per source as a share of the budget: {pattern: share in (0, 1]} (patterns as source_caps).",
+    )
+
+    @model_validator(mode="after")
+    def _valid_caps(self) -> "BudgetFields":
+        if any(v < 0 for v in self.source_caps.values()):
+            raise ValueError("source_caps must be >= 0")
+        if any(not 0 < v <= 1 for v in self.source_shares.values()):
+            raise ValueError("source_shares must lie in (0, 1]")
+        return self
 
 
-class AugmentSelectionConfig(_Strict):
+class SeedSelectionConfig(BudgetFields):
+    k: int = Field(16, ge=1, description="Seed-set size (rows) picked by the coverage method.")
+    seed: int = Field(0, description="Seed for the first k-center pick (and the coverage method's draws).")
+
+
+class AugmentSelectionConfig(BudgetFields):
     """Which answered rows are still needed, and how many of them the augmented set takes
     (the augment_select stage's parameters; the necessity section adds how the seed model answers)."""
 
+    method: NecessityMethod = Field(
+        "generate", json_schema_extra=KEY_WHEN_SET,
+        description="'generate' (the paper: the seed model answers, the scorer scores the answer, low = needed), "
+        "'reward_gap' (quality score of the pool's answer minus the score of the seed model's answer, high = "
+        "needed), 'ifd' (instruction-following difficulty of the pool's answer under the seed model: two forward "
+        "passes, no generation; rows with IFD > 1 dropped, high = needed). See docs/selection-methods.md.",
+    )
     beta: float | None = Field(
         None,
-        description="Rows whose seed-model answer scores below beta are 'still needed' "
-        "(paper, reward model: 0.0 Alpaca, -1.0 mix). Leave empty to use a fraction.",
+        description="Cut-off on the method's score: 'generate' rows below beta are 'still needed' (paper, reward "
+        "model: 0.0 Alpaca, -1.0 mix); 'reward_gap' and 'ifd' rows above it. Leave empty to use a fraction.",
+    )
+    beta_percentile: float | None = Field(
+        None, ge=0, le=100, json_schema_extra=KEY_WHEN_SET,
+        description="beta as a percentile of the method's scores (e.g. 50: the median); instead of beta.",
     )
     fraction: float | None = Field(
-        0.5, gt=0, le=1, description="The worst-answered fraction counts as needed (used when beta is empty)."
+        0.5, gt=0, le=1,
+        description="The neediest fraction (worst answered, largest gap, hardest) counts as needed (used when beta "
+        "and beta_percentile are empty).",
     )
-    k: int = Field(16, ge=1, description="Augmented-set size picked by k-center from the needed rows.")
+    k: int = Field(16, ge=1, description="Augmented-set size (rows) picked by the coverage method from the needed rows.")
     relative_to_seed: bool = Field(
         True,
         description="Seed rows count as centers already chosen, so augmented picks cover what the "
@@ -88,16 +141,19 @@ class AugmentSelectionConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "AugmentSelectionConfig":
-        if self.beta is None and self.fraction is None:
-            raise ValueError("necessity: set beta or fraction")
+        if self.beta is not None and self.beta_percentile is not None:
+            raise ValueError("necessity: set beta or beta_percentile, not both")
+        if self.beta is None and self.beta_percentile is None and self.fraction is None:
+            raise ValueError("necessity: set beta, beta_percentile or fraction")
         return self
 
 
 class NecessityConfig(AugmentSelectionConfig):
     generation: GenerationConfig = Field(GenerationConfig(), description="How the seed model answers.")
+    ifd: IfdConfig = Field(IfdConfig(), description="How the seed model's IFD is computed (method 'ifd').")
 
     def augment_selection(self) -> AugmentSelectionConfig:
-        return AugmentSelectionConfig.model_validate(self.model_dump(exclude={"generation"}))
+        return AugmentSelectionConfig.model_validate(self.model_dump(exclude={"generation", "ifd"}))
 
 
 class ExecutionConfig(_Strict):
@@ -133,7 +189,7 @@ class ExecutionConfig(_Strict):
     progress: bool = Field(True, description="Show progress bars.")
 
 
-Baseline = Literal["random", "quality_top", "seed_only", "full"]
+Baseline = Literal["random", "quality_top", "seed_only", "longest", "full"]
 JudgeKind = Literal["scorer", "llm"]
 
 DEFAULT_TEST_SETS_DIR = "../shared/data/testsets"
@@ -171,8 +227,14 @@ class EvaluationConfig(BaseModel):
     baselines: list[Baseline] = Field(
         default=["random", "quality_top", "seed_only"],
         description="Models trained on other data of the selection's size, with the run's final-training settings: "
-        "'random' (sampled pool), 'quality_top' (best quality scores), 'seed_only' (k-center without necessity); "
+        "'random' (sampled pool), 'quality_top' (best quality scores), 'seed_only' (k-center without necessity), "
+        "'longest' (the pool's longest answers; as many tokens as the selection when it was sized in tokens); "
         "'full' = every high-quality row (not the same size).",
+    )
+    compare_with: str | None = Field(
+        None,
+        description="Another finished run of this workspace (its export key, e.g. another coverage or necessity "
+        "method): its final model is judged against this run's like a baseline. Empty = none.",
     )
     judge: list[JudgeKind] = Field(
         default=["scorer"],
@@ -222,6 +284,7 @@ class PipelineConfig(_Strict):
     sample: SampleConfig = Field(SampleConfig(), description="Optional seeded subsample.")
     quality: QualityConfig = Field(QualityConfig(), description="Quality scoring and filter.")
     embedding: EmbeddingConfig = Field(EmbeddingConfig(), description="Instruction embeddings.")
+    coverage: CoverageConfig = Field(CoverageConfig(), description="Coverage method of the seed and augmented sets.")
     seed_selection: SeedSelectionConfig = Field(SeedSelectionConfig(), description="Coverage: seed set.")
     base_model: str = Field(
         DEFAULT_BASE_MODEL,

@@ -77,6 +77,7 @@ def plot_coverage(
     random_radii: Sequence[float],
     path: Path,
     title: str,
+    label: str = "k-center greedy",
 ) -> Path:
     """Write a PNG of coverage radius vs k for k-center and random selection."""
     # Figure + Agg canvas, not pyplot: no global backend or state, safe in worker threads.
@@ -96,7 +97,7 @@ def plot_coverage(
     fig = Figure(figsize=(6.4, 4.0), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(ks_a, kc_a, marker="o", ms=3, label="k-center greedy")
+    ax.plot(ks_a, kc_a, marker="o", ms=3, label=label)
     ax.plot(ks_a, rnd_a, marker="s", ms=3, label="random selection")
     ax.set_xlabel("k (selected instructions)")
     ax.set_ylabel("coverage radius (max distance to nearest selected)")

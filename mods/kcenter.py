@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -84,7 +85,11 @@ def _as_matrix(embeddings: object, device: torch.device) -> torch.Tensor:
             np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
         ):
             raise ValueError(f"embeddings must be a numeric array, got dtype {arr.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr)
+        with warnings.catch_warnings():
+            # a read-only array (Arrow's zero-copy columns) is fine: the tensor is only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(arr)
     if x.ndim != 2:
         raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(x.shape)}")
     if x.is_complex() or x.dtype == torch.bool:

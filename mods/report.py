@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from mods.core.artifacts import atomic_write_text, read_marker, write_parquet
+from mods.cutoffs import composition, composition_markdown, distribution_markdown, score_distribution
 
 SELECTED_JSONL = "selected.jsonl"
 SELECTED_PARQUET = "selected.parquet"
@@ -38,8 +39,11 @@ def selected_rows(inputs: Mapping[str, Any]) -> pd.DataFrame:
     answers = _table(inputs, "answers", "answers.parquet")[["id", "seed_answer"]]
     frame = picks.merge(rows, on="id", how="left", validate="one_to_one")
     frame = frame.merge(necessity, on="id", how="left").merge(answers, on="id", how="left")
+    if "ifd" in inputs:
+        frame = frame.merge(_table(inputs, "ifd", "ifd.parquet")[["id", "ifd"]], on="id", how="left")
     columns = ["id", "instruction", "input", "output", "history", "selected_by", "pick_order", "pick_distance",
-               "radius_after", "quality_score", "necessity_score", "seed_answer", "source", "source_line", "metadata"]
+               "radius_after", "quality_score", "necessity_score", "ifd", "seed_answer", "source", "source_line",
+               "metadata"]
     return frame[[c for c in columns if c in frame.columns]]
 
 
@@ -66,7 +70,9 @@ def coverage_plot(inputs: Mapping[str, Any], path: Path) -> dict[str, Any]:
     ks = np.arange(1, len(seed) + 1)
     kcenter = seed["radius_after"].to_numpy(dtype=np.float64)
     random_radii = random_coverage_curve(vectors, ks, seed=0)
-    plot_coverage(ks, kcenter, random_radii, path, title=f"Coverage of {len(vectors)} high-quality instructions")
+    method = read_marker(Path(inputs["seed_select"]))["summary"].get("method", "k_center")
+    plot_coverage(ks, kcenter, random_radii, path, title=f"Coverage of {len(vectors)} high-quality instructions",
+                  label="k-center greedy" if method == "k_center" else f"{method} picks")
     return {
         "k": ks.tolist(),
         "kcenter_radius": [round(float(x), 5) for x in kcenter],
@@ -88,6 +94,8 @@ def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
         # A row-wise stage's marker times its assembly; its shards' seconds are in the summary.
         seconds = marker["seconds"] + float(marker["summary"].get("shard_seconds") or 0.0)
         stages[name] = {"key": marker["key"], "seconds": round(seconds, 3), "summary": marker["summary"]}
+    cutoffs = score_cutoffs(inputs, stages)
+    pool_sources = _table(inputs, "sample", "rows.parquet").get("source", pd.Series([], dtype=str)).unique().tolist()
     ingest_report = json.loads((Path(inputs["ingest"]) / "ingest_report.json").read_text())
     final_model = _in_workspace(inputs["final_train"], "model")
     counts = {
@@ -105,6 +113,8 @@ def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
         "ingest": {k: ingest_report.get(k) for k in ("read", "kept", "duplicates", "quarantined", "decontaminated")},
         "stages": stages,
         "coverage": coverage,
+        "cutoffs": cutoffs,
+        "composition": composition(frame, pool_sources),
         # Files of this export are named relative to its folder (it is written under a
         # temporary name and renamed); other artifacts relative to the workspace root.
         "outputs": {
@@ -118,6 +128,43 @@ def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
     atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False, default=str))
     atomic_write_text(out / REPORT_MD, render_markdown(report))
     return {"selected": len(frame), **{k: v for k, v in counts.items() if k != "selected"}, "final_model": final_model}
+
+
+def score_cutoffs(inputs: Mapping[str, Path], stages: Mapping[str, Any]) -> dict[str, Any]:
+    """The quality and necessity score distributions with their cut-offs (from the stages'
+    summaries; a high_quality artifact from before they were recorded is measured here)."""
+    quality = stages["high_quality"]["summary"].get("quality_distribution")
+    if quality is None:
+        values = _table(inputs, "quality", "scores.parquet")["quality_score"].to_numpy(np.float64)
+        summary = stages["high_quality"]["summary"]
+        quality = score_distribution(values, summary.get("threshold"), "above", int(summary.get("kept") or 0))
+        quality["note"] = "cut-off shown: the lowest kept score"
+    augment = stages["augment_select"]["summary"]
+    return {"quality": quality, "necessity": augment.get("necessity_distribution"),
+            "necessity_method": augment.get("method", "generate")}
+
+
+NECESSITY_SCORE_NAMES = {
+    "generate": "score of the seed model's answer (needed: below the cut-off)",
+    "reward_gap": "reward gap: quality of the pool's answer − score of the seed model's answer (needed: above)",
+    "ifd": "IFD of the pool's answer under the seed model (needed: above; IFD > 1 set aside)",
+}
+
+
+def scores_markdown(report: Mapping[str, Any]) -> str:
+    """Score distributions with their cut-offs and the selection's composition (a section of
+    report.md, and a Prefect artifact of its own)."""
+    cutoffs = report.get("cutoffs") or {}
+    lines = ["## Scores and cut-offs", ""]
+    if cutoffs.get("quality"):
+        lines += distribution_markdown("Quality score (alpha: keep above)", cutoffs["quality"])
+    if cutoffs.get("necessity"):
+        method = cutoffs.get("necessity_method", "generate")
+        lines += distribution_markdown(f"Necessity ({method}): {NECESSITY_SCORE_NAMES.get(method, method)}",
+                                       cutoffs["necessity"])
+    if report.get("composition"):
+        lines += composition_markdown(report["composition"])
+    return "\n".join(lines)
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -150,5 +197,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"Coverage radius after {coverage['k'][-1]} seed picks: k-center {coverage['kcenter_radius'][-1]}, "
             f"random {coverage['random_radius'][-1]} (lower covers better). See `coverage.png`.",
         ]
+    lines += ["", scores_markdown(report)]
     lines += ["", "## Outputs", "", *(f"- {k}: `{v}`" for k, v in report["outputs"].items()), ""]
     return "\n".join(lines)

@@ -62,3 +62,28 @@ def pickable_rows(matrix: np.ndarray, already_selected: list[int]) -> int:
     taken = set(already_selected)
     centers = {matrix[i].tobytes() for i in taken}
     return len({row.tobytes() for i, row in enumerate(matrix) if i not in taken} - centers)
+
+
+def necessity_scores(method: str, necessity: pd.DataFrame, quality: pd.DataFrame,
+                     ifd: pd.DataFrame) -> tuple[pd.DataFrame, str, int]:
+    """The rows a necessity method ranks, with its score (id, score), the side of the cut-off
+    that is needed ("below" or "above"), and how many rows the method set aside.
+
+    generate    the scorer's score of the seed model's answer; low = needed (the paper)
+    reward_gap  quality score of the pool's answer − score of the seed model's answer;
+                high = the seed model falls far short of the pool's answer
+    ifd         loss(answer | instruction) / loss(answer alone) under the seed model; high =
+                the instruction barely helps; IFD > 1 (or undefined) set aside, as Cherry LLM does
+    """
+    if method == "generate":
+        return pd.DataFrame({"id": necessity["id"].astype(str), "score": necessity["necessity_score"]}), "below", 0
+    if method == "reward_gap":
+        merged = necessity.merge(quality[["id", "quality_score"]], on="id", how="left", validate="one_to_one")
+        gap = merged["quality_score"].to_numpy(np.float64) - merged["necessity_score"].to_numpy(np.float64)
+        return pd.DataFrame({"id": merged["id"].astype(str), "score": gap}), "above", 0
+    if method == "ifd":
+        values = ifd["ifd"].to_numpy(np.float64)
+        usable = np.isfinite(values) & (values <= 1.0)
+        return (pd.DataFrame({"id": ifd["id"][usable].astype(str).to_numpy(), "score": values[usable]}), "above",
+                int((~usable).sum()))
+    raise ValueError(f"unknown necessity method {method!r}")

@@ -1,5 +1,5 @@
 """Prefect artifacts (what the UI shows for a run): a summary per stage, the report, the
-coverage curve, and a progress bar per sharded stage."""
+coverage curve, the score distributions with their cut-offs, and a progress bar per sharded stage."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from prefect.artifacts import (
 
 from mods.core.artifacts import Workspace, read_marker
 from mods.core.engine import StageOutcome
-from mods.report import REPORT_JSON, REPORT_MD
+from mods.report import REPORT_JSON, REPORT_MD, scores_markdown
 
 # Rows of the coverage table: enough to read the curve's shape, few enough for one screen.
 COVERAGE_TABLE_ROWS = 12
@@ -37,6 +37,9 @@ def publish_stage(workspace: Workspace, stage: str, outcome: StageOutcome) -> No
     if stage == "export":
         create_markdown_artifact((folder / REPORT_MD).read_text(), key="mods-report", description="MoDS selection report")
         _publish_coverage(folder / REPORT_JSON)
+        create_markdown_artifact(scores_markdown(json.loads((folder / REPORT_JSON).read_text())),
+                                 key="mods-scores", description="Score distributions with the alpha and beta "
+                                 "cut-offs; the selection by source and answer length")
 
 
 def _publish_coverage(report_json: Path) -> None:

@@ -62,7 +62,7 @@ def stage_states(flow_state) -> dict[str, str]:
 
 
 ALL = ["ingest", "sample", "quality", "high_quality", "embed", "seed_select", "seed_train", "answers",
-       "necessity", "augment_select", "final_train", "export"]
+       "necessity", "ifd", "augment_select", "final_train", "export"]
 
 
 ROWWISE = ["quality", "embed", "answers", "necessity"]

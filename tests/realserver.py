@@ -252,7 +252,7 @@ class RealStack:
     # ---------------------------------------------------------------- workers
 
     def start_worker(self, pool: str, name: str | None = None, limit: int | None = None,
-                     worker_type: str = "process") -> Managed:
+                     worker_type: str = "process", **extra_env: str) -> Managed:
         name = name or f"{pool}-{len(self.workers)}"
         home = self.root / f"home-{name}"
         home.mkdir(exist_ok=True)
@@ -260,6 +260,7 @@ class RealStack:
         env["PREFECT_WORKER_QUERY_SECONDS"] = "1"
         env["PREFECT_WORKER_HEARTBEAT_SECONDS"] = "5"
         env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the log says what each flow run did
+        env.update(extra_env)
         args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", worker_type,
                 "--name", name]
         if limit is not None:

@@ -50,7 +50,7 @@ from mods.core.artifacts import (
 )
 from mods.core.faults import is_out_of_memory, release_accelerator_memory, stop_if_interrupted
 from mods.core.rowstore import ROW_KEY, RowStore, blocks, cut_shards
-from mods.core.stage import RowwiseStage, Stage, StageContext, get_stage
+from mods.core.stage import RowwiseStage, Stage, StageContext, get_stage, in_key_only_when_set
 
 log = logging.getLogger("mods.engine")
 
@@ -65,9 +65,19 @@ NOT_IN_ROW_FINGERPRINT = NOT_IN_KEY | {"batch_size"}
 
 
 def key_params(params: Any, drop: set[str] = NOT_IN_KEY) -> Any:
-    """Parameters as JSON values, without those that do not change a stage's output."""
+    """Parameters as JSON values, without those that do not change a stage's output, nor
+    those added later that are at their default (``KEY_WHEN_SET``): older keys stay valid."""
     if isinstance(params, BaseModel):
-        params = params.model_dump(mode="json")
+        fields = type(params).model_fields
+        values = {}
+        for name, value in params.model_dump(mode="json").items():
+            field = fields.get(name)
+            attribute = getattr(params, name, value)
+            if field is not None and in_key_only_when_set(field) and \
+                    attribute == field.get_default(call_default_factory=True):
+                continue
+            values[name] = attribute if isinstance(attribute, BaseModel) else value
+        params = values
     if isinstance(params, dict):
         return {k: key_params(v, drop) for k, v in params.items() if k not in drop}
     if isinstance(params, list):

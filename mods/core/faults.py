@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import signal
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -105,9 +106,23 @@ def catching_interrupts() -> Iterator[None]:
         interrupted.set()
         raise KeyboardInterrupt
 
+    previous_hook = sys.unraisablehook
+
+    def quiet_dropped_interrupt(unraisable: Any) -> None:
+        # A Ctrl-C that lands in a finalizer or an atexit callback cannot propagate, and
+        # Python prints its traceback; the flag already stops the run, so say nothing.
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        previous_hook(unraisable)
+
     signal.signal(signal.SIGINT, on_interrupt)
+    sys.unraisablehook = quiet_dropped_interrupt
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # After an interrupt the process is on its way out (exit 130): finalizers still run
+        # then, so the quiet hook stays; otherwise the previous one comes back.
+        if not interrupted.is_set():
+            sys.unraisablehook = previous_hook
         interrupted.clear()

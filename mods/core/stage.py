@@ -46,6 +46,18 @@ ONE_GPU = Resources(gpus=1)
 WHOLE_MACHINE = Resources(gpus="all")
 
 
+# ``Field(..., json_schema_extra=KEY_WHEN_SET)``: a parameter added after artifacts were
+# keyed. At its default it is left out of the stage's key and row fingerprint
+# (mods.core.engine.key_params), so the artifacts made before it existed keep their keys.
+KEY_WHEN_SET: dict[str, Any] = {"key_when_set": True}
+
+
+def in_key_only_when_set(field: Any) -> bool:
+    """Whether a pydantic field is marked ``KEY_WHEN_SET``."""
+    extra = getattr(field, "json_schema_extra", None)
+    return isinstance(extra, dict) and bool(extra.get("key_when_set"))
+
+
 class StageParams(BaseModel):
     """Base of every stage's parameter model: unknown fields are errors."""
 

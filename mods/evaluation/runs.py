@@ -74,11 +74,24 @@ def run_settings(workspace_root: Path, run: Mapping[str, Mapping[str, str]]) -> 
     scorer = read_marker(folder("quality"))["params"]
     scorer = scorer.get("scorer", scorer)  # {"scorer": {...}} (typed stage parameters) or the scorer itself
     seed_params = read_marker(folder("seed_select"))["params"]
-    size = len(selection_ids(read_table(folder("seed_select"), "selected.parquet"),
-                             read_table(folder("augment_select"), "selected.parquet")))
+    augment_params = read_marker(folder("augment_select"))["params"]
+    selection = selection_ids(read_table(folder("seed_select"), "selected.parquet"),
+                              read_table(folder("augment_select"), "selected.parquet"))
+    tokens = None
+    if seed_params.get("tokens") is not None or augment_params.get("tokens") is not None:
+        # Sized in tokens: the `longest` baseline gets as many tokens as the selection.
+        from mods.budgets import count_tokens
+
+        rows = read_table(folder("high_quality"), "rows.parquet").drop_duplicates("id").set_index("id")
+        tokens = int(count_tokens(training["base_model"], rows.loc[selection].reset_index()).sum())
     return {"base_model": training["base_model"], "train": TrainConfig.model_validate(training["train"]),
             "scorer": ScorerConfig.model_validate(scorer), "kcenter_seed": int(seed_params.get("seed", 0)),
-            "selection_size": size}
+            "selection_size": len(selection), "selection_tokens": tokens}
+
+
+def compared_run_label(export_key: str) -> str:
+    """The name another run of the workspace goes by in the evaluation (``compare_with``)."""
+    return f"run-{export_key[:8]}"
 
 
 # --- baselines ----------------------------------------------------------------------------------
@@ -93,6 +106,8 @@ def baseline_rows(
     embeddings: tuple[list[str], np.ndarray] | None,
     seed: int,
     kcenter_seed: int = 0,
+    tokens: int | None = None,
+    base_model: str | None = None,
 ) -> pd.DataFrame:
     """The rows a baseline model is trained on: ``size`` of them (all high-quality rows for ``full``).
 
@@ -100,6 +115,8 @@ def baseline_rows(
     quality_top  the pool's ``size`` best quality scores (quality alone: no coverage, no necessity)
     seed_only    k-center over the high-quality embeddings with k = ``size``: the seed step alone,
                  grown to the selection's size (its first picks are the run's seed set)
+    longest      the pool's longest answers (characters; ties by id): ``size`` rows, or, given
+                 ``tokens``, rows in that order while they fit in as many tokens (base model's tokenizer)
     full         every high-quality row
     """
     if name == "full":
@@ -117,6 +134,8 @@ def baseline_rows(
         order = np.argsort(-np.nan_to_num(scored["quality_score"].to_numpy(dtype=np.float64), nan=-np.inf),
                            kind="stable")
         return scored.iloc[order[:size]].drop(columns=["quality_score"]).reset_index(drop=True)
+    if name == "longest":
+        return longest_rows(sample_rows, size, tokens, base_model)
     if name == "seed_only":
         from mods.kcenter import k_center_greedy
 
@@ -130,3 +149,25 @@ def baseline_rows(
             raise ValueError(f"seed_only baseline: only {len(set(picks))} distinct rows to pick from, {size} needed")
         return high_quality_rows.set_index("id").loc[picks].reset_index()
     raise ValueError(f"unknown baseline {name!r}")
+
+
+def longest_rows(pool: pd.DataFrame, size: int, tokens: int | None = None, base_model: str | None = None) -> pd.DataFrame:
+    """The ``longest`` baseline (arXiv 2402.04833: hard to beat): longest answers first."""
+    lengths = pool["output"].fillna("").astype(str).str.len().to_numpy()
+    order = np.lexsort((pool["id"].astype(str).to_numpy(), -lengths))
+    ranked = pool.iloc[order].reset_index(drop=True)
+    if tokens is None:
+        if size > len(ranked):
+            raise ValueError(f"longest baseline: {size} rows asked for, the sampled pool has {len(ranked)}")
+        return ranked.iloc[:size].reset_index(drop=True)
+    from mods.budgets import count_tokens
+
+    if not base_model:
+        raise ValueError("longest baseline in tokens needs the base model's tokenizer")
+    costs = count_tokens(base_model, ranked)
+    keep, left = [], int(tokens)
+    for row, cost in enumerate(costs.tolist()):
+        if cost <= left:
+            keep.append(row)
+            left -= cost
+    return ranked.iloc[keep].reset_index(drop=True)

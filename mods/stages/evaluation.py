@@ -18,7 +18,17 @@ from pydantic import Field
 
 from mods.config import Baseline, JudgeKind
 from mods.core.artifacts import Artifact, ArtifactError, artifact_problem, fingerprint_files, write_parquet
-from mods.core.stage import CPU, ONE_GPU, WHOLE_MACHINE, Stage, StageContext, StageParams, read_table, register
+from mods.core.stage import (
+    CPU,
+    KEY_WHEN_SET,
+    ONE_GPU,
+    WHOLE_MACHINE,
+    Stage,
+    StageContext,
+    StageParams,
+    read_table,
+    register,
+)
 from mods.evaluation.answering import answer_prompts
 from mods.evaluation.head_fit import _head_fitted_on, _head_fitted_on_text
 from mods.evaluation.judging import (
@@ -69,6 +79,8 @@ class BaselineParams(StageParams):
     baseline: Baseline
     seed: int = 0
     kcenter_seed: int = Field(0, description="The run's seed-selection seed (seed_only starts where the run did).")
+    tokens: int | None = Field(None, json_schema_extra=KEY_WHEN_SET,
+                               description="longest: the selection's tokens, when the run was sized in tokens.")
     base_model: str
     train: TrainConfig = TrainConfig()
 
@@ -96,7 +108,7 @@ class ReportParams(StageParams):
                                            "judge/<judge>/<baseline>, agreement/<judge>, and scorer_agreement "
                                            "(the pipeline's quality scorer against people)")
     judges: list[JudgeKind]
-    baselines: list[Baseline]
+    baselines: list[str] = Field(description="What MoDS is compared with: baselines, and another run's label.")
     trust_threshold: float = 0.6
     judge_scorer: ScorerConfig | None = Field(None, description="The scorer judge's scorer (for the caveats).")
     pipeline_scorer: ScorerConfig | None = Field(None, description="The run's quality scorer (for the caveats).")
@@ -146,7 +158,7 @@ class EvaluatePrompts(Stage[PromptsParams]):
 @register
 class EvaluateBaseline(Stage[BaselineParams]):
     name, version, resources = "evaluate_baseline", "1", WHOLE_MACHINE
-    description = ("A baseline of the selection's size (random, quality_top, seed_only, full), "
+    description = ("A baseline of the selection's size (random, quality_top, seed_only, longest, full), "
                    "trained like the final model.")
     inputs = BASELINE_INPUTS
     params = BaselineParams
@@ -165,7 +177,7 @@ class EvaluateBaseline(Stage[BaselineParams]):
         rows = baseline_rows(params.baseline, len(selection), read_table(ctx.inputs["sample"], "rows.parquet"),
                              read_table(ctx.inputs["quality"], "scores.parquet"),
                              read_table(ctx.inputs["high_quality"], "rows.parquet"), embeddings, params.seed,
-                             params.kcenter_seed)
+                             params.kcenter_seed, params.tokens, params.base_model)
         write_parquet(rows, ctx.out / "selected.parquet")
         summary = train_model(params.base_model, rows, params.train, ctx.out / "model", progress=ctx.progress,
                               checkpoint_dir=ctx.scratch / "checkpoints")

@@ -13,10 +13,11 @@ class ExportParams(StageParams):
 
 @register
 class Export(Stage[ExportParams]):
-    name, version, resources = "export", "3", CPU
+    # Version 4: the report shows score distributions, cut-offs and the selection's composition.
+    name, version, resources = "export", "4", CPU
     description = "selected.jsonl (Alpaca format), selected.parquet with provenance, the run report."
     inputs = ("ingest", "sample", "quality", "high_quality", "embed", "seed_select", "seed_train", "answers",
-              "necessity", "augment_select", "final_train")
+              "necessity", "ifd", "augment_select", "final_train")
     params = ExportParams
     outputs = ("selected.jsonl", "selected.parquet", "report.json", "report.md", "coverage.png")
 

@@ -1,7 +1,13 @@
-"""Necessity phase (MoDS step 4): the seed model answers every high-quality instruction
-not in the seed set (answers, row-wise), the quality scorer scores those answers
-(necessity, row-wise), and k-center picks the augmented set from the rows still needed —
-below β, or the worst fraction (augment_select)."""
+"""Necessity phase (MoDS step 4): what the seed model still lacks, by one of three methods
+(``necessity.method``), then the augmented set picked by the coverage method (augment_select).
+
+- generate (the paper) and reward_gap: the seed model answers every high-quality
+  instruction not in the seed set (answers, row-wise), the quality scorer scores those
+  answers (necessity, row-wise); reward_gap compares that score with the pool answer's.
+- ifd: the seed model's instruction-following difficulty of the pool's answers (ifd,
+  row-wise, two forward passes per row); answers and necessity then have no rows.
+
+A stage the method does not use has no rows: no model is loaded for it."""
 
 from __future__ import annotations
 
@@ -12,29 +18,55 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from pydantic import Field
+
 from mods.config import AugmentSelectionConfig
 from mods.core.artifacts import Artifact, hash_json, write_parquet
-from mods.core.stage import CPU, ONE_GPU, RowwiseStage, Stage, StageContext, read_table, register, text_cost
+from mods.core.stage import (
+    CPU,
+    KEY_WHEN_SET,
+    ONE_GPU,
+    RowwiseStage,
+    Stage,
+    StageContext,
+    StageParams,
+    read_table,
+    register,
+    text_cost,
+)
 from mods.generation import GenerationConfig
+from mods.ifd import IFD_COLUMNS
 from mods.selection import empty_selection, pickable_rows, selection_frame
+from mods.stages.coverage import CoverageFields, candidate_rows
 from mods.stages.quality import ScoringParams, ScoringStage
+
+
+class AnswersParams(GenerationConfig):
+    answer_rows: bool = Field(True, json_schema_extra=KEY_WHEN_SET,
+                              description="False when the necessity method reads no answers (ifd).")
+
+
+def unselected_rows(inputs: Mapping[str, Path]) -> pd.DataFrame:
+    """The high-quality rows not in the seed set (seed rows are selected already: asking
+    the seed model about them would only cost time)."""
+    rows = read_table(inputs["high_quality"], "rows.parquet")
+    seed_ids = set(read_table(inputs["seed_select"], "selected.parquet")["id"])
+    return rows[~rows["id"].isin(seed_ids)].reset_index(drop=True)
 
 log = logging.getLogger("mods.stages")
 
 
 @register
-class Answers(RowwiseStage[GenerationConfig]):
+class Answers(RowwiseStage[AnswersParams]):
     name, version, resources = "answers", "2", ONE_GPU
     description = "The seed model answers every high-quality instruction not in the seed set."
     inputs = ("high_quality", "seed_select", "seed_train")
-    params = GenerationConfig
+    params = AnswersParams
     outputs = ("answers.parquet",)
 
-    def load(self, inputs: Mapping[str, Path], params: GenerationConfig) -> pd.DataFrame:
-        rows = read_table(inputs["high_quality"], "rows.parquet")
-        seed_ids = set(read_table(inputs["seed_select"], "selected.parquet")["id"])
-        # Seed rows are selected already; asking the model about them would only cost time.
-        return rows[~rows["id"].isin(seed_ids)][["id", "instruction", "input"]].reset_index(drop=True)
+    def load(self, inputs: Mapping[str, Path], params: AnswersParams) -> pd.DataFrame:
+        rows = unselected_rows(inputs)[["id", "instruction", "input"]]
+        return rows if params.answer_rows else rows.iloc[:0]
 
     def row_keys(self, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
         return rows["id"].astype(str), text_cost(rows["instruction"], rows["input"])
@@ -100,38 +132,118 @@ class Necessity(ScoringStage):
         return pd.DataFrame({"quality_score": pd.Series([], dtype=np.float64)})
 
 
+class IfdParams(StageParams):
+    enabled: bool = Field(False, description="Compute IFD (necessity.method 'ifd'); else the stage has no rows.")
+    max_length: int = 512
+    batch_size: int = 8
+    device: str | None = None
+
+
 @register
-class AugmentSelect(Stage[AugmentSelectionConfig]):
+class Ifd(RowwiseStage[IfdParams]):
+    name, version, resources = "ifd", "1", ONE_GPU
+    description = "The seed model's instruction-following difficulty of every unselected high-quality row."
+    inputs = ("high_quality", "seed_select", "seed_train")
+    params = IfdParams
+    outputs = ("ifd.parquet",)
+
+    def load(self, inputs: Mapping[str, Path], params: IfdParams) -> pd.DataFrame:
+        rows = unselected_rows(inputs)[["id", "instruction", "input", "output"]]
+        return rows if params.enabled else rows.iloc[:0]
+
+    def row_keys(self, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+        return rows["id"].astype(str), text_cost(rows["instruction"], rows["input"], rows["output"])
+
+    def block_rows(self, params: IfdParams) -> int:
+        return params.batch_size
+
+    def row_fingerprint_extra(self, params: IfdParams, inputs: Mapping[str, Artifact]) -> list[str]:
+        return [f"seed_model:{inputs['seed_train'].key}"]
+
+    def setup_folders(self, inputs: Mapping[str, Path]) -> dict[str, Path]:
+        return {"seed_model": Path(inputs["seed_train"]) / "model"}
+
+    def setup(self, params: IfdParams, folders: Mapping[str, Path]) -> Any:
+        from mods.training import load_trained_model
+
+        return load_trained_model(folders["seed_model"], device=params.device)
+
+    def process_batch(self, state: Any, block: pd.DataFrame, params: IfdParams) -> pd.DataFrame:
+        from mods.ifd import ifd_scores
+
+        model, tokenizer = state
+        return ifd_scores(model, tokenizer, block, params.max_length)
+
+    def assemble(self, ctx: StageContext, params: IfdParams, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
+        frame = pd.DataFrame({"id": rows["id"].astype(str).to_numpy(),
+                              **{c: results[c].to_numpy(dtype=np.float64) for c in IFD_COLUMNS}})
+        write_parquet(frame, ctx.out / "ifd.parquet")
+        values = frame["ifd"].to_numpy()
+        return {"rows": len(frame), "ifd_above_1": int((values > 1).sum()),
+                "ifd_undefined": int((~np.isfinite(values)).sum())}
+
+    def empty_results(self, params: IfdParams) -> pd.DataFrame:
+        return pd.DataFrame({c: pd.Series([], dtype=np.float64) for c in IFD_COLUMNS})
+
+
+class AugmentSelectParams(AugmentSelectionConfig, CoverageFields):
+    pass
+
+
+@register
+class AugmentSelect(Stage[AugmentSelectParams]):
+    # Inputs gained high_quality (reward_gap, sources, tokens) and ifd: the key changes once,
+    # the default selection's bytes do not, so final training keeps its key (early cut-off).
     name, version, resources = "augment_select", "1", CPU
-    description = "k-center augmented set from the rows the seed model still lacks."
-    inputs = ("embed", "seed_select", "necessity")
-    params = AugmentSelectionConfig
+    description = "The augmented set: the coverage method over the rows the seed model still lacks."
+    inputs = ("embed", "seed_select", "necessity", "high_quality", "ifd")
+    params = AugmentSelectParams
     outputs = ("selected.parquet",)
 
-    def run(self, ctx: StageContext, params: AugmentSelectionConfig) -> dict[str, Any]:
+    def run(self, ctx: StageContext, params: AugmentSelectParams) -> dict[str, Any]:
+        from mods.coverage_methods import budgeted_selection
+        from mods.cutoffs import keep_mask, score_distribution
         from mods.embedding import read_embeddings
         from mods.kcenter import k_center_greedy
-        from mods.selection import keep_below
+        from mods.selection import necessity_scores
 
         ids, vectors = read_embeddings(ctx.inputs["embed"] / "embeddings.parquet")
         position = {row_id: i for i, row_id in enumerate(ids)}
         necessity = read_table(ctx.inputs["necessity"], "necessity.parquet")
-        needed_mask = keep_below(necessity["necessity_score"].to_numpy(), params.beta, params.fraction)
-        needed = necessity["id"][needed_mask].tolist()
+        scored, keep, set_aside = necessity_scores(params.method, necessity,
+                                                   read_table(ctx.inputs["high_quality"], "rows.parquet"),
+                                                   read_table(ctx.inputs["ifd"], "ifd.parquet"))
+        scores = scored["score"].to_numpy(np.float64)
+        needed_mask, cutoff = keep_mask(scores, keep, params.beta, params.beta_percentile, params.fraction)
+        needed = scored["id"][needed_mask].tolist()
         seed_ids = (read_table(ctx.inputs["seed_select"], "selected.parquet")["id"].tolist()
                     if params.relative_to_seed else [])
         candidate_ids = seed_ids + needed
         matrix = vectors[[position[i] for i in candidate_ids]] if candidate_ids else vectors[:0]
         already = list(range(len(seed_ids)))
+        answered = len(scored) + set_aside
+        about = {"method": params.method, "set_aside": set_aside,
+                 "necessity_distribution": score_distribution(scores, cutoff, keep, len(needed))}
+        if not params.paper_setting():
+            if needed:
+                frame, spent = budgeted_selection(params.coverage, matrix,
+                                                  candidate_rows(ctx.inputs["high_quality"], candidate_ids), params.k,
+                                                  params.tokens, params.source_caps, params.source_shares,
+                                                  params.base_model, already=already, seed=params.seed)
+            else:
+                frame, spent = empty_selection(), {"method": params.coverage.method}
+            write_parquet(frame, ctx.out / "selected.parquet")
+            return {"answered": answered, "needed": len(needed), "k_requested": params.k, "k": len(frame),
+                    **about, "coverage": spent}
         k = min(params.k, pickable_rows(matrix, already)) if needed else 0
         if k < params.k:
             log.warning("necessity.k=%d, but only %d of the %d answered rows are still needed and distinct from "
-                        "the seed set: the augmented set is all of them", params.k, k, len(necessity))
+                        "the seed set: the augmented set is all of them", params.k, k, answered)
         if k == 0:
             frame = empty_selection()
         else:
             result = k_center_greedy(matrix, k, already_selected=already, seed=params.seed)
             frame = selection_frame(candidate_ids, result)
         write_parquet(frame, ctx.out / "selected.parquet")
-        return {"answered": len(necessity), "needed": len(needed), "k_requested": params.k, "k": k,
-                "capped": k < params.k}
+        return {"answered": answered, "needed": len(needed), "k_requested": params.k, "k": k,
+                "capped": k < params.k, **about}

@@ -11,7 +11,20 @@ import numpy as np
 import pandas as pd
 
 from mods.core.artifacts import write_parquet
-from mods.core.stage import CPU, ONE_GPU, RowwiseStage, Stage, StageContext, StageParams, read_table, register, text_cost
+from pydantic import Field
+
+from mods.core.stage import (
+    CPU,
+    KEY_WHEN_SET,
+    ONE_GPU,
+    RowwiseStage,
+    Stage,
+    StageContext,
+    StageParams,
+    read_table,
+    register,
+    text_cost,
+)
 from mods.scoring import ScorerConfig, scorer_identity
 
 
@@ -21,6 +34,7 @@ class ScoringParams(StageParams):
 
 class HighQualityParams(StageParams):
     alpha: float | None = None
+    alpha_percentile: float | None = Field(None, json_schema_extra=KEY_WHEN_SET)
     keep_fraction: float | None = None
 
 
@@ -80,17 +94,19 @@ class HighQuality(Stage[HighQualityParams]):
     outputs = ("rows.parquet",)
 
     def run(self, ctx: StageContext, params: HighQualityParams) -> dict[str, Any]:
-        from mods.selection import keep_above
+        from mods.cutoffs import keep_mask, score_distribution
 
         rows = read_table(ctx.inputs["sample"], "rows.parquet")
         scores = read_table(ctx.inputs["quality"], "scores.parquet")[["id", "quality_score"]]
         scored = rows.merge(scores, on="id", how="left", validate="one_to_one")
-        mask = keep_above(scored["quality_score"].to_numpy(), params.alpha, params.keep_fraction)
+        values = scored["quality_score"].to_numpy(np.float64)
+        mask, cutoff = keep_mask(values, "above", params.alpha, params.alpha_percentile, params.keep_fraction)
         kept = scored[mask].reset_index(drop=True)
         if kept.empty:
             raise ValueError(
-                f"no row passed the quality filter (alpha={params.alpha}, keep_fraction={params.keep_fraction}) "
-                f"out of {len(scored)}; lower quality.alpha"
+                f"no row passed the quality filter (alpha={params.alpha}, alpha_percentile={params.alpha_percentile}, "
+                f"keep_fraction={params.keep_fraction}) out of {len(scored)}; lower quality.alpha"
             )
         write_parquet(kept, ctx.out / "rows.parquet")
-        return {"scored": len(scored), "kept": len(kept), "threshold": float(kept["quality_score"].min())}
+        return {"scored": len(scored), "kept": len(kept), "threshold": float(kept["quality_score"].min()),
+                "quality_distribution": score_distribution(values, cutoff, "above", len(kept))}

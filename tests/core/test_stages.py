@@ -332,3 +332,33 @@ def test_a_ctrl_c_that_python_dropped_still_stops_the_stage_at_the_next_block(tm
     finally:
         faults.interrupted.clear()
         STAGES.pop("counting", None)
+
+
+def test_a_ctrl_c_dropped_in_a_finalizer_prints_nothing_and_other_errors_still_reach_the_hook():
+    """Python cannot raise a KeyboardInterrupt that lands in a finalizer: it prints a
+    traceback instead. Under catching_interrupts that one is silent; others are not."""
+    import sys
+
+    from mods.core.faults import catching_interrupts
+
+    seen: list[type] = []
+
+    class RaisesWhenCollected:
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
+
+        def __del__(self) -> None:
+            raise self.error
+
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: seen.append(type(unraisable.exc_value))
+    try:
+        with catching_interrupts():
+            RaisesWhenCollected(KeyboardInterrupt())  # collected at once (reference count 0)
+            RaisesWhenCollected(ValueError("a real bug"))
+        assert seen == [ValueError]
+        assert sys.unraisablehook is not previous  # not interrupted: the recorder is back
+        RaisesWhenCollected(KeyboardInterrupt())
+        assert seen == [ValueError, KeyboardInterrupt]
+    finally:
+        sys.unraisablehook = previous

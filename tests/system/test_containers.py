@@ -190,7 +190,7 @@ def test_compose_stack_runs_the_pipeline_and_survives_a_killed_gpu_worker_contai
             victim = next(r for r in _gpu_runs() if r.state.is_running())
             docker("kill", stack.container("gpu-worker"))
             stack.run("rm", "-f", "gpu-worker")
-            stack.run("up", "-d", "--no-build", "gpu-worker")
+            stack.run("up", "-d", "--no-build", "gpu-worker", timeout=900)
             run = _wait_final(pipeline.id, RUN_TIMEOUT_SECONDS, stack.logs)
             assert run.state.is_completed(), f"{run.state.message}\n{stack.logs()}"
             print(f"pipeline through the stack, a GPU worker container killed in {victim.name}: "
@@ -229,7 +229,8 @@ def test_gpu_shards_as_containers_of_the_docker_pool_equal_in_process_shards(
         _unavailable(str(error))
     try:
         stack.start_worker("mods-cpu", name="cpu-0")
-        stack.start_worker("mods-gpu-docker", name="docker-0", worker_type="docker")
+        # creating a container copies the image on vfs: longer than the SDK's 60 s on a busy machine
+        stack.start_worker("mods-gpu-docker", name="docker-0", worker_type="docker", DOCKER_CLIENT_TIMEOUT="600")
         config = _config(data, str(workspace))
         with stack.settings():
             from prefect.deployments import run_deployment
