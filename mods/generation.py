@@ -1,14 +1,26 @@
-"""Necessity inference: the seed model answers instructions, in batches."""
+"""Necessity inference: the seed model answers instructions, in batches, on one of two
+engines (``generation.engine``): transformers' ``generate`` (here) or vLLM
+(``mods.generation_vllm``). ``open_answer_engine`` is the one way in for a caller that
+answers many batches with one model (the answers stage, the evaluation's answers)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, Literal, Protocol, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from mods.core.faults import first_line
+from mods.core.stage import KEY_WHEN_SET
 from mods.prompts import chat_prompt
+
+log = logging.getLogger("mods.generation")
+
+EngineName = Literal["transformers", "vllm"]
 
 
 class GenerationConfig(BaseModel):
@@ -21,6 +33,53 @@ class GenerationConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
     max_prompt_length: int = Field(256, ge=8, description="Prompt tokens kept (the end is kept).")
     device: str | None = Field(None, description="'cpu', 'cuda', or empty for automatic.")
+    # Added after answers were keyed: at its default it is not in the key (old keys stay).
+    engine: Literal["transformers", "vllm", "auto"] = Field(
+        "transformers", json_schema_extra=KEY_WHEN_SET,
+        description="'transformers' (generate), 'vllm' (make vllm; greedy only, ~3x on 2 CPU cores; "
+        "use a larger batch_size, e.g. 64+) or 'auto': vllm where it is installed and num_beams is 1, else "
+        "transformers, and transformers when vLLM cannot start. The engine is part of the answers' key.",
+    )
+
+    @model_validator(mode="after")
+    def _engine_can_decode(self) -> "GenerationConfig":
+        if self.engine == "vllm" and self.num_beams > 1:
+            raise ValueError("generation.engine 'vllm' decodes greedily (num_beams 1); beam search runs on "
+                             "'transformers' (vLLM's beam search is another algorithm, and impractical on CPU)")
+        return self
+
+
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported here (``make vllm``), without importing it (seconds)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def chosen_engine(config: GenerationConfig) -> EngineName:
+    """The engine a config asks for; ``auto``: vLLM where it is installed and decoding is
+    greedy (its beam search is not transformers'), else transformers."""
+    if config.engine != "auto":
+        return config.engine
+    return "vllm" if config.num_beams == 1 and vllm_installed() else "transformers"
+
+
+def eos_token_ids(tokenizer: Any) -> list[int]:
+    """Where an answer stops: the end-of-sequence token and the chat turn's end, <|im_end|>."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return sorted(t for t in ids if isinstance(t, int) and t >= 0)
+
+
+def prompt_token_ids(tokenizer: Any, instructions: Sequence[str], inputs: Sequence[str],
+                     max_prompt_length: int) -> list[list[int]]:
+    """Each prompt's token ids as ``generate_answers`` feeds them: the chat prompt, its last
+    ``max_prompt_length`` tokens."""
+    truncation_side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        prompts = [chat_prompt(tokenizer, i, x) for i, x in zip(instructions, inputs)]
+        return tokenizer(prompts, truncation=True, max_length=max_prompt_length,
+                         add_special_tokens=False)["input_ids"]
+    finally:
+        tokenizer.truncation_side = truncation_side
 
 
 def generate_answers(
@@ -46,7 +105,7 @@ def generate_answers(
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
     answers: list[str] = [""] * len(prompts)
-    eos_ids = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int) and t >= 0]
+    eos_ids = eos_token_ids(tokenizer)
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
     try:
         for start in range(0, len(order), config.batch_size):
@@ -76,3 +135,55 @@ def generate_answers(
         tokenizer.truncation_side = truncation_side
         bar.close()
     return answers
+
+
+class AnswerEngine(Protocol):
+    """One model, ready to answer: ``answer`` any number of batches, then ``close``."""
+
+    name: EngineName
+
+    def answer(self, instructions: Sequence[str], inputs: Sequence[str], progress: bool = False) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+class TransformersAnswers:
+    """``generate_answers`` on a model loaded once."""
+
+    name: EngineName = "transformers"
+
+    def __init__(self, model_dir: Path, config: GenerationConfig) -> None:
+        from mods.training import load_trained_model
+
+        self.config = config
+        self.model, self.tokenizer = load_trained_model(model_dir, device=config.device)
+
+    def answer(self, instructions: Sequence[str], inputs: Sequence[str], progress: bool = False) -> list[str]:
+        return generate_answers(self.model, self.tokenizer, instructions, inputs, self.config, progress=progress)
+
+    def close(self) -> None:
+        self.model = None
+
+
+class EngineStartError(RuntimeError):
+    """The generation engine the config names could not start (one line: what, and what to do)."""
+
+
+def open_answer_engine(model_dir: Path, config: GenerationConfig) -> AnswerEngine:
+    """The config's engine, started for the model in ``model_dir`` (a ``mods train`` output
+    or a plain HF model folder). vLLM that cannot start (not installed, no memory, a model it
+    does not support) is an ``EngineStartError``, or transformers when the engine is ``auto``."""
+    if chosen_engine(config) == "vllm":
+        try:
+            if not vllm_installed():
+                raise ImportError("vLLM is not installed here (make vllm)")
+            from mods.generation_vllm import VllmAnswers
+
+            return VllmAnswers(Path(model_dir), config)
+        except Exception as error:  # noqa: BLE001 - any start failure is one line
+            if config.engine != "auto":
+                raise EngineStartError(f"generation.engine vllm could not start: {first_line(error)} "
+                                       "(generation.engine: transformers, or auto, runs without it)") from None
+            log.warning("vLLM could not start (%s); generation.engine is auto: answering with transformers",
+                        first_line(error))
+    return TransformersAnswers(Path(model_dir), config)

@@ -19,6 +19,7 @@ rebuilt; leftovers of dead writers removed (mods/core/artifacts.py has those pri
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -367,19 +368,26 @@ def parse_params(stage: Stage, params: Any) -> BaseModel:
 # One loaded model per process: a process's shards share it. (A process worker runs each
 # flow run in a new process, so each GPU shard loads its model: a shard is sized to make
 # that cost small, `execution.rows_per_shard`.)
-_SETUP_CACHE: dict[tuple[str, str], Any] = {}
+_SETUP_CACHE: dict[tuple[str, str], tuple[RowwiseStage, Any]] = {}  # key -> (stage, what its setup made)
 
 
 def _setup(stage: RowwiseStage, fingerprint: str, typed: BaseModel, folders: Mapping[str, Path]) -> Any:
     key = (stage.name, fingerprint + hash_json({k: str(v) for k, v in folders.items()}))
     if key not in _SETUP_CACHE:
-        _SETUP_CACHE.clear()  # free the previous stage's model first
-        _SETUP_CACHE[key] = stage.setup(typed, folders)
-    return _SETUP_CACHE[key]
+        release_models()  # free the previous stage's model first
+        _SETUP_CACHE[key] = (stage, stage.setup(typed, folders))
+    return _SETUP_CACHE[key][1]
 
 
 def release_models() -> None:
-    _SETUP_CACHE.clear()
+    """Tear down every loaded model; also at exit (Ctrl-C included), so that a model served
+    by a child process (vLLM) never outlives this one."""
+    while _SETUP_CACHE:
+        _, (stage, state) = _SETUP_CACHE.popitem()
+        stage.teardown(state)
+
+
+atexit.register(release_models)
 
 
 def compute_block(stage: RowwiseStage, state: Any, block: pd.DataFrame, typed: BaseModel) -> pd.DataFrame:
@@ -416,12 +424,15 @@ def compute_rows(name: str, params: Any, frame: pd.DataFrame, folders: Mapping[s
     ordered = work.drop_duplicates(ROW_KEY).sort_values(["cost", ROW_KEY], kind="stable")
     state = stage.setup(typed, folders or {})
     parts = []
-    with tqdm(total=len(ordered), desc=name, unit="row", disable=not progress) as bar:
-        for block in blocks(ordered, stage.block_rows(typed)):
-            result = compute_block(stage, state, block, typed)
-            result.insert(0, ROW_KEY, block[ROW_KEY].to_numpy())
-            parts.append(result)
-            bar.update(len(block))
+    try:
+        with tqdm(total=len(ordered), desc=name, unit="row", disable=not progress) as bar:
+            for block in blocks(ordered, stage.block_rows(typed)):
+                result = compute_block(stage, state, block, typed)
+                result.insert(0, ROW_KEY, block[ROW_KEY].to_numpy())
+                parts.append(result)
+                bar.update(len(block))
+    finally:
+        stage.teardown(state)
     results = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({ROW_KEY: []})
     return results.set_index(ROW_KEY).loc[work[ROW_KEY].tolist()].reset_index(drop=True)
 

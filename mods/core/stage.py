@@ -143,6 +143,10 @@ class RowwiseStage(Stage[P]):
         """The result columns for one block, in row order."""
         raise NotImplementedError
 
+    def teardown(self, state: Any) -> None:
+        """Release what ``setup`` made when the process is done with it (a model served by
+        a child process is stopped here); a loaded model needs nothing."""
+
     def assemble(self, ctx: StageContext, params: P, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
         """Write the stage's artifact from all its rows and their results."""
         raise NotImplementedError

@@ -48,20 +48,26 @@ def answer_prompts(model_dir: Path, prompts: pd.DataFrame, generation: Generatio
                    progress: bool = True) -> pd.DataFrame:
     """One model's answers to the prompts marked ``answer`` and its reference log-likelihood
     on those marked ``reference_loglik``: columns test_set, prompt_id, answer, reference_loglik."""
-    from mods.generation import generate_answers
+    from mods.generation import TransformersAnswers, open_answer_engine
     from mods.training import load_trained_model
 
-    model, tokenizer = load_trained_model(model_dir, device=generation.device)
     answers = pd.Series([None] * len(prompts), dtype=object)
     todo = prompts.index[prompts["answer"]].tolist()
-    if todo:
-        texts = generate_answers(model, tokenizer, prompts.loc[todo, "instruction"].tolist(),
-                                 prompts.loc[todo, "input"].tolist(), generation, progress=progress)
-        answers.loc[todo] = texts
-    loglik = np.full(len(prompts), np.nan)
     with_reference = prompts.index[prompts["reference_loglik"]].tolist()
-    if with_reference:
-        loglik[with_reference] = reference_loglik(model, tokenizer, prompts.loc[with_reference], reference_max_length,
-                                                  batch_size=generation.batch_size)
+    loglik = np.full(len(prompts), np.nan)
+    engine = open_answer_engine(model_dir, generation) if todo else None
+    try:
+        if engine is not None:
+            answers.loc[todo] = engine.answer(prompts.loc[todo, "instruction"].tolist(),
+                                              prompts.loc[todo, "input"].tolist(), progress=progress)
+        if with_reference:
+            # The likelihood is transformers' forward pass, whichever engine answered.
+            model, tokenizer = ((engine.model, engine.tokenizer) if isinstance(engine, TransformersAnswers)
+                                else load_trained_model(model_dir, device=generation.device))
+            loglik[with_reference] = reference_loglik(model, tokenizer, prompts.loc[with_reference],
+                                                      reference_max_length, batch_size=generation.batch_size)
+    finally:
+        if engine is not None:
+            engine.close()
     return pd.DataFrame({"test_set": prompts["test_set"], "prompt_id": prompts["prompt_id"], "answer": answers,
                          "reference_loglik": loglik})

@@ -34,7 +34,7 @@ from mods.core.stage import (
     register,
     text_cost,
 )
-from mods.generation import GenerationConfig
+from mods.generation import AnswerEngine, GenerationConfig, open_answer_engine
 from mods.ifd import IFD_COLUMNS
 from mods.selection import empty_selection, pickable_rows, selection_frame
 from mods.stages.coverage import CoverageFields, candidate_rows
@@ -80,18 +80,16 @@ class Answers(RowwiseStage[AnswersParams]):
     def setup_folders(self, inputs: Mapping[str, Path]) -> dict[str, Path]:
         return {"seed_model": Path(inputs["seed_train"]) / "model"}
 
-    def setup(self, params: GenerationConfig, folders: Mapping[str, Path]) -> Any:
-        from mods.training import load_trained_model
+    def setup(self, params: GenerationConfig, folders: Mapping[str, Path]) -> AnswerEngine:
+        # One engine per process, kept across its shards (a vLLM start costs minutes on CPU).
+        return open_answer_engine(folders["seed_model"], params)
 
-        return load_trained_model(folders["seed_model"], device=params.device)
-
-    def process_batch(self, state: Any, block: pd.DataFrame, params: GenerationConfig) -> pd.DataFrame:
-        from mods.generation import generate_answers
-
-        model, tokenizer = state
-        answers = generate_answers(model, tokenizer, block["instruction"].tolist(), block["input"].tolist(), params,
-                                   progress=False)
+    def process_batch(self, state: AnswerEngine, block: pd.DataFrame, params: GenerationConfig) -> pd.DataFrame:
+        answers = state.answer(block["instruction"].tolist(), block["input"].tolist())
         return pd.DataFrame({"seed_answer": pd.Series(answers, dtype=str)})
+
+    def teardown(self, state: AnswerEngine) -> None:
+        state.close()
 
     def assemble(self, ctx: StageContext, params: GenerationConfig, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
         frame = pd.DataFrame({"id": rows["id"].astype(str), "instruction": rows["instruction"].astype(str),

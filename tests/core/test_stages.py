@@ -350,7 +350,12 @@ def test_a_ctrl_c_dropped_in_a_finalizer_prints_nothing_and_other_errors_still_r
         def __del__(self) -> None:
             raise self.error
 
+    import signal
+
     previous = sys.unraisablehook
+    # As in a terminal's foreground job; a background job inherits SIGINT ignored, and
+    # catching_interrupts leaves an ignored SIGINT (and the hook) alone.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.unraisablehook = lambda unraisable: seen.append(type(unraisable.exc_value))
     try:
         with catching_interrupts():
@@ -362,3 +367,4 @@ def test_a_ctrl_c_dropped_in_a_finalizer_prints_nothing_and_other_errors_still_r
         assert seen == [ValueError, KeyboardInterrupt]
     finally:
         sys.unraisablehook = previous
+        signal.signal(signal.SIGINT, previous_sigint)
