@@ -12,8 +12,18 @@ Baselines, measured here in the same process on the same rows:
   micro-batches per step): the same global_batch, so the same updates. Tokens/s of the
   training loop, and the wall time of the whole ``train_model`` call (which for 2
   processes includes starting them).
+- train-memory: peak resident memory of the demo's final training (32 real ShareGPT rows
+  of the demo's sample, at most 1,000 characters each as ``sample.max_chars`` measures
+  them; the pipeline's ``final_training`` settings: LoRA, 2 epochs, global batch 8, bf16
+  autocast) with the loss before ``mods.training_loss`` (``model(**batch).loss``: logits
+  for every position, no recomputation, glibc's default heap) against ours, each in a
+  fresh child process (``ru_maxrss`` never goes down), with the losses of each, their
+  largest difference from the first variant, and the loop's wall and the child's CPU
+  time. ``--memory-variants`` adds the steps in between; ``--memory-max-chars 0`` takes
+  rows of any length (more cut at ``max_length``: the widest micro-batches);
+  ``--memory-precision fp32`` trains without bf16 autocast (its rounding apart).
 Prints tokens/s for each and the ratio. Rows: real ShareGPT rows (the demo pool).
-``--parts`` picks what to run (default: all three).
+``--parts`` picks what to run (default: train, generate, processes).
 Both sides get an untimed warm-up first (the first batches on this CPU are slow), then
 they alternate ``--repeats`` times and the best time of each counts, so neither side
 pays for warm-up or for a burst of load on the shared cores.
@@ -22,7 +32,9 @@ pays for warm-up or for a burst of load on the shared cores.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,10 +55,17 @@ from mods.readers import demo_sources  # noqa: E402
 from mods.training import TrainConfig, load_trained_model, train_model  # noqa: E402
 
 
-def demo_rows(n: int, max_chars: int = 800) -> pd.DataFrame:
+def demo_rows(n: int, max_chars: int | None = 800) -> pd.DataFrame:
     rows = ingest(demo_sources(), IngestConfig(), progress=False).rows
-    size = rows["instruction"].str.len() + rows["input"].str.len() + rows["output"].str.len()
-    return rows[size <= max_chars].sample(n=n, random_state=0).reset_index(drop=True)
+    if max_chars:  # the sample stage's measure: what a row trains on (every turn of a conversation)
+        try:
+            from mods.conversations import conversation_chars
+        except ImportError:  # exchange rows only
+            def conversation_chars(row) -> int:
+                return sum(len(str(row[c])) for c in ("instruction", "input", "output"))
+        size = pd.Series([conversation_chars(row) for row in rows.to_dict("records")], index=rows.index)
+        rows = rows[size <= max_chars]
+    return rows.sample(n=n, random_state=0).reset_index(drop=True)
 
 
 def time_training(rows: pd.DataFrame, out: Path, precision: str, grouped: bool) -> tuple[float, int]:
@@ -144,6 +163,87 @@ def fsdp_memory_estimate(gpus: int = 8, micro_batch: int = 16, seq: int = 512) -
     print(f"without sharding, one GPU would hold {16 * params / gb:.0f} GB of weights, gradients and AdamW states")
 
 
+# The changes a train-memory variant has, '+'-joined ("loss+heap"); "before" has none,
+# "ours" all three (what final_training runs now).
+MEMORY_CHANGES = {
+    "loss": "mods.training_loss (logits only where a label follows, chunked cross-entropy)",
+    "recompute": "activation recomputation (train.gradient_checkpointing)",
+    "heap": "tensors of >= 1 MiB freed back to the system (return_freed_tensors_to_the_system)",
+}
+
+
+def memory_changes(variant: str) -> set[str]:
+    if variant == "before":
+        return set()
+    if variant == "ours":
+        return set(MEMORY_CHANGES)
+    changes = set(variant.split("+"))
+    if not changes <= set(MEMORY_CHANGES):
+        raise SystemExit(f"unknown train-memory variant {variant!r}: before, ours or a '+'-join of {', '.join(MEMORY_CHANGES)}")
+    return changes
+
+
+def train_memory_child(variant: str, rows_path: str, precision: str) -> None:
+    """One final-training run in this fresh process; prints its summary as JSON (last line)."""
+    import resource
+
+    from mods.config import PipelineConfig
+
+    changes = memory_changes(variant)
+    if "loss" not in changes:  # the loss before mods.training_loss: logits at every position
+        training_process.causal_lm_loss = lambda model, batch: model(**batch).loss
+    if "heap" not in changes:
+        training_process.return_freed_tensors_to_the_system = lambda: False
+    rows = pd.read_parquet(rows_path)
+    config = PipelineConfig().final_training.model_copy(
+        update={"device": "cpu", "gradient_checkpointing": "recompute" in changes, "precision": precision})
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = train_model("smollm2-135m-instruct", rows, config, Path(tmp) / "model", progress=False)
+    # CPU seconds of the whole child (user + system: page faults included); on shared cores
+    # a steadier measure of the cost than the loop's wall time.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    summary["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    print(json.dumps(summary))  # peak_memory_mb: this process's ru_maxrss (MiB), training included
+
+
+def compare_train_memory(rows: pd.DataFrame, tmp: Path, variants: list[str], precision: str = "auto") -> None:
+    path = tmp / "memory-rows.parquet"
+    rows.to_parquet(path)
+    results = {}
+    for variant in variants:
+        memory_changes(variant)  # a misspelt variant fails before the first run
+    for variant in variants:
+        done = subprocess.run([sys.executable, __file__, "--memory-child", variant, str(path), precision],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"train-memory {variant} failed:\n{done.stderr[-3000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    for variant in variants:
+        print(f"train-memory {variant}: " + (", ".join(MEMORY_CHANGES[c] for c in sorted(memory_changes(variant)))
+                                           or "model(**batch).loss, no recomputation, glibc's default heap"))
+    first = results[variants[0]]
+    print(f"train-memory {len(rows)} rows, {first['tokens']} tokens, {first['optimizer_steps']} optimizer steps, "
+          f"{first['batches']} micro-batches, autocast {first['autocast']}")
+    keys = ("first_loss", "last_loss", "mean_loss_first_epoch", "mean_loss_last_epoch")
+
+    def gap(summary: dict) -> float:  # the largest loss difference from the first variant
+        return max(abs(summary[k] - first[k]) for k in keys)
+
+    print(f"train-memory {'':16s} {'peak RSS':>10s} {'loop':>7s} {'CPU':>7s} {'first loss':>12s} "
+          f"{'last loss':>12s} {'epoch-1 mean':>13s} {'epoch-2 mean':>13s} {'max |diff|':>10s}")
+    for variant, summary in results.items():
+        print(f"train-memory {variant:16s} {summary['peak_memory_mb']:6.0f} MiB "
+              f"{summary['seconds']:6.1f}s {summary['cpu_seconds']:6.1f}s {summary['first_loss']:12.7f} "
+              f"{summary['last_loss']:12.7f} {summary['mean_loss_first_epoch']:13.7f} "
+              f"{summary['mean_loss_last_epoch']:13.7f} {gap(summary):10.1e}")
+    if len(results) > 1:
+        last = results[variants[-1]]
+        print(f"train-memory {variants[-1]} against {variants[0]}: "
+              f"peak {last['peak_memory_mb'] / first['peak_memory_mb']:.2f}x, loop time "
+              f"{last['seconds'] / first['seconds']:.2f}x, CPU time {last['cpu_seconds'] / first['cpu_seconds']:.2f}x, "
+              f"largest loss difference {gap(last):.1e}")
+
+
 def time_generation(model, tokenizer, rows: pd.DataFrame, batch_size: int, new_tokens: int) -> tuple[float, int]:
     config = GenerationConfig(max_new_tokens=new_tokens, batch_size=batch_size, device="cpu")
     started = time.perf_counter()
@@ -160,13 +260,33 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parts", default="train,generate,processes",
-                        help="comma-separated: train, generate, processes, memory (the 7B FSDP estimate)")
+                        help="comma-separated: train, generate, processes, train-memory, memory (the 7B FSDP estimate)")
+    parser.add_argument("--memory-variants", default="before,ours",
+                        help="train-memory: comma-separated runs, each 'before', 'ours' or a '+'-join of "
+                             f"{', '.join(MEMORY_CHANGES)} (e.g. loss+heap)")
+    parser.add_argument("--memory-rows", type=int, default=32, help="train-memory: rows (the demo selects 32)")
+    parser.add_argument("--memory-max-chars", type=int, default=1000,
+                        help="train-memory: longest row in characters (the demo's sample.max_chars; 0: any)")
+    parser.add_argument("--memory-precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="train-memory: train.precision of every run (auto, the pipeline's: bf16 autocast "
+                             "where the CPU has it; fp32 shows the losses without bf16's rounding)")
+    parser.add_argument("--memory-child", nargs=3, metavar=("VARIANT", "ROWS", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        train_memory_child(*args.memory_child)
+        return
     parts = set(args.parts.split(","))
     if "memory" in parts:
         fsdp_memory_estimate()
-        if parts == {"memory"}:
-            return
+        parts.discard("memory")
+    if "train-memory" in parts:
+        resolve_model_path("smollm2-135m-instruct")
+        with tempfile.TemporaryDirectory() as tmp:
+            compare_train_memory(demo_rows(args.memory_rows, args.memory_max_chars or None), Path(tmp),
+                                 args.memory_variants.split(","), args.memory_precision)
+        parts.discard("train-memory")
+    if not parts:
+        return
     torch.manual_seed(0)
     resolve_model_path("smollm2-135m-instruct")  # prepare outside the timings
     rows = demo_rows(args.rows + args.prompts)

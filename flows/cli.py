@@ -302,6 +302,8 @@ def _run(args: argparse.Namespace) -> int:
             server.stop()
     print("\nMoDS selection finished.")
     print(f"  selected data (Alpaca JSONL): {result['selected_jsonl']}")
+    print(f"  the same as OpenAI messages:  {result['selected_messages_jsonl']}")
+    print(f"  the same as ShareGPT:         {result['selected_sharegpt_jsonl']}")
     print(f"  selected data + provenance:   {result['selected_parquet']}")
     print(f"  report:                       {result['report']}")
     print(f"  coverage plot:                {result['coverage_png']}")
@@ -373,7 +375,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     rows = _load_rows(args.data, args, keep_duplicates=True)
     config = from_flags(args, EmbeddingConfig, "embedding")
-    work = rows.assign(text=embedding_texts(rows, config.text))
+    work = rows.assign(text=embedding_texts(rows, config.text, config.conversation))
     vectors = np.stack(compute_rows("embed", config, work, progress=not args.quiet)["embedding"].tolist())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(embeddings_table(rows["id"].tolist(), vectors), args.out)
@@ -442,9 +444,11 @@ def cmd_necessity(args: argparse.Namespace) -> int:
                            folders={"seed_model": Path(args.model_dir)},
                            progress=not args.quiet)
     rows["seed_answer"] = answers["seed_answer"].to_numpy()
+    rows["turn_answers"] = list(answers["turn_answers"])  # a conversation row: one per assistant turn
     release_models()
     scores = compute_rows("necessity", scoring, rows, progress=not args.quiet)
     rows["necessity_score"] = scores["quality_score"].to_numpy()
+    rows["turn_scores"] = list(scores["turn_scores"])
     _write_parquet(rows, args.out)
     return 0
 
@@ -531,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     nec = sub.add_parser("necessity", help="a trained model answers DATA; answers are scored (necessity_score)")
     nec.add_argument("data", nargs="+", metavar="DATA")
     nec.add_argument("--model-dir", dest="model_dir", required=True, help="a `mods train` output or a local HF causal LM")
-    nec.add_argument("--out", required=True, help="output .parquet (seed_answer, necessity_score)")
+    nec.add_argument("--out", required=True, help="output .parquet (seed_answer, turn_answers, necessity_score, turn_scores)")
     add_flags(nec, GenerationConfig, rename={"batch_size": "gen_batch_size"})
     add_flags(nec, ScorerConfig, rename=SCORER_FLAGS)
     _add_common(nec)

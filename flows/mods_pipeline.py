@@ -44,6 +44,8 @@ def mods_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
     out = artifacts["export"].dir(workspace)
     result = {
         "selected_jsonl": str(out / "selected.jsonl"),
+        "selected_messages_jsonl": str(out / "selected_messages.jsonl"),
+        "selected_sharegpt_jsonl": str(out / "selected_sharegpt.jsonl"),
         "selected_parquet": str(out / "selected.parquet"),
         "report": str(out / "report.md"),
         "coverage_png": str(out / "coverage.png"),

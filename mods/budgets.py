@@ -20,9 +20,12 @@ BudgetUnit = Literal["rows", "tokens"]
 
 
 def training_token_counts(tokenizer: Any, frame: pd.DataFrame) -> np.ndarray:
-    """Tokens each row costs in training: prompt (the training format) + answer + end of
-    answer, untruncated (mods.training_data.encode_rows without the ``max_length`` cut)."""
+    """Tokens each row costs in training, untruncated (mods.training_data.encode_rows without
+    the ``max_length`` cut): prompt (the training format) + answer + end of answer; a
+    conversation row (``ingest.turn: conversation``), every turn of its conversation."""
     from mods.prompts import answer_suffix, chat_prompt
+    from mods.conversations import row_conversation
+    from mods.training_data import conversation_token_count
 
     if frame.empty:
         return np.zeros(0, dtype=np.int64)
@@ -31,7 +34,13 @@ def training_token_counts(tokenizer: Any, frame: pd.DataFrame) -> np.ndarray:
     answers = [str(o) + suffix for o in frame["output"]]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
-    return np.array([len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)], dtype=np.int64)
+    counts = np.array([len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)], dtype=np.int64)
+    if "messages" in frame.columns:
+        for row, record in enumerate(frame.to_dict("records")):
+            conversation = row_conversation(record)
+            if conversation is not None:
+                counts[row] = conversation_token_count(tokenizer, conversation)
+    return counts
 
 
 def count_tokens(base_model: str, frame: pd.DataFrame) -> np.ndarray:

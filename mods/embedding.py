@@ -1,10 +1,18 @@
-"""Instruction embeddings for coverage (k-center) selection."""
+"""Instruction embeddings for coverage (k-center) selection.
+
+What a conversation row (``ingest.turn: conversation``) is embedded as is
+``EmbeddingConfig.conversation``: by default its user turns, in order, a blank line between
+them: what the conversation asks for, as the instruction is for an exchange (answers are
+the quality and necessity stages' business). The embedding model reads the first
+``max_length`` tokens of it, so a long conversation is cut as training cuts it: its
+opening turns kept, later ones dropped (training keeps whole turns, the embedding may end
+inside one)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -12,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from mods.conversations import user_turns_text
+from mods.core.stage import KEY_WHEN_SET
 from mods.prompts import user_message
 
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -29,6 +39,11 @@ class EmbeddingConfig(BaseModel):
         "instruction",
         description="What is embedded: 'instruction' (the paper) or 'instruction+input'.",
         pattern="^(instruction|instruction\\+input)$",
+    )
+    conversation: Literal["user_turns", "first_turn"] = Field(
+        "user_turns", json_schema_extra=KEY_WHEN_SET,
+        description="What is embedded of a conversation row (ingest.turn: conversation): 'user_turns', every user "
+        "turn in order (the first max_length tokens of them); 'first_turn', its first exchange as 'text' says.",
     )
     max_length: int = Field(128, ge=8, description="Tokens per text; the paper used 96.")
     batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
@@ -51,10 +66,18 @@ def resolve_embedding_model(name: str) -> str:
     )
 
 
-def embedding_texts(frame: pd.DataFrame, text: str) -> list[str]:
+def embedding_texts(frame: pd.DataFrame, text: str, conversation: str = "user_turns") -> list[str]:
+    """What is embedded of each row (``EmbeddingConfig.text`` and ``.conversation``)."""
     if text == "instruction":
-        return frame["instruction"].astype(str).tolist()
-    return [user_message(i, x) for i, x in zip(frame["instruction"], frame["input"])]
+        texts = frame["instruction"].astype(str).tolist()
+    else:
+        texts = [user_message(i, x) for i, x in zip(frame["instruction"], frame["input"])]
+    if conversation == "user_turns" and "messages" in frame.columns:
+        for position, row in enumerate(frame.to_dict("records")):
+            turns = user_turns_text(row)
+            if turns is not None:
+                texts[position] = turns
+    return texts
 
 
 def load_embedder(config: EmbeddingConfig):

@@ -68,14 +68,24 @@ def eos_token_ids(tokenizer: Any) -> list[int]:
     return sorted(t for t in ids if isinstance(t, int) and t >= 0)
 
 
+def chat_prompts(tokenizer: Any, instructions: Sequence[str], inputs: Sequence[str],
+                 contexts: Sequence[Sequence[Any]] | None = None) -> list[str]:
+    """The prompt of each answer to generate: ``chat_prompt`` of its user turn, after its
+    conversation so far (``contexts``, one list of messages per prompt; none: single exchanges)."""
+    if len(instructions) != len(inputs) or (contexts is not None and len(contexts) != len(inputs)):
+        raise ValueError("instructions, inputs and contexts must have the same length")
+    before = contexts if contexts is not None else [()] * len(instructions)
+    return [chat_prompt(tokenizer, i, x, c) for i, x, c in zip(instructions, inputs, before)]
+
+
 def prompt_token_ids(tokenizer: Any, instructions: Sequence[str], inputs: Sequence[str],
-                     max_prompt_length: int) -> list[list[int]]:
+                     max_prompt_length: int, contexts: Sequence[Sequence[Any]] | None = None) -> list[list[int]]:
     """Each prompt's token ids as ``generate_answers`` feeds them: the chat prompt, its last
-    ``max_prompt_length`` tokens."""
+    ``max_prompt_length`` tokens (a long conversation keeps the turns nearest the answer)."""
     truncation_side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
     try:
-        prompts = [chat_prompt(tokenizer, i, x) for i, x in zip(instructions, inputs)]
+        prompts = chat_prompts(tokenizer, instructions, inputs, contexts)
         return tokenizer(prompts, truncation=True, max_length=max_prompt_length,
                          add_special_tokens=False)["input_ids"]
     finally:
@@ -89,19 +99,19 @@ def generate_answers(
     inputs: Sequence[str],
     config: GenerationConfig,
     progress: bool = True,
+    contexts: Sequence[Sequence[Any]] | None = None,
 ) -> list[str]:
-    """Deterministic answers, in input order.
+    """Deterministic answers, in input order (``contexts``: the conversation before each
+    user turn, ``chat_prompts``).
 
     Prompts are sorted by length and left-padded, so each batch wastes little compute on
     padding and stops as soon as its longest answer is finished.
     """
-    if len(instructions) != len(inputs):
-        raise ValueError("instructions and inputs must have the same length")
+    prompts = chat_prompts(tokenizer, instructions, inputs, contexts)
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     truncation_side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
-    prompts = [chat_prompt(tokenizer, i, x) for i, x in zip(instructions, inputs)]
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
     answers: list[str] = [""] * len(prompts)
@@ -142,7 +152,8 @@ class AnswerEngine(Protocol):
 
     name: EngineName
 
-    def answer(self, instructions: Sequence[str], inputs: Sequence[str], progress: bool = False) -> list[str]: ...
+    def answer(self, instructions: Sequence[str], inputs: Sequence[str], progress: bool = False,
+               contexts: Sequence[Sequence[Any]] | None = None) -> list[str]: ...
 
     def close(self) -> None: ...
 
@@ -158,8 +169,10 @@ class TransformersAnswers:
         self.config = config
         self.model, self.tokenizer = load_trained_model(model_dir, device=config.device)
 
-    def answer(self, instructions: Sequence[str], inputs: Sequence[str], progress: bool = False) -> list[str]:
-        return generate_answers(self.model, self.tokenizer, instructions, inputs, self.config, progress=progress)
+    def answer(self, instructions: Sequence[str], inputs: Sequence[str], progress: bool = False,
+               contexts: Sequence[Sequence[Any]] | None = None) -> list[str]:
+        return generate_answers(self.model, self.tokenizer, instructions, inputs, self.config, progress=progress,
+                                contexts=contexts)
 
     def close(self) -> None:
         self.model = None

@@ -221,14 +221,15 @@ class VllmAnswers:
         self.stop_ids = eos_token_ids(self.tokenizer)
         log.info("vLLM engine started in %.0f s (engine processes %s)", self.start_seconds, self._children)
 
-    def answer(self, instructions: Sequence[str], inputs: Sequence[str], progress: bool = False) -> list[str]:
+    def answer(self, instructions: Sequence[str], inputs: Sequence[str], progress: bool = False,
+               contexts: Sequence[Sequence[Any]] | None = None) -> list[str]:
         from vllm import SamplingParams
 
         from mods.generation import prompt_token_ids
 
         if not instructions:
             return []
-        ids = prompt_token_ids(self.tokenizer, instructions, inputs, self.config.max_prompt_length)
+        ids = prompt_token_ids(self.tokenizer, instructions, inputs, self.config.max_prompt_length, contexts)
         sampling = SamplingParams(temperature=0.0, max_tokens=self.config.max_new_tokens,
                                   stop_token_ids=self.stop_ids, detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], sampling, use_tqdm=progress)

@@ -9,6 +9,10 @@ LLM drops those rows, and so does the selection (mods.necessity_scores).
 
 Two forward passes per row, no generation: Superfiltering (arXiv 2402.00530) shows a
 small model's IFD ranks rows like a large one's.
+
+A row's IFD is that of its exchange (instruction, input, output), the one quality and
+the rest of the selection score: for a conversation row (``ingest.turn: conversation``)
+its first exchange, its later turns unread. (IFD per assistant turn is not done.)
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mods.training_data import encode_rows
+from mods.training_data import TRAINING_COLUMNS, encode_rows
 
 
 class IfdConfig(BaseModel):
@@ -41,7 +45,7 @@ def _sequences(tokenizer: Any, frame: pd.DataFrame, max_length: int) -> list[tup
     alone, so it is scored in neither pass: both losses cover exactly the same tokens."""
     bos = tokenizer.bos_token_id
     out = []
-    for row in encode_rows(tokenizer, frame, max_length):
+    for row in encode_rows(tokenizer, frame[list(TRAINING_COLUMNS)], max_length):  # the exchange, even with messages
         answer_start = sum(1 for label in row.labels if label == -100)
         answer = row.input_ids[answer_start:]
         alone = ([bos] + answer) if bos is not None else answer

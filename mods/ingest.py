@@ -31,8 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from mods import schema as S
+from mods.conversations import WHOLE_CONVERSATION, column_messages, dumps, exchange_messages
 from mods.ingest_shapes import _candidates
-from mods.ingest_text import _Quarantine, row_id, safe_text
+from mods.ingest_text import _Quarantine, conversation_id, row_id, safe_text
 from mods.readers import RawRecord, Source, SourceError, discover, read_source
 
 
@@ -60,11 +61,17 @@ class IngestConfig(BaseModel):
     min_chars: int = Field(
         1, ge=1, description="Shortest allowed instruction and output (characters, after trimming whitespace)."
     )
-    turn: Literal["first", "last"] = Field(
-        "first",
-        description="For multi-turn rows (chat history, ShareGPT conversations): which user->assistant turn "
-        "becomes instruction/output, the one scored and embedded. 'first': the opening request (self-contained); "
-        "later turns go to metadata.later_turns. 'last': the final exchange, earlier turns in history.",
+    # Default 'conversation': the pools people select from are chat mixes, and a model tuned
+    # on the selection should see second turns; a single-exchange pool (Alpaca) gives the
+    # same rows, ids and selection as 'first'. The paper's setting: configs/paper-*.yaml.
+    turn: Literal["first", "last", "conversation"] = Field(
+        "conversation",
+        description="For multi-turn rows (chat history, ShareGPT conversations). 'conversation': the whole "
+        "conversation is one row (messages column), scored, trained on and answered turn by turn; leading "
+        "assistant turns and a trailing unanswered user turn are dropped (metadata.dropped); a single exchange "
+        "is the row 'first' gives. 'first' (the paper): the opening exchange becomes instruction/output, the one "
+        "scored and embedded; later turns go to metadata.later_turns. 'last': the final exchange, earlier turns "
+        "in history.",
     )
     decontaminate_against: list[str] = Field(
         default=[],
@@ -132,6 +139,9 @@ def ingest(
     quarantine: list[tuple[str, int, str, str, str]] = []
     stats: dict[str, dict[str, Any]] = {}
     fields_seen: set[str] = set()
+    whole = cfg.turn == "conversation"
+    dropped_turns: Counter[str] = Counter()  # turns dropped from kept conversations, by reason
+    trimmed = 0  # rows read that lost turns
 
     total_bytes = sum(s.size for s in srcs)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="reading", disable=not progress, leave=False)
@@ -169,15 +179,29 @@ def ingest(
                         continue
                     recognised += 1
                     st["shapes"][c.meta["shape"]] += 1
-                    cols[S.ID].append(row_id(c.instruction, c.input, c.output, c.history, c.later))
+                    # A conversation that is more than one plain exchange (later turns, a system
+                    # message) is marked so every stage reads it whole; a plain exchange is the
+                    # row `first` gives, with its id: its scores, answers and training are the same.
+                    conversation = whole and c.messages != exchange_messages(c.instruction, c.input, c.output)
+                    if conversation:
+                        c.meta[WHOLE_CONVERSATION] = True
+                    for d in c.meta.get("dropped", ()):
+                        dropped_turns[d["reason"]] += 1
+                    trimmed += "dropped" in c.meta
                     cols[S.SOURCE].append(src.name)
                     cols[S.SOURCE_LINE].append(rec.line)
                     cols[S.INSTRUCTION].append(c.instruction)
                     cols[S.INPUT].append(c.input)
                     cols[S.OUTPUT].append(c.output)
                     cols[S.HISTORY].append(json.dumps(c.history, ensure_ascii=False))
+                    cols[S.MESSAGES].append(dumps(c.messages))
                     metas.append(c.meta)
-                    exact_keys.append(hash((c.instruction, c.input, c.output, cols[S.HISTORY][-1])))
+                    if conversation:  # the id and exact copies follow the whole conversation
+                        cols[S.ID].append(conversation_id(c.messages))
+                        exact_keys.append(hash(cols[S.MESSAGES][-1]))
+                    else:
+                        cols[S.ID].append(row_id(c.instruction, c.input, c.output, c.history, c.later))
+                        exact_keys.append(hash((c.instruction, c.input, c.output, cols[S.HISTORY][-1])))
         except SourceError as e:
             bar.close()
             raise IngestError(str(e)) from None
@@ -215,8 +239,11 @@ def ingest(
             raise IngestError(f"decontamination set: {e}") from None
         instr_col, inp_col = cols[S.INSTRUCTION], cols[S.INPUT]
         for i in tqdm(range(n), desc="decontaminating", disable=not progress, leave=False):
-            text = instr_col[i] + "\n" + inp_col[i] if inp_col[i] else instr_col[i]
-            hit = index.match(text)
+            if whole:  # every user turn of the conversation is a prompt
+                texts = [m["content"] for m in json.loads(cols[S.MESSAGES][i]) if m["role"] == "user"]
+            else:
+                texts = [instr_col[i] + "\n" + inp_col[i] if inp_col[i] else instr_col[i]]
+            hit = next((h for h in map(index.match, texts) if h is not None), None)
             if hit is not None:
                 dropped[i] = True
                 src_name, line = cols[S.SOURCE][i], cols[S.SOURCE_LINE][i]
@@ -264,6 +291,8 @@ def ingest(
     qdf[S.SOURCE_LINE] = qdf[S.SOURCE_LINE].astype("int64")
 
     report = _report(stats, qdf, cfg, n_exact, n_norm, time.perf_counter() - t0)
+    report["dropped_turns"] = dict(sorted(dropped_turns.items()))
+    report["rows_with_dropped_turns"] = trimmed
     check_accounting(report)
     return IngestResult(rows=rows.reset_index(drop=True), quarantine=qdf, report=report)
 
@@ -336,8 +365,14 @@ def write_ingest(result: IngestResult, out_dir: Path) -> None:
 
 
 def read_rows(out_dir: Path) -> pd.DataFrame:
-    """The canonical rows written by write_ingest (for the pipeline's later steps)."""
-    return pq.read_table(Path(out_dir) / "rows.parquet", schema=S.ROW_SCHEMA).to_pandas()
+    """The canonical rows written by write_ingest (for the pipeline's later steps); rows
+    written before the ``messages`` column existed get it, rebuilt from their other columns."""
+    path = Path(out_dir) / "rows.parquet"
+    if S.MESSAGES in pq.read_schema(path).names:
+        return pq.read_table(path, schema=S.ROW_SCHEMA).to_pandas()
+    rows = pq.read_table(path, schema=pa.schema([f for f in S.ROW_SCHEMA if f.name != S.MESSAGES])).to_pandas()
+    rows[S.MESSAGES] = [dumps(column_messages(r)) for r in rows.to_dict("records")]
+    return rows
 
 
 def format_report(report: dict) -> str:
@@ -352,6 +387,9 @@ def format_report(report: dict) -> str:
     lines.append(f"{'TOTAL':<{width}} " + " ".join(f"{report[k]:>14,}" for k in keys))
     if report.get("quarantine_reasons"):
         lines.append("quarantine reasons: " + ", ".join(f"{k} {v:,}" for k, v in report["quarantine_reasons"].items()))
+    if report.get("dropped_turns"):
+        lines.append(f"turns dropped from {report['rows_with_dropped_turns']:,} kept conversations: "
+                     + ", ".join(f"{k} {v:,}" for k, v in report["dropped_turns"].items()))
     for name, f in report["files"].items():
         for w in f.get("warnings", []):
             lines.append(f"warning: {name}: {w}")

@@ -1,7 +1,11 @@
 """Record shapes: recognising what kind of instruction data a record is (Alpaca,
 ShareGPT conversations, self-instruct tasks, prompt/completion, question/answer, or a
 user-given field mapping) and mapping it to candidate rows of the canonical schema
-(``_candidates``), or to the reason it is quarantined."""
+(``_candidates``), or to the reason it is quarantined.
+
+Every candidate carries its conversation (``messages``, see ``mods.conversations``): the
+exchange(s) its ``turn`` mode keeps, or with ``turn='conversation'`` the whole
+conversation, cleaned by ``_whole_conversation``."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mods.conversations import Message, exchange_messages
 from mods.ingest_text import MISSING, _check_text, _Quarantine, _type_name
 
 if TYPE_CHECKING:
@@ -28,6 +33,7 @@ class _Candidate:
     history: list  # [[user, assistant], ...]
     later: list  # [{"role", "content"}, ...] turns after the scored one
     meta: dict
+    messages: list[Message]  # the conversation the row keeps (mods.conversations)
 
 
 def _lookup(obj: dict) -> dict[str, str]:
@@ -79,7 +85,13 @@ def _history_pairs(value: Any, cfg: IngestConfig) -> list[list[str]]:
 
 
 def _apply_turn(instr: str, inp: str, out: str, history: list, cfg: IngestConfig, meta: dict) -> _Candidate:
-    """A row with chat history: move the scored turn to the first exchange if asked."""
+    """A row with chat history: move the scored turn to the first exchange if asked
+    ('first'; 'conversation' keeps the first exchange as instruction/output too)."""
+    system = meta.get("system", "")
+    if cfg.turn == "conversation":
+        first = history[0] if history else [instr, out]
+        return _Candidate(first[0], "" if history else inp, first[1], [], [], meta,
+                          exchange_messages(instr, inp, out, history, system))
     if cfg.turn == "first" and history:
         later = []
         for u, a in history[1:]:
@@ -87,8 +99,50 @@ def _apply_turn(instr: str, inp: str, out: str, history: list, cfg: IngestConfig
         last_user = f"{instr}\n\n{inp}" if inp else instr
         later += [{"role": "user", "content": last_user}, {"role": "assistant", "content": out}]
         meta["later_turns"] = later
-        return _Candidate(history[0][0], "", history[0][1], [], later, meta)
-    return _Candidate(instr, inp, out, history, [], meta)
+        return _Candidate(history[0][0], "", history[0][1], [], later, meta,
+                          exchange_messages(history[0][0], "", history[0][1], (), system))
+    return _Candidate(instr, inp, out, history, [], meta, exchange_messages(instr, inp, out, history, system))
+
+
+def _whole_conversation(turns: list[dict], cfg: IngestConfig, meta: dict) -> _Candidate:
+    """turn='conversation': the whole conversation as one row. Empty turns are dropped,
+    consecutive turns of one role merged (blank line between), then leading assistant turns
+    (a continuation of an earlier part) and a trailing unanswered user turn are dropped;
+    every dropped turn is listed in ``metadata.dropped``, merged ones in ``metadata.merged``.
+    Quarantined only when no user->assistant exchange remains."""
+    kept: list[dict] = []  # {"role", "content", "turns": [1-based turn numbers]}
+    dropped: list[dict] = []
+    for t in turns:
+        base = "instruction" if t["role"] == "user" else "output"
+        text = _check_text(t["content"], f"turn {t['n']} ({t['role']})", cfg, False, base)
+        if not text:
+            dropped.append({"turn": t["n"], "role": t["role"], "reason": "empty"})
+        elif kept and kept[-1]["role"] == t["role"]:
+            kept[-1]["content"] += "\n\n" + text
+            kept[-1]["turns"].append(t["n"])
+        else:
+            kept.append({"role": t["role"], "content": text, "turns": [t["n"]]})
+    if kept and kept[0]["role"] == "assistant":
+        dropped += [{"turn": n, "role": "assistant", "reason": "starts_with_assistant"} for n in kept.pop(0)["turns"]]
+    if kept and kept[-1]["role"] == "user":
+        dropped += [{"turn": n, "role": "user", "reason": "unanswered"} for n in kept.pop()["turns"]]
+    if not kept:
+        what = ", ".join(sorted({d["reason"] for d in dropped}))
+        raise _Quarantine("no_answered_turn", "no user turn is followed by an assistant turn"
+                          + (f" (dropped turns: {what})" if what else ""))
+    for i, k in enumerate(kept):  # the first exchange is the row's instruction/output: min_chars applies
+        if i < 2 or len(k["turns"]) > 1:  # merged text may pass max_chars
+            base = "instruction" if k["role"] == "user" else "output"
+            _check_text(k["content"], f"turn {k['turns'][0]} ({k['role']})", cfg, i < 2, base)
+    if dropped:
+        meta["dropped"] = sorted(dropped, key=lambda d: d["turn"])
+    merged = [{"turns": k["turns"], "role": k["role"]} for k in kept if len(k["turns"]) > 1]
+    if merged:
+        meta["merged"] = merged
+    system = meta.get("system", "")
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": k["role"], "content": k["content"]} for k in kept]
+    return _Candidate(kept[0]["content"], "", kept[1]["content"], [], [], meta, messages)
 
 
 def _conversation(value: Any, cfg: IngestConfig, meta: dict) -> _Candidate:
@@ -127,6 +181,8 @@ def _conversation(value: Any, cfg: IngestConfig, meta: dict) -> _Candidate:
     def text_of(t: dict, required: bool, base: str) -> str:
         return _check_text(t["content"], f"turn {t['n']} ({t['role']})", cfg, required, base)
 
+    if cfg.turn == "conversation":
+        return _whole_conversation(turns, cfg, meta)
     if cfg.turn == "first":
         if turns[0]["role"] != "user":
             raise _Quarantine("starts_with_assistant", "the conversation starts with the assistant (turn='first')")
@@ -154,7 +210,8 @@ def _conversation(value: Any, cfg: IngestConfig, meta: dict) -> _Candidate:
         meta["later_turns"] = later
     if strays:
         meta["unpaired_turns"] = strays
-    return _Candidate(instr, "", out, history, later, meta)
+    return _Candidate(instr, "", out, history, later, meta,
+                      exchange_messages(instr, "", out, history, meta.get("system", "")))
 
 
 def _candidates(obj: Any, cfg: IngestConfig) -> list[_Candidate | _Quarantine]:
@@ -195,11 +252,10 @@ def _candidates(obj: Any, cfg: IngestConfig) -> list[_Candidate | _Quarantine]:
                     if not isinstance(inst, dict):
                         raise _Quarantine("wrong_type", f"instances[{k}] is a {_type_name(inst)}, not an object")
                     ik = _lookup(inst)
-                    out.append(_Candidate(
-                        _check_text(instr, "instruction", cfg, True, "instruction"),
-                        _check_text(_get(inst, ik, "input")[0], f"instances[{k}].input", cfg, False, "input"),
-                        _check_text(_get(inst, ik, "output")[0], f"instances[{k}].output", cfg, True, "output"),
-                        [], [], i_meta))
+                    i_instr = _check_text(instr, "instruction", cfg, True, "instruction")
+                    i_inp = _check_text(_get(inst, ik, "input")[0], f"instances[{k}].input", cfg, False, "input")
+                    i_out = _check_text(_get(inst, ik, "output")[0], f"instances[{k}].output", cfg, True, "output")
+                    out.append(_Candidate(i_instr, i_inp, i_out, [], [], i_meta, exchange_messages(i_instr, i_inp, i_out)))
                 except _Quarantine as q:
                     q.detail = f"instance {k}: {q.detail}"
                     out.append(q)
@@ -216,6 +272,12 @@ def _candidates(obj: Any, cfg: IngestConfig) -> list[_Candidate | _Quarantine]:
                 instr_v = get("instruction", "instruction")
                 inp_v = get("input", "input")
                 out_v = get("output", "output", "response")
+                system_v, system_k = _get(obj, keys, "system")  # LLaMA-Factory's Alpaca system prompt
+                if isinstance(system_v, str) and system_k is not None:
+                    used.add(system_k)
+                    system = _check_text(system_v, "system", cfg, False, "instruction")
+                    if system:
+                        meta["system"] = system
             hist_v = get("history", "history")
             instr = _check_text(instr_v, "instruction", cfg, True, "instruction")
             inp = _check_text(inp_v, "input", cfg, False, "input")

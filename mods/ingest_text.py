@@ -43,6 +43,14 @@ def row_id(instruction: str, input_text: str, output: str, history: list, later:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+def conversation_id(messages: list) -> str:
+    """The id of a whole conversation (turn='conversation'): its normalised turns, marked
+    so that it never equals a ``row_id`` of the same text."""
+    payload = json.dumps(["conversation", [[m["role"], normalise(m["content"])] for m in messages]],
+                         ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
 def safe_text(s: str) -> str:
     """Text that UTF-8 encoding (Parquet) accepts: undecodable bytes shown as \\xNN."""
     if not _SURROGATE.search(s):

@@ -1,4 +1,5 @@
-"""Export: the selected rows in Alpaca format, their provenance, and the run report."""
+"""Export: the selected rows in Alpaca, OpenAI ``messages`` and ShareGPT ``conversations``
+JSON lines (a selected conversation whole, in each), their provenance, and the run report."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from mods.conversations import column_messages, row_messages, to_alpaca, to_sharegpt
 from mods.core.artifacts import atomic_write_text, read_marker, write_parquet
 from mods.cutoffs import composition, composition_markdown, distribution_markdown, score_distribution
 
 SELECTED_JSONL = "selected.jsonl"
+SELECTED_MESSAGES_JSONL = "selected_messages.jsonl"
+SELECTED_SHAREGPT_JSONL = "selected_sharegpt.jsonl"
 SELECTED_PARQUET = "selected.parquet"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -43,21 +47,55 @@ def selected_rows(inputs: Mapping[str, Any]) -> pd.DataFrame:
         frame = frame.merge(_table(inputs, "ifd", "ifd.parquet")[["id", "ifd"]], on="id", how="left")
     columns = ["id", "instruction", "input", "output", "history", "selected_by", "pick_order", "pick_distance",
                "radius_after", "quality_score", "necessity_score", "ifd", "seed_answer", "source", "source_line",
-               "metadata"]
+               "metadata", "messages"]
     return frame[[c for c in columns if c in frame.columns]]
 
 
-def write_alpaca_jsonl(frame: pd.DataFrame, path: Path) -> None:
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    lines = [json.dumps(record, ensure_ascii=False) for record in records]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def write_alpaca_jsonl(frame: pd.DataFrame, path: Path, whole_conversations: bool = False) -> None:
     """One {"instruction", "input", "output"} object per line: LLaMA-Factory and axolotl
-    read it as an 'alpaca' dataset without a mapping."""
-    lines = []
-    for row in frame.itertuples(index=False):
-        record = {"instruction": row.instruction, "input": row.input, "output": row.output}
-        history = json.loads(getattr(row, "history", "[]") or "[]")
+    read it as an 'alpaca' dataset without a mapping. A row whose conversation holds more
+    than its columns (turn='conversation'), or any row with a system prompt when
+    ``whole_conversations``, is written whole, as LLaMA-Factory's Alpaca form of a
+    conversation: last exchange, earlier pairs in ``history``, ``system``."""
+    records = []
+    for row in frame.to_dict("records"):
+        messages = row_messages(row)
+        if messages != column_messages(row) or (whole_conversations and messages[0]["role"] == "system"):
+            records.append(to_alpaca(messages))
+            continue
+        record = {"instruction": row["instruction"], "input": row["input"], "output": row["output"]}
+        history = json.loads(row.get("history", "[]") or "[]")
         if history:
             record["history"] = history
-        lines.append(json.dumps(record, ensure_ascii=False))
-    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+        records.append(record)
+    _write_jsonl(path, records)
+
+
+def write_messages_jsonl(frame: pd.DataFrame, path: Path) -> None:
+    """OpenAI chat fine-tuning form, one ``{"messages": [{"role", "content"}, ...]}`` per
+    row, in the order of ``selected.parquet`` (``mods.ingest`` reads it back as conversations)."""
+    _write_jsonl(path, [{"messages": row_messages(row)} for row in frame.to_dict("records")])
+
+
+def write_sharegpt_jsonl(frame: pd.DataFrame, path: Path) -> None:
+    """ShareGPT form, one ``{"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}``
+    per row, in the order of ``selected.parquet``."""
+    _write_jsonl(path, [{"conversations": to_sharegpt(row_messages(row))} for row in frame.to_dict("records")])
+
+
+def write_selection(frame: pd.DataFrame, out: Path, whole_conversations: bool = False) -> None:
+    """selected.parquet (with the ``messages`` column only for ``turn='conversation'`` runs,
+    so that other runs' file stays as it was) and the selection in the three JSON-lines forms."""
+    parquet = frame if whole_conversations else frame.drop(columns=["messages"], errors="ignore")
+    write_parquet(parquet, out / SELECTED_PARQUET)
+    write_alpaca_jsonl(frame, out / SELECTED_JSONL, whole_conversations)
+    write_messages_jsonl(frame, out / SELECTED_MESSAGES_JSONL)
+    write_sharegpt_jsonl(frame, out / SELECTED_SHAREGPT_JSONL)
 
 
 def coverage_plot(inputs: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -84,8 +122,8 @@ def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
     """Writes the export artifact's files into ``out``; ``inputs`` are the folders of the
     pipeline's other artifacts by stage name."""
     frame = selected_rows(inputs)
-    write_parquet(frame, out / SELECTED_PARQUET)
-    write_alpaca_jsonl(frame, out / SELECTED_JSONL)
+    ingest_report = json.loads((Path(inputs["ingest"]) / "ingest_report.json").read_text())
+    write_selection(frame, out, (ingest_report.get("config") or {}).get("turn") == "conversation")
     coverage = coverage_plot(inputs, out / COVERAGE_PNG)
 
     stages = {}
@@ -96,7 +134,6 @@ def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
         stages[name] = {"key": marker["key"], "seconds": round(seconds, 3), "summary": marker["summary"]}
     cutoffs = score_cutoffs(inputs, stages)
     pool_sources = _table(inputs, "sample", "rows.parquet").get("source", pd.Series([], dtype=str)).unique().tolist()
-    ingest_report = json.loads((Path(inputs["ingest"]) / "ingest_report.json").read_text())
     final_model = _in_workspace(inputs["final_train"], "model")
     counts = {
         "ingested": stages["ingest"]["summary"].get("rows"),
@@ -119,6 +156,8 @@ def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
         # temporary name and renamed); other artifacts relative to the workspace root.
         "outputs": {
             "selected_jsonl": SELECTED_JSONL,
+            "selected_messages_jsonl": SELECTED_MESSAGES_JSONL,
+            "selected_sharegpt_jsonl": SELECTED_SHAREGPT_JSONL,
             "selected_parquet": SELECTED_PARQUET,
             "coverage_png": COVERAGE_PNG,
             "final_model": final_model,

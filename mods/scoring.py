@@ -15,6 +15,13 @@ Three kinds, one module each (``mods.scoring_reward_model``, ``mods.scoring_like
   docs/scoring.md).
 
 Every score depends on its own row only (no normalisation across the rows of a call).
+
+A conversation row (``ingest.turn: conversation``) is scored turn by turn (``score_rows``):
+each assistant turn that answers a user turn, after the real conversation before it, in
+the scoring model's chat template. Its ``quality_score`` combines them (``QUALITY_AGGREGATE``):
+the reward model's score of its last turn, which reads the whole conversation; the mean of
+the turns for the likelihood and preference scores, whose features are per answer. The
+per-turn scores are kept (``turn_scores``). An exchange row is one turn: scored as always.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from mods.conversations import row_turns
 from mods.models import model_fingerprint
 from mods.scoring_likelihood import LIKELIHOOD_VERSION, LikelihoodScorer
 from mods.scoring_preference import PREFERENCE_HEAD_FILE, PREFERENCE_VERSION, PreferenceScorer
@@ -97,6 +106,7 @@ class Scorer(Protocol):
         inputs: Sequence[str],
         outputs: Sequence[str],
         progress: bool = True,
+        contexts: Sequence[Sequence[Any]] | None = None,
     ) -> pd.DataFrame: ...
 
     def fingerprint(self) -> dict[str, Any]: ...
@@ -119,3 +129,44 @@ def scorer_identity(scorer: ScorerConfig) -> list[str]:
     must not reuse old scores. The quality stages and the evaluation's scorer judge use it."""
     return [model_fingerprint(scorer.model), model_fingerprint(getattr(scorer, "embedding_model", None)),
             f"scorer:{SCORER_VERSION}"]
+
+
+TurnAggregate = Literal["mean", "min", "last"]
+# How a conversation's turn scores become its quality score, per scorer kind (module docstring).
+QUALITY_AGGREGATE: dict[str, TurnAggregate] = {"reward-model": "last", "likelihood": "mean", "preference": "mean"}
+
+
+def score_rows(scorer: Scorer, rows: pd.DataFrame, answer_column: str = "output",
+               turn_answers: Sequence[Sequence[str]] | None = None, aggregate: TurnAggregate = "mean",
+               progress: bool = False) -> pd.DataFrame:
+    """One score per row of ``rows``: every turn of it (``mods.conversations.row_turns``: a
+    conversation row's assistant turns in their context, an exchange row's one exchange,
+    ``answer_column`` its answer; ``turn_answers``: other answers, one list per row, one per
+    turn) scored in one call, then combined per row by ``aggregate``. Columns: the scorer's
+    (``quality_score`` combined; other numbers averaged over the turns, flags any turn's)
+    and ``turn_scores``, the turns' scores in order."""
+    turns, owner = [], []
+    for position, row in enumerate(rows.to_dict("records")):
+        answers = None if turn_answers is None else turn_answers[position]
+        for turn in row_turns(row, answer_column, answers):
+            turns.append(turn)
+            owner.append(position)
+    contexts = [turn.context for turn in turns]
+    scored = scorer.score([t.instruction for t in turns], [t.input for t in turns], [t.answer for t in turns],
+                          progress=progress, contexts=contexts if any(contexts) else None)
+    turn_scores = scored["quality_score"].to_numpy(np.float64)
+    if len(turns) == len(rows):  # one turn per row: the scores are the rows' own
+        return scored.assign(turn_scores=[[float(v)] for v in turn_scores])
+    groups = scored.groupby(np.asarray(owner), sort=True)
+    combined = pd.DataFrame(index=range(len(rows)))
+    for column in scored.columns:
+        if column == "quality_score":
+            values = groups[column].agg({"mean": "mean", "min": "min", "last": "last"}[aggregate])
+        elif scored[column].dtype == bool:
+            values = groups[column].any()
+        else:
+            values = groups[column].mean()
+        combined[column] = values.to_numpy()
+    starts = np.searchsorted(np.asarray(owner), np.arange(len(rows) + 1))
+    combined["turn_scores"] = [[float(v) for v in turn_scores[a:b]] for a, b in zip(starts[:-1], starts[1:])]
+    return combined

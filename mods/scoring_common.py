@@ -22,6 +22,15 @@ def _check_lengths(instructions: Sequence[str], inputs: Sequence[str], outputs: 
     return n
 
 
+def _contexts(contexts: Sequence[Sequence[Any]] | None, n: int) -> list[list[Any]]:
+    """Each row's conversation before its user turn ([]: a single exchange)."""
+    if contexts is None:
+        return [[] for _ in range(n)]
+    if len(contexts) != n:
+        raise ValueError(f"{len(contexts)} contexts for {n} rows")
+    return [list(c) for c in contexts]
+
+
 def _text(x: Any) -> str:
     # None / NaN from pandas mean "no input".
     if x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x)):
@@ -78,7 +87,7 @@ class _FeatureScorer:
     """A scorer that computes features per row, then combines them into quality_score."""
 
     def features(self, instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str],
-                 progress: bool = True) -> pd.DataFrame:
+                 progress: bool = True, contexts: Sequence[Sequence[Any]] | None = None) -> pd.DataFrame:
         raise NotImplementedError
 
     def combine(self, features: pd.DataFrame) -> pd.Series:
@@ -90,8 +99,9 @@ class _FeatureScorer:
         inputs: Sequence[str],
         outputs: Sequence[str],
         progress: bool = True,
+        contexts: Sequence[Sequence[Any]] | None = None,
     ) -> pd.DataFrame:
-        feats = self.features(instructions, inputs, outputs, progress=progress)
+        feats = self.features(instructions, inputs, outputs, progress=progress, contexts=contexts)
         feats.insert(0, "quality_score", self.combine(feats))
         return feats
 

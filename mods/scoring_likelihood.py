@@ -34,6 +34,7 @@ from mods.prompts import answer_suffix, chat_prompt
 from mods.scoring_common import (
     _autocast,
     _check_lengths,
+    _contexts,
     _FeatureScorer,
     _length_batches,
     _text,
@@ -112,8 +113,8 @@ class LikelihoodScorer(_FeatureScorer):
         # tokenizer's usual special tokens at the start only.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _prompt_ids(self, instruction: str, input_text: str) -> list[int]:
-        ids = self._encode(chat_prompt(self.tokenizer, instruction, input_text))
+    def _prompt_ids(self, instruction: str, input_text: str, context: Sequence[Any] = ()) -> list[int]:
+        ids = self._encode(chat_prompt(self.tokenizer, instruction, input_text, context))
         if not getattr(self.tokenizer, "chat_template", None) and self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id] + ids
         return ids
@@ -142,17 +143,20 @@ class LikelihoodScorer(_FeatureScorer):
         # exactly the same tokens (needed for the difference to be a PMI).
         return self._encode(output)
 
-    def _fit(self, prompt: list[int], answer: list[int]) -> tuple[list[int], list[int], bool]:
+    def _fit(self, prompt: list[int], answer: list[int], in_context: bool = False) -> tuple[list[int], list[int], bool]:
         """Make prompt + answer + end fit max_length. The answer is what is scored, so the
         prompt is shortened first (middle cut: keeps the instruction's start and the
-        template's assistant header), down to half the budget; then the answer's tail is
-        cut and the end-of-answer term becomes unknown."""
+        template's assistant header; ``in_context``, a later turn of a conversation: its
+        start is cut, keeping the user turn and the turns nearest it), down to half the
+        budget; then the answer's tail is cut and the end-of-answer term becomes unknown."""
         budget = self.config.max_length
         end = len(self.end_ids) + len(self.judge_ids)
         if len(prompt) + len(answer) + end <= budget:
             return prompt, answer, False
         room_prompt = max(budget // 2, budget - len(answer) - end)
-        if len(prompt) > room_prompt:
+        if len(prompt) > room_prompt and in_context:
+            prompt = prompt[len(prompt) - room_prompt:]
+        elif len(prompt) > room_prompt:
             tail = min(16, room_prompt // 2)
             prompt = prompt[: room_prompt - tail] + prompt[len(prompt) - tail :]
         if len(prompt) + len(answer) + end <= budget:
@@ -251,9 +255,13 @@ class LikelihoodScorer(_FeatureScorer):
         inputs: Sequence[str],
         outputs: Sequence[str],
         progress: bool = True,
+        contexts: Sequence[Sequence[Any]] | None = None,
     ) -> pd.DataFrame:
-        """The raw log-probability features, one row per input row (no quality_score)."""
+        """The raw log-probability features, one row per input row (no quality_score).
+        ``contexts``: a conversation's messages before each row's user turn; the answer is
+        scored after them (the neutral pass: after an empty instruction alone)."""
         n = _check_lengths(instructions, inputs, outputs)
+        before = _contexts(contexts, n)
         # Jobs: one conditional pass per row, one neutral pass per distinct answer
         # (duplicated outputs are common in instruction pools).
         jobs: list[tuple[list[int], int]] = []  # (sequence, n scored tokens)
@@ -263,9 +271,9 @@ class LikelihoodScorer(_FeatureScorer):
         truncated = np.zeros(n, dtype=bool)
         neutral_of_answer: dict[tuple[int, ...], int] = {}
         for i in range(n):
-            prompt = self._prompt_ids(_text(instructions[i]), _text(inputs[i]))
+            prompt = self._prompt_ids(_text(instructions[i]), _text(inputs[i]), before[i])
             answer = self._answer_ids(_text(outputs[i]))
-            prompt, answer, cut = self._fit(prompt, answer)
+            prompt, answer, cut = self._fit(prompt, answer, in_context=bool(before[i]))
             truncated[i], answer_len[i] = cut, len(answer)
             if not answer:
                 cond_job.append(-1)

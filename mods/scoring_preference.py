@@ -186,13 +186,16 @@ class PreferenceScorer(_FeatureScorer):
         inputs: Sequence[str],
         outputs: Sequence[str],
         progress: bool = True,
+        contexts: Sequence[Sequence[Any]] | None = None,
     ) -> pd.DataFrame:
-        """Every feature the head may use, one row per input row (no quality_score)."""
+        """Every feature the head may use, one row per input row (no quality_score).
+        ``contexts``: the conversation before each user turn, read by SmolLM2's passes; the
+        similarities and text statistics compare the answer with its own user turn."""
         n = _check_lengths(instructions, inputs, outputs)
         ins = [_text(x) for x in instructions]
         inp = [_text(x) for x in inputs]
         out = [_text(x) for x in outputs]
-        feats = self.lm.features(ins, inp, out, progress=progress)
+        feats = self.lm.features(ins, inp, out, progress=progress, contexts=contexts)
         feats["info"] = -feats["lp_answer"].fillna(0.0) * feats["answer_tokens"]
         feats["log_info"] = np.log1p(feats["info"].clip(lower=0.0))
         feats["lp_end_clipped"] = feats["lp_end"].fillna(END_FILL).clip(lower=END_FLOOR, upper=0.0)

@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mods.models import pick_device, resolve_model_path
-from mods.scoring_common import _autocast, _check_lengths, _length_batches, _text, model_hash, resolve_precision
+from mods.scoring_common import (_autocast, _check_lengths, _contexts, _length_batches, _text, model_hash,
+                                 resolve_precision)
 
 if TYPE_CHECKING:
     from mods.scoring import ScorerConfig
@@ -72,19 +73,33 @@ class RewardModelScorer:
         inputs: Sequence[str],
         outputs: Sequence[str],
         progress: bool = True,
+        contexts: Sequence[Sequence[Any]] | None = None,
     ) -> pd.DataFrame:
+        """``contexts``: a conversation's messages before each row's user turn. The reward
+        model then reads the whole conversation up to the answer: through its tokenizer's
+        chat template when it has one (one sequence), else as the question, every earlier
+        turn's text then the user turn, a blank line between them (OpenAssistant's reward
+        models take a (question, answer) pair and have no template)."""
         n = _check_lengths(instructions, inputs, outputs)
-        questions = []
-        for ins, inp in zip(instructions, inputs):
-            ins, inp = _text(ins), _text(inp)
-            questions.append(ins + ("\n" + inp if inp.strip() else ""))  # as MoDS' reference code
+        before = _contexts(contexts, n)
         answers = [_text(o) for o in outputs]
-        encoded = [
-            self.tokenizer(q, a, truncation=True, max_length=self.config.max_length) for q, a in zip(questions, answers)
-        ]
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        texts: list[tuple[str, ...]] = []
+        for ins, inp, answer, context in zip(instructions, inputs, answers, before):
+            ins, inp = _text(ins), _text(inp)
+            question = ins + ("\n" + inp if inp.strip() else "")  # as MoDS' reference code
+            if not context:
+                texts.append((question, answer))
+            elif templated:
+                texts.append((self.tokenizer.apply_chat_template(
+                    [*map(dict, context), {"role": "user", "content": question},
+                     {"role": "assistant", "content": answer}], tokenize=False),))
+            else:
+                texts.append(("\n\n".join([*(m["content"] for m in context), question]), answer))
+        encoded = [self.tokenizer(*t, truncation=True, max_length=self.config.max_length) for t in texts]
         full_len = [
-            len(self.tokenizer(q, a, truncation=False)["input_ids"]) if len(e["input_ids"]) >= self.config.max_length else 0
-            for q, a, e in zip(questions, answers, encoded)
+            len(self.tokenizer(*t, truncation=False)["input_ids"]) if len(e["input_ids"]) >= self.config.max_length else 0
+            for t, e in zip(texts, encoded)
         ]
         scores = np.full(n, np.nan, dtype=np.float64)
         batches = _length_batches([len(e["input_ids"]) for e in encoded], self.config.batch_size)

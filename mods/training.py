@@ -5,10 +5,11 @@ is the paper's full fine-tuning for GPU runs. One training loop on ``accelerate`
 same code runs in this process (one CPU or one GPU) or in ``train.processes`` processes
 that ``train_model`` starts itself (DDP; FSDP full sharding for ``method="full"``), with
 length-grouped batches (little padding), prompt tokens masked out of the loss, bf16
-mixed precision where the hardware has it, gradient accumulation, optional gradient
-checkpointing, and ``save_state`` checkpoints that a rerun resumes from.
+mixed precision where the hardware has it, gradient accumulation, gradient checkpointing
+(on by default), and ``save_state`` checkpoints that a rerun resumes from.
 
 The pieces: ``mods.training_data`` (rows to token ids, the loss mask, padding),
+``mods.training_loss`` (the loss, without vocabulary-wide logits for prompt tokens),
 ``mods.training_plan`` (which micro-batch each process runs at each optimiser step: the
 batch semantics), ``mods.training_checkpoints`` (which checkpoint a run may resume),
 ``mods.training_process`` (the loop every training process runs) and ``mods.launch``
@@ -79,7 +80,10 @@ class TrainConfig(BaseModel):
         description="Save a resumable checkpoint every N optimiser steps (0: never).",
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass: less memory, ~30 % more compute."
+        # On by default: without it the activations alone kept the demo's CPU training
+        # above 3 GB (docs/training.md, *Memory*); it does not change the weights.
+        True, description="Recompute activations in the backward pass: less memory, more compute "
+                          "(the same weights either way)."
     )
 
     @field_validator("global_batch")
@@ -129,7 +133,8 @@ def train_model(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``base_model`` on ``rows`` (instruction, input, output) and save to ``out_dir``.
+    """Fine-tune ``base_model`` on ``rows`` (instruction, input, output; a conversation row's
+    ``messages``: ``mods.training_data``) and save to ``out_dir``.
 
     Saves a peft adapter (LoRA) or a full model, plus ``mods_model.json`` naming the base
     model, so ``load_trained_model`` can rebuild it on any machine that has that base.

@@ -152,8 +152,11 @@ def baseline_rows(
 
 
 def longest_rows(pool: pd.DataFrame, size: int, tokens: int | None = None, base_model: str | None = None) -> pd.DataFrame:
-    """The ``longest`` baseline (arXiv 2402.04833: hard to beat): longest answers first."""
-    lengths = pool["output"].fillna("").astype(str).str.len().to_numpy()
+    """The ``longest`` baseline (arXiv 2402.04833: hard to beat): longest answers first (a
+    conversation: all its assistant turns)."""
+    from mods.conversations import answer_chars
+
+    lengths = answer_chars(pool).to_numpy()
     order = np.lexsort((pool["id"].astype(str).to_numpy(), -lengths))
     ranked = pool.iloc[order].reset_index(drop=True)
     if tokens is None:

@@ -49,7 +49,7 @@ class Embed(RowwiseStage[EmbeddingConfig]):
         from mods.embedding import embedding_texts
 
         rows = read_table(inputs["high_quality"], "rows.parquet")
-        return pd.DataFrame({"id": rows["id"], "text": embedding_texts(rows, params.text)})
+        return pd.DataFrame({"id": rows["id"], "text": embedding_texts(rows, params.text, params.conversation)})
 
     def row_keys(self, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
         return rows["id"].astype(str), text_cost(rows["text"])

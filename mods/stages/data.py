@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import Field
 
+import pandas as pd
+
 from mods.config import SampleConfig
 from mods.core.artifacts import fingerprint_files, write_parquet
 from mods.core.stage import CPU, Stage, StageContext, StageParams, read_table, register
@@ -54,8 +56,10 @@ class Sample(Stage[SampleConfig]):
     def run(self, ctx: StageContext, params: SampleConfig) -> dict[str, Any]:
         rows = read_table(ctx.inputs["ingest"], "rows.parquet")
         eligible = rows
-        if params.max_chars:
-            size = rows["instruction"].str.len() + rows["input"].str.len() + rows["output"].str.len()
+        if params.max_chars:  # what a row trains on: a conversation row's every turn
+            from mods.conversations import conversation_chars
+
+            size = pd.Series([conversation_chars(row) for row in rows.to_dict("records")], index=rows.index)
             eligible = rows[size <= params.max_chars]
         sampled = eligible
         if params.rows and params.rows < len(eligible):

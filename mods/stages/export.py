@@ -14,12 +14,15 @@ class ExportParams(StageParams):
 @register
 class Export(Stage[ExportParams]):
     # Version 4: the report shows score distributions, cut-offs and the selection's composition.
-    name, version, resources = "export", "4", CPU
-    description = "selected.jsonl (Alpaca format), selected.parquet with provenance, the run report."
+    # Version 5: the selection also as OpenAI messages and ShareGPT JSON lines (conversations whole).
+    name, version, resources = "export", "5", CPU
+    description = ("selected.jsonl (Alpaca format), selected_messages.jsonl (OpenAI messages), "
+                   "selected_sharegpt.jsonl (ShareGPT), selected.parquet with provenance, the run report.")
     inputs = ("ingest", "sample", "quality", "high_quality", "embed", "seed_select", "seed_train", "answers",
               "necessity", "ifd", "augment_select", "final_train")
     params = ExportParams
-    outputs = ("selected.jsonl", "selected.parquet", "report.json", "report.md", "coverage.png")
+    outputs = ("selected.jsonl", "selected_messages.jsonl", "selected_sharegpt.jsonl", "selected.parquet",
+               "report.json", "report.md", "coverage.png")
 
     def run(self, ctx: StageContext, params: ExportParams) -> dict[str, Any]:
         from mods.report import build_report

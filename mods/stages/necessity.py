@@ -7,7 +7,13 @@
 - ifd: the seed model's instruction-following difficulty of the pool's answers (ifd,
   row-wise, two forward passes per row); answers and necessity then have no rows.
 
-A stage the method does not use has no rows: no model is loaded for it."""
+A stage the method does not use has no rows: no model is loaded for it.
+
+A conversation row (``ingest.turn: conversation``) is answered turn by turn: the seed model
+answers each of its user turns after the real conversation before it (the pool's earlier
+answers, not its own), the scorer scores each answer in that context, and the row's
+necessity is its worst turn (``NECESSITY_AGGREGATE``): a conversation is needed when the
+seed model fails any of its turns."""
 
 from __future__ import annotations
 
@@ -46,6 +52,13 @@ class AnswersParams(GenerationConfig):
                               description="False when the necessity method reads no answers (ifd).")
 
 
+# What the answers stage reads of a row: its exchange, and what mods.conversations.row_turns
+# needs to tell a conversation row and to walk its turns.
+ANSWERED_COLUMNS = ("id", "instruction", "input", "output", "history", "metadata", "messages")
+# A conversation's necessity from its turns' scores: its worst turn (module docstring).
+NECESSITY_AGGREGATE = "min"
+
+
 def unselected_rows(inputs: Mapping[str, Path]) -> pd.DataFrame:
     """The high-quality rows not in the seed set (seed rows are selected already: asking
     the seed model about them would only cost time)."""
@@ -58,18 +71,22 @@ log = logging.getLogger("mods.stages")
 
 @register
 class Answers(RowwiseStage[AnswersParams]):
-    name, version, resources = "answers", "2", ONE_GPU
+    # 3: conversation rows answered turn by turn (turn_answers).
+    name, version, resources = "answers", "3", ONE_GPU
     description = "The seed model answers every high-quality instruction not in the seed set."
     inputs = ("high_quality", "seed_select", "seed_train")
     params = AnswersParams
     outputs = ("answers.parquet",)
 
     def load(self, inputs: Mapping[str, Path], params: AnswersParams) -> pd.DataFrame:
-        rows = unselected_rows(inputs)[["id", "instruction", "input"]]
+        rows = unselected_rows(inputs)
+        rows = rows[[c for c in ANSWERED_COLUMNS if c in rows.columns]]
         return rows if params.answer_rows else rows.iloc[:0]
 
     def row_keys(self, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-        return rows["id"].astype(str), text_cost(rows["instruction"], rows["input"])
+        from mods.conversations import with_conversation_cost
+
+        return rows["id"].astype(str), with_conversation_cost(rows, text_cost(rows["instruction"], rows["input"]))
 
     def block_rows(self, params: GenerationConfig) -> int:
         return params.batch_size
@@ -85,26 +102,43 @@ class Answers(RowwiseStage[AnswersParams]):
         return open_answer_engine(folders["seed_model"], params)
 
     def process_batch(self, state: AnswerEngine, block: pd.DataFrame, params: GenerationConfig) -> pd.DataFrame:
-        answers = state.answer(block["instruction"].tolist(), block["input"].tolist())
-        return pd.DataFrame({"seed_answer": pd.Series(answers, dtype=str)})
+        from mods.conversations import row_turns
+
+        turns = [row_turns(row) for row in block.to_dict("records")]
+        flat = [turn for row in turns for turn in row]
+        contexts = [turn.context for turn in flat]
+        answers = state.answer([t.instruction for t in flat], [t.input for t in flat],
+                               contexts=contexts if any(contexts) else None)
+        per_row, at = [], 0
+        for row in turns:
+            per_row.append([str(a) for a in answers[at:at + len(row)]])
+            at += len(row)
+        return pd.DataFrame({"seed_answer": pd.Series([a[0] for a in per_row], dtype=str),
+                             "turn_answers": pd.Series(per_row, dtype=object)})
 
     def teardown(self, state: AnswerEngine) -> None:
         state.close()
 
     def assemble(self, ctx: StageContext, params: GenerationConfig, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
-        frame = pd.DataFrame({"id": rows["id"].astype(str), "instruction": rows["instruction"].astype(str),
-                              "input": rows["input"].astype(str), "seed_answer": results["seed_answer"].astype(str)})
+        # The row's columns (what necessity needs to rebuild each turn's context), then the
+        # answers: seed_answer, the first turn's, and turn_answers, every turn's.
+        frame = rows.reset_index(drop=True).assign(id=rows["id"].astype(str).to_numpy(),
+                                                  seed_answer=results["seed_answer"].astype(str).to_numpy(),
+                                                  turn_answers=list(results["turn_answers"]))
         write_parquet(frame, ctx.out / "answers.parquet")
-        return {"rows": len(frame), "empty_answers": int((frame["seed_answer"].str.len() == 0).sum())}
+        turn_answers = [a for answers in frame["turn_answers"] for a in answers]
+        return {"rows": len(frame), "turns": len(turn_answers),
+                "empty_answers": sum(1 for a in turn_answers if not a)}
 
     def empty_results(self, params: GenerationConfig) -> pd.DataFrame:
         # Nothing to answer (k at or above the high-quality rows): no seed model to load.
-        return pd.DataFrame({"seed_answer": pd.Series([], dtype=str)})
+        return pd.DataFrame({"seed_answer": pd.Series([], dtype=str), "turn_answers": pd.Series([], dtype=object)})
 
 
 def necessity_key(ids: pd.Series, answers: pd.Series) -> pd.Series:
-    """A row's key for necessity: its id and the hash of the answer being scored."""
-    return pd.Series([hash_json([str(i), str(a)]) for i, a in zip(ids, answers)], index=ids.index, dtype=str)
+    """A row's key for necessity: its id and the hash of the answers being scored (one per turn)."""
+    return pd.Series([hash_json([str(i), [str(x) for x in a]]) for i, a in zip(ids, answers)], index=ids.index,
+                     dtype=str)
 
 
 @register
@@ -116,18 +150,27 @@ class Necessity(ScoringStage):
     table, answer_column = "answers.parquet", "seed_answer"
 
     def row_keys(self, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-        return (necessity_key(rows["id"], rows["seed_answer"]),
-                text_cost(rows["instruction"], rows["input"], rows["seed_answer"]))
+        from mods.conversations import with_conversation_cost
+
+        return (necessity_key(rows["id"], rows["turn_answers"]),
+                with_conversation_cost(rows, text_cost(rows["instruction"], rows["input"], rows["seed_answer"])))
+
+    def process_batch(self, scorer: Any, block: pd.DataFrame, params: ScoringParams) -> pd.DataFrame:
+        from mods.scoring import score_rows
+
+        return score_rows(scorer, block, turn_answers=list(block["turn_answers"]), aggregate=NECESSITY_AGGREGATE)
 
     def assemble(self, ctx: StageContext, params: ScoringParams, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
-        frame = pd.DataFrame({"id": rows["id"].astype(str),
-                              "necessity_score": results["quality_score"].to_numpy(dtype=np.float64)})
+        frame = pd.DataFrame({"id": rows["id"].astype(str).to_numpy(),
+                              "necessity_score": results["quality_score"].to_numpy(dtype=np.float64),
+                              "turn_scores": list(results["turn_scores"])})
         write_parquet(frame, ctx.out / "necessity.parquet")
-        return {"rows": len(frame)}
+        return {"rows": len(frame), "turns": int(sum(len(s) for s in frame["turn_scores"]))}
 
     def empty_results(self, params: ScoringParams) -> pd.DataFrame:
         # Nothing answered: the artifact has only id and necessity_score, so no scorer is loaded.
-        return pd.DataFrame({"quality_score": pd.Series([], dtype=np.float64)})
+        return pd.DataFrame({"quality_score": pd.Series([], dtype=np.float64),
+                             "turn_scores": pd.Series([], dtype=object)})
 
 
 class IfdParams(StageParams):

@@ -1,6 +1,8 @@
 """Quality phase (MoDS step 1): the scorer scores every (instruction [+ input], output)
 pair (quality, row-wise), and rows above α — or the best fraction — are kept (high_quality).
-The necessity stage (necessity.py) reuses ``ScoringStage`` on the seed model's answers."""
+A conversation row is scored turn by turn and its turns' scores combined
+(``mods.scoring.score_rows``). The necessity stage (necessity.py) reuses ``ScoringStage``
+on the seed model's answers."""
 
 from __future__ import annotations
 
@@ -39,10 +41,11 @@ class HighQualityParams(StageParams):
 
 
 class ScoringStage(RowwiseStage[ScoringParams]):
-    """The scorer on (instruction, input, ``answer_column``) of the rows in ``table`` of
-    the stage's one input."""
+    """The scorer on every turn of the rows in ``table`` of the stage's one input (an exchange
+    row's (instruction, input, ``answer_column``)), the turns' scores combined per row."""
 
-    version, resources = "2", ONE_GPU
+    # 3: conversation rows scored turn by turn, every result with its turn_scores.
+    version, resources = "3", ONE_GPU
     params = ScoringParams
     table: str
     answer_column: str
@@ -62,8 +65,9 @@ class ScoringStage(RowwiseStage[ScoringParams]):
         return build_scorer(params.scorer)
 
     def process_batch(self, scorer: Any, block: pd.DataFrame, params: ScoringParams) -> pd.DataFrame:
-        return scorer.score(block["instruction"].tolist(), block["input"].tolist(), block[self.answer_column].tolist(),
-                            progress=False)
+        from mods.scoring import QUALITY_AGGREGATE, score_rows
+
+        return score_rows(scorer, block, self.answer_column, aggregate=QUALITY_AGGREGATE[params.scorer.kind])
 
 
 @register
@@ -75,7 +79,10 @@ class Quality(ScoringStage):
     table, answer_column = "rows.parquet", "output"
 
     def row_keys(self, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-        return rows["id"].astype(str), text_cost(rows["instruction"], rows["input"], rows["output"])
+        from mods.conversations import with_conversation_cost
+
+        return rows["id"].astype(str), with_conversation_cost(rows, text_cost(rows["instruction"], rows["input"],
+                                                                              rows["output"]))
 
     def assemble(self, ctx: StageContext, params: ScoringParams, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
         scores = results.reset_index(drop=True)

@@ -12,7 +12,7 @@ import pandas as pd
 from mods.core.stage import WHOLE_MACHINE, Stage, StageContext, StageParams, read_table, register
 from mods.models import model_fingerprint
 from mods.training import TrainConfig, train_fitting_memory
-from mods.training_data import TRAINING_COLUMNS
+from mods.training_data import training_key_frame
 
 
 class TrainingParams(StageParams):
@@ -43,8 +43,9 @@ class TrainingStage(Stage[TrainingParams]):
 
     def input_digest(self, params: TrainingParams, inputs: Mapping[str, Path]) -> str:
         # What it trains on (the selected rows' texts, in order), not the whole pool: a grown pool that selects the same
-        # rows keeps the trained model, and the answers made with it (early cut-off).
-        frame = training_rows(inputs, self.selections)[list(TRAINING_COLUMNS)]
+        # rows keeps the trained model, and the answers made with it (early cut-off). Exchange rows: instruction, input,
+        # output, as always; conversation rows add their messages (mods.training_data.training_key_frame).
+        frame = training_key_frame(training_rows(inputs, self.selections))
         return hashlib.sha256(frame.to_json(orient="split", index=False).encode("utf-8")).hexdigest()
 
     def run(self, ctx: StageContext, params: TrainingParams) -> dict[str, Any]:

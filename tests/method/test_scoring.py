@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
 import numpy as np
 import pandas as pd
 import pytest
@@ -169,6 +170,42 @@ def test_likelihood_long_prompt_is_shortened_not_the_answer(tiny_llama: Path) ->
     df = _lik(tiny_llama, max_length=64).score(["Summarize."], ["blah " * 500], ["Short."], progress=False)
     assert not df["answer_truncated"].iloc[0]
     assert np.isfinite(df["quality_score"].iloc[0])
+
+
+CONTEXT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a sea."},
+           {"role": "assistant", "content": "The North Sea."}]
+
+
+def test_likelihood_scores_a_turn_after_its_conversation(tiny_llama: Path) -> None:
+    """A later turn is scored after the conversation before it (the same tokens as the
+    training text up to that answer); no context is a single exchange, as before."""
+    from mods.prompts import chat_prompt
+
+    s = _lik(tiny_llama)
+    alone = s.score(["And a river?"], [""], ["The Rhine."], progress=False)
+    plain = s.score(["And a river?"], [""], ["The Rhine."], progress=False, contexts=[[]])
+    after = s.score(["And a river?"], [""], ["The Rhine."], progress=False, contexts=[CONTEXT])
+    pd.testing.assert_frame_equal(alone, plain)
+    assert after["quality_score"].iloc[0] != pytest.approx(alone["quality_score"].iloc[0])
+    text = chat_prompt(s.tokenizer, "And a river?", "", CONTEXT)
+    assert "Be brief." in text and text.index("North Sea") < text.index("And a river?")
+    # Too long for max_length: a later turn keeps the end of its context (its user turn)...
+    prompt = list(range(100, 300))
+    kept, answer, cut = s._fit(prompt, [5, 6, 7], in_context=True)
+    assert kept == prompt[-len(kept):] and len(kept) >= s.config.max_length // 2 and answer == [5, 6, 7] and not cut
+    # ...a single exchange the start of its instruction and the assistant header, as before.
+    kept, _, _ = s._fit(prompt, [5, 6, 7])
+    assert kept[:10] == prompt[:10] and kept[-16:] == prompt[-16:]
+
+
+def test_reward_model_reads_the_conversation_before_a_turn(tiny_rm: Path) -> None:
+    s = _rm(tiny_rm)
+    alone = s.score(["And a river?"], [""], ["The Rhine."], progress=False)["quality_score"].iloc[0]
+    after = s.score(["And a river?"], [""], ["The Rhine."], progress=False, contexts=[CONTEXT])["quality_score"]
+    # Without a chat template: the question is the earlier turns then the user turn.
+    joined = s.score(["Be brief.\n\nName a sea.\n\nThe North Sea.\n\nAnd a river?"], [""], ["The Rhine."],
+                     progress=False)["quality_score"].iloc[0]
+    assert after.iloc[0] == pytest.approx(joined) and after.iloc[0] != pytest.approx(alone)
 
 
 def test_likelihood_empty_input_and_output(tiny_llama: Path) -> None:
@@ -353,11 +390,11 @@ def test_pipeline_quality_and_necessity_with_preference_scorer(prefect_harness, 
 
     real_generate = mods.generation.generate_answers
 
-    def generate_with_text(model, tokenizer, instructions, inputs, config, progress=True):
+    def generate_with_text(model, tokenizer, instructions, inputs, config, progress=True, contexts=None):
         # The tiny random seed model answers with newlines only (stripped to ""), and every
         # empty answer gets the same fixed score; give each row some text of its own so the
         # necessity stage has answers to score.
-        answers = real_generate(model, tokenizer, instructions, inputs, config, progress=progress)
+        answers = real_generate(model, tokenizer, instructions, inputs, config, progress=progress, contexts=contexts)
         return [a or f"Some words on {ins.lower()}" for a, ins in zip(answers, instructions)]
 
     monkeypatch.setattr(mods.generation, "generate_answers", generate_with_text)
@@ -386,3 +423,35 @@ def test_pipeline_quality_and_necessity_with_preference_scorer(prefect_harness, 
     # (to batching noise: the stage scores blocks of batch_size rows, this call all rows at once)
     np.testing.assert_allclose(necessity["necessity_score"].to_numpy(), direct, atol=2e-3)
     assert necessity["necessity_score"].nunique() > 1
+
+
+class _LengthScorer:
+    """Scores an answer by its length plus the number of messages before its user turn."""
+
+    def score(self, instructions, inputs, outputs, progress=True, contexts=None):
+        before = contexts or [[] for _ in outputs]
+        return pd.DataFrame({"quality_score": [float(len(o) + len(c)) for o, c in zip(outputs, before)],
+                             "flag": [len(o) > 3 for o in outputs], "answer_tokens": [len(o) for o in outputs]})
+
+
+@pytest.mark.parametrize(("aggregate", "expected"), [("mean", (5 + 7 + 10) / 3), ("min", 5.0), ("last", 10.0)])
+def test_score_rows_scores_every_turn_and_combines_them(aggregate: str, expected: float) -> None:
+    from mods.conversations import WHOLE_CONVERSATION, dumps
+    from mods.scoring import score_rows
+
+    conversation = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "abcde"},
+                    {"role": "user", "content": "u2"}, {"role": "assistant", "content": "abcde"},
+                    {"role": "user", "content": "u3"}, {"role": "assistant", "content": "abcdef"}]
+    rows = pd.DataFrame({"instruction": ["u1", "Solo"], "input": ["", "ctx"], "output": ["abcde", "yes"],
+                         "history": ["[]", "[]"], "metadata": [json.dumps({WHOLE_CONVERSATION: True}), "{}"],
+                         "messages": [dumps(conversation), ""]})
+    scored = score_rows(_LengthScorer(), rows, aggregate=aggregate)  # type: ignore[arg-type]
+    # Turn k is scored after the 2k messages before it: 5 + 0, 5 + 2, 6 + 4.
+    assert scored["turn_scores"].tolist() == [[5.0, 7.0, 10.0], [3.0]]
+    assert scored["quality_score"].tolist() == [pytest.approx(expected), 3.0]
+    assert scored["flag"].tolist() == [True, False] and scored["answer_tokens"].tolist() == [pytest.approx(16 / 3), 3]
+    # The seed model's answers in place of the pool's: one per turn, the context stays the pool's.
+    seed = score_rows(_LengthScorer(), rows, turn_answers=[["a", "bb", "ccc"], ["dddd"]], aggregate="min")  # type: ignore[arg-type]
+    assert seed["turn_scores"].tolist() == [[1.0, 4.0, 7.0], [4.0]] and seed["quality_score"].tolist() == [1.0, 4.0]
+    with pytest.raises(ValueError, match="2 answers for a row of 3 turns"):
+        score_rows(_LengthScorer(), rows, turn_answers=[["a", "b"], ["c"]])  # type: ignore[arg-type]

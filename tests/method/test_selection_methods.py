@@ -332,6 +332,14 @@ def test_longest_baseline_takes_the_longest_answers_in_rows_or_tokens(tiny_llama
     rows = baseline_rows("longest", 3, pool, pd.DataFrame(), pool, None, seed=0, tokens=budget,
                          base_model=str(tiny_llama_dir))
     assert sum(costs[i] for i in rows["id"]) <= budget and rows["id"].tolist()[:2] == ["p5", "p1"]
+    # A conversation's answers are all its assistant turns: three of 30 characters beat one of 80.
+    from mods.conversations import WHOLE_CONVERSATION, dumps
+
+    chat = [{"role": role, "content": "y" * 30} for role in ("user", "assistant") * 3]
+    pool = pool.assign(history="[]", metadata="{}", messages="")
+    pool.loc[0, ["output", "metadata", "messages"]] = ["y" * 30, f'{{"{WHOLE_CONVERSATION}": true}}', dumps(chat)]
+    rows = baseline_rows("longest", 2, pool, pd.DataFrame(), pool, None, seed=0)
+    assert rows["id"].tolist() == ["p0", "p5"]
 
 
 # --- real rows --------------------------------------------------------------------------------------

@@ -247,7 +247,8 @@ def test_gradient_checkpointing_does_not_change_the_weights(tiny_llama_dir: Path
     from safetensors.torch import load_file
 
     config = TrainConfig(epochs=2, learning_rate=5e-3, batch_size=4, max_length=64, precision="fp32", device="cpu",
-                         lora_dropout=0.1)
+                         lora_dropout=0.1, gradient_checkpointing=False)
+    assert TrainConfig().gradient_checkpointing  # the default: recomputation (docs/training.md, Memory)
     # checkpoint_every (100) > the run's steps: no checkpoint saved, so no checkpoint folder either
     assert not train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "plain", progress=False,
                            checkpoint_dir=tmp_path / "unused")["gradient_checkpointing"]
