@@ -2,22 +2,28 @@
 
 ``model(**batch).loss`` (transformers) projects every position onto the vocabulary
 (SmolLM2: 49,152 entries per token), upcasts all of it to fp32 and keeps fp32
-log-probabilities for the backward: ~1.7 GB for a micro-batch of 8 × 384 tokens, most of
-it for prompt and padding positions whose label is -100. ``causal_lm_loss`` computes the
-same number, the mean cross-entropy over the micro-batch's label tokens, but
+log-probabilities for the backward, prompt and padding positions (label -100) included:
+on the demo's final training 957 MiB of its peak (docs/training.md, *Memory*).
+``causal_lm_loss`` computes the same number, the mean cross-entropy over the
+micro-batch's label tokens, but
 
 - asks the model for logits only at the positions whose *next* token has a label
   (``logits_to_keep`` as a boolean mask, transformers ≥ 5: the hidden states are sliced
   before ``lm_head``), and
 - takes the cross-entropy of those logits in chunks of rows (``_ChunkedCrossEntropy``):
-  the forward keeps one log-sum-exp per token instead of fp32 log-probabilities, the
-  backward recomputes each chunk's fp32 log-softmax and writes its gradient straight
-  into one buffer of the logits' dtype.
+  the forward keeps only the logits, no fp32 log-probabilities; the backward recomputes
+  each chunk's fp32 log-softmax and writes its gradient straight into one buffer of the
+  logits' dtype. Memory grows with the answer tokens, not with the positions.
 
 The gradient is computed by the same kernels as transformers' loss (log-softmax of the
 fp32 upcast, its backward, the cast back to the logits' dtype), so it is the same up to
 the order of float additions; the model call goes through the wrapped model (peft, DDP,
-FSDP), so their hooks run as before.
+FSDP), so their hooks run as before. Under bf16 autocast one more difference: ``lm_head``
+multiplies fewer rows, and the bf16 matmul may round a logit one bf16 step differently
+for another number of rows (as it does for another thread count). Measured on the demo's
+final training (docs/training.md, *Memory*): fp32 losses within 1.2e-7 of
+``model(**batch).loss``, bf16 ones within 2.1e-3 after 8 steps (the first step's
+gradients bitwise equal); the reference itself moves 1.4e-3 on 1 thread instead of 2.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, logits.shape[0], rows):
             part = logits[start:start + rows].float()
             total += F.cross_entropy(part, targets[start:start + rows], reduction="sum")
-        # The logits are kept anyway (they are the model's output); nothing of fp32 size is.
+        # Only the logits are kept (in their dtype: fp32 under accelerate's autocast, which
+        # converts a model's outputs to fp32), no log-probabilities.
         ctx.save_for_backward(logits, targets)
         return total / targets.numel()  # 0 / 0 = nan for no label token, as transformers gives
 
