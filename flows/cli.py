@@ -140,7 +140,7 @@ def _preflight(config) -> Path:
         check_readable(discover(resolve_sources(config.data)))
     except SourceError as error:
         raise UserError(f"data: {first_line(error)}") from None
-    api_url = os.environ.get("PREFECT_API_URL")
+    api_url = configured_api_url()
     if api_url:
         import httpx
 
@@ -151,8 +151,18 @@ def _preflight(config) -> Path:
             response.raise_for_status()
         except Exception as error:  # noqa: BLE001 - any failure here means "unreachable"
             raise UserError(f"cannot reach the Prefect server at PREFECT_API_URL={api_url} ({first_line(error)}); "
-                            "start it, or unset PREFECT_API_URL to use a temporary local one") from None
+                            "start it, or unset PREFECT_API_URL (environment or Prefect profile) "
+                            "to use a temporary local one") from None
     return workspace
+
+
+def configured_api_url() -> str | None:
+    """The Prefect server this process is set to report to: PREFECT_API_URL from the
+    environment or the active Prefect profile (``prefect config set``), or a settings
+    context around the call; None when there is none."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
 
 
 class _OneLineConsole(logging.Formatter):
@@ -217,16 +227,24 @@ def _die_with_parent() -> None:
         pass
 
 
-def _start_local_server():
+def _start_local_server() -> tuple[Any, Callable[[], None]]:
     """A temporary Prefect server in its own session, so that Ctrl-C in a terminal (SIGINT
     to the whole foreground group) stops the run, not the server the run reports to; it
-    ends with its parent whatever way the parent ends."""
+    ends with its parent whatever way the parent ends. Returns (server, stop)."""
+    import socket
     import subprocess
     from unittest import mock
 
     import prefect.server.api.server as server_module
 
-    server = server_module.SubprocessASGIServer()
+    # A server of its own, on a port of its own: Prefect keeps one shared "default" server
+    # per process (SubprocessASGIServer()), and stopping that one at the end of the run
+    # would stop whatever else in the process uses it (a test harness did). Prefect restarts
+    # on another port if this one is taken before the server binds it.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = server_module.SubprocessASGIServer(port=port)
     real_popen = subprocess.Popen
 
     def popen(*popen_args: Any, **kwargs: Any):
@@ -236,7 +254,23 @@ def _start_local_server():
 
     with mock.patch.object(server_module.subprocess, "Popen", popen):
         server.start()
-    return server
+    # While the run lasts it is also the default, as Prefect's own test harness does: a
+    # Prefect thread that misses the run's settings finds it instead of starting another.
+    instances = server_module.SubprocessASGIServer._instances
+    prior_default = instances.get(None)
+    if prior_default is None or not prior_default.running:
+        instances[None] = server
+
+    def stop() -> None:
+        _drain_prefect_clients()
+        server.stop()
+        if instances.get(None) is server:
+            if prior_default is None:
+                del instances[None]
+            else:
+                instances[None] = prior_default
+
+    return server, stop
 
 
 def _drain_prefect_clients() -> None:
@@ -279,11 +313,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from flows.mods_pipeline import mods_pipeline
 
-    server = None
+    server, stop_server = None, None
     try:
-        if not os.environ.get("PREFECT_API_URL"):
+        if not configured_api_url():
             try:
-                server = _start_local_server()
+                server, stop_server = _start_local_server()
             except Exception as error:  # noqa: BLE001
                 DETAIL.exception("temporary Prefect server failed")
                 raise UserError(f"could not start a temporary Prefect server ({first_line(error)}); details: {log_file}") from None
@@ -297,9 +331,8 @@ def _run(args: argparse.Namespace) -> int:
                 DETAIL.error("run failed", exc_info=error)
                 raise UserError(f"{first_line(error)} (details: {log_file})") from None
     finally:
-        if server is not None:
-            _drain_prefect_clients()
-            server.stop()
+        if stop_server is not None:
+            stop_server()
     print("\nMoDS selection finished.")
     print(f"  selected data (Alpaca JSONL): {result['selected_jsonl']}")
     print(f"  the same as OpenAI messages:  {result['selected_messages_jsonl']}")
