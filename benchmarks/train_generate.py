@@ -203,7 +203,10 @@ def train_memory_child(variant: str, rows_path: str, precision: str) -> None:
     # a steadier measure of the cost than the loop's wall time.
     usage = resource.getrusage(resource.RUSAGE_SELF)
     summary["cpu_seconds"] = usage.ru_utime + usage.ru_stime
-    print(json.dumps(summary))  # peak_memory_mb: this process's ru_maxrss (MiB), training included
+    # The whole child's peak (MiB), model loading included: the summary's own figure starts
+    # at the training loop (mods.training_process._reset_peak_memory).
+    summary["peak_memory_mb"] = usage.ru_maxrss / 1024
+    print(json.dumps(summary))
 
 
 def compare_train_memory(rows: pd.DataFrame, tmp: Path, variants: list[str], precision: str = "auto") -> None:

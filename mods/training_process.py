@@ -102,10 +102,30 @@ def return_freed_tensors_to_the_system() -> bool:
         return False
 
 
+def _reset_peak_memory(device: torch.device) -> float:
+    """Start this run's peak at what the process holds now, so that the summary's
+    ``peak_memory_mb`` is the training's, not that of the stages an in-process pipeline
+    ran before it; returns what it holds now (MiB: CUDA allocated, or resident)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current resident size
+    except OSError:  # not Linux: the process's peak, as ru_maxrss gives it
+        pass
+    return _peak_memory_mb(device)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # Linux reports ru_maxrss in KiB: the peak resident memory of this process.
+    try:  # the peak resident memory since _reset_peak_memory (KiB)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    # Linux reports ru_maxrss in KiB: the peak resident memory of this process's life.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -242,8 +262,7 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
     accelerator.wait_for_everyone()
 
     in_process = job.work_dir is None
-    if accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(accelerator.device)  # this run's peak, not the process's
+    memory_at_start = _reset_peak_memory(accelerator.device)  # this run's peak, not the process's
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=not (job.progress and in_process and main))
     log_every = max(1, total_steps // 20)
@@ -289,8 +308,8 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
     bar.close()
     seconds = time.perf_counter() - started
     tokens_this_run = int(accelerator.reduce(torch.tensor(tokens_this_run, device=accelerator.device), "sum"))
-    peak = float(accelerator.reduce(torch.tensor(_peak_memory_mb(accelerator.device), device=accelerator.device,
-                                                 dtype=torch.float64), "max"))
+    peak, memory_at_start = (float(v) for v in accelerator.reduce(torch.tensor(
+        [_peak_memory_mb(accelerator.device), memory_at_start], device=accelerator.device, dtype=torch.float64), "max"))
 
     # The artifact: every process takes part in gathering FSDP shards; rank 0 writes.
     model.eval()
@@ -328,6 +347,7 @@ def run_training_process(job: TrainJob, encoded: list[EncodedRow], tokenizer: An
             "idle_slots_per_step": plan.idle_slots_per_step,
             "resumed_from_step": start_step,
             "peak_memory_mb": round(peak, 1),
+            "memory_at_start_mb": round(memory_at_start, 1),
             "fsdp": fsdp,
             "gradient_checkpointing": recomputes,
         }

@@ -67,6 +67,26 @@ def test_lora_training_lowers_the_loss_and_reloads(tiny_llama_dir: Path, tmp_pat
     assert changed
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only: VmHWM reset")
+def test_peak_memory_is_the_trainings_not_the_processs(tiny_llama_dir: Path, tmp_path: Path):
+    """An in-process pipeline trains after stages that held more memory than training: the
+    summary's peak on CPU starts at the training, not at the process's start."""
+    import resource
+
+    import numpy as np
+    import psutil
+
+    held = np.ones(2**30 // 8)  # 1 GiB resident, then freed, as an earlier stage's model
+    del held
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    resident_before = psutil.Process().memory_info().rss / 2**20
+    config = TrainConfig(epochs=1, batch_size=4, global_batch=4, max_length=48, device="cpu")
+    summary = train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "model", progress=False)
+    assert 0.8 * resident_before <= summary["peak_memory_mb"] < process_peak - 512, (summary["peak_memory_mb"],
+                                                                                      process_peak, resident_before)
+    assert 0.8 * resident_before <= summary["memory_at_start_mb"] <= summary["peak_memory_mb"]
+
+
 def test_full_fine_tuning_saves_a_whole_model(tiny_llama_dir: Path, tmp_path: Path):
     config = TrainConfig(method="full", epochs=1, learning_rate=1e-3, batch_size=4, max_length=48, device="cpu")
     train_model(str(tiny_llama_dir), ROWS.head(4), config, tmp_path / "full", progress=False)
