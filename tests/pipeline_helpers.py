@@ -4,6 +4,7 @@ readers of what a run left (task states, the newest artifact, its summary)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,18 @@ def task_states(flow_state) -> dict[str, str]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     flow_run_id = flow_state.state_details.flow_run_id
+    # Prefect 3 reports task-run states through events that the server applies a moment
+    # later: a task run read right after its flow ended may have no state yet (seen once in
+    # a full run), or not its last one. Read until every one has a final state (30 s at most).
+    deadline = time.monotonic() + 30
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in sorted(runs, key=lambda r: r.start_time or r.created)}
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    return {run.name.rsplit("-", 1)[0]: run.state.name if run.state else "no state"
+            for run in sorted(runs, key=lambda r: r.start_time or r.created)}
 
 
 def stage_states(flow_state) -> dict[str, str]:

@@ -415,30 +415,9 @@ def _preference_file(path: Path) -> Path:
     return path
 
 
-def _settled_task_states(flow_state, timeout_s: float = 30.0) -> dict[str, str]:
-    """Task states once the server has recorded them all: Prefect 3 records task-run states
-    from events, asynchronously, so right after a flow returns a task run can still read
-    Pending (or have no state yet)."""
-    import time
-
-    from pipeline_helpers import task_states
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            states = task_states(flow_state)
-        except AttributeError:  # a task run whose state is not recorded yet
-            states = None
-        if states is not None and not set(states.values()) & {"Pending", "Scheduled", "Running"}:
-            return states
-        if time.monotonic() > deadline:
-            return states or {}
-        time.sleep(0.5)
-
-
 @pytest.mark.flow
 def test_evaluation_flow_counts_sizes_and_rerun(prefect_harness, tiny_llama_dir: Path, tmp_path: Path, capsys):
-    from pipeline_helpers import tiny_config
+    from pipeline_helpers import task_states, tiny_config
 
     from flows.evaluate import mods_evaluate
     from flows.mods_pipeline import mods_pipeline
@@ -499,7 +478,7 @@ def test_evaluation_flow_counts_sizes_and_rerun(prefect_harness, tiny_llama_dir:
     warm = mods_evaluate(workspace=str(workspace), config=evaluation, return_state=True)
     assert warm.is_completed()
     assert warm.result()["executed"] == []
-    assert set(_settled_task_states(warm).values()) == {"Cached"}
+    assert set(task_states(warm).values()) == {"Cached"}  # waits for states recorded late
     assert sorted(p.relative_to(workspace) for p in (workspace / "artifacts").glob("*/[!.]*")) == artifacts_before
     assert warm.result()["evaluation_json"] == result["evaluation_json"]
 
