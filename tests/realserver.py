@@ -79,6 +79,18 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def drain_prefect_services(timeout: float = 30) -> None:
+    """Finish and stop this process's Prefect client services (events, logs, concurrency-slot
+    leases). Each keeps the client of the API it first talked to: left running after that
+    server is gone, it sends there for the rest of the process, and the next server's flows
+    (a test harness started later in the same test process) fail with "Unable to acquire
+    concurrency slots". Call it while the server still answers."""
+    from prefect._internal.concurrency.services import _QueueServiceBase
+
+    with contextlib.suppress(Exception):  # a service that cannot finish is stopped all the same
+        _QueueServiceBase.drain_all(timeout=timeout, at_exit=False)
+
+
 class Managed:
     """A process we started (in its own session), stopped with all its descendants."""
 
@@ -306,6 +318,7 @@ class RealStack:
             yield
 
     def close(self) -> None:
+        drain_prefect_services()
         for worker in self.workers.values():
             worker.stop()
         self.stop_server()
