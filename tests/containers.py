@@ -1,8 +1,8 @@
 """Docker for tests: an engine (this machine's, or one the tests start and stop), the
 base images made from Debian's packages, the mods image, and compose.
 
-    with docker_engine() as engine:      # starts dockerd (vfs) as root when none answers
-        image, seconds = build_image("mods:test-cpu")
+    with docker_engine(log_dir) as engine:  # starts dockerd as root when none answers
+        seconds = build_image("mods:test-cpu", log)
         with ComposeStack.up(...) as stack:
             ...
 
@@ -21,6 +21,8 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN_HOOK_DIR = Path(__file__).resolve().parent / "bin"
@@ -49,36 +51,170 @@ def _engine_answers() -> bool:
     return False
 
 
-@contextlib.contextmanager
-def docker_engine(log_dir: Path) -> Iterator[None]:
-    """This machine's engine if one answers; else dockerd started here (vfs storage: the
-    default driver does not work in some sandboxes), stopped at the end."""
-    if _engine_answers():
-        yield
-        return
-    if shutil.which("dockerd") is None or os.geteuid() != 0:
-        raise DockerUnavailable("no Docker engine answers and none can be started here (needs root and dockerd: "
-                                "apt-get install docker.io; .ci/run does)")
-    env = dict(os.environ)
-    if shutil.which("nvidia-container-runtime-hook") is None:
-        env["PATH"] = f"{STANDIN_HOOK_DIR}:{env['PATH']}"
-    log = (log_dir / "dockerd.log").open("w")
-    process = subprocess.Popen(["dockerd", "--storage-driver=vfs"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+def storage_drivers() -> list[str]:
+    """The storage drivers to try for an engine started here, best first: fuse-overlayfs
+    (copy-on-write: a container or a build step shares its image's files) where FUSE is
+    there, then vfs (every layer and every container a full copy of its image; the one
+    driver that always works in a sandbox). MODS_TEST_DOCKER_STORAGE picks one."""
+    if os.environ.get("MODS_TEST_DOCKER_STORAGE"):
+        return [os.environ["MODS_TEST_DOCKER_STORAGE"]]
+    drivers = []
+    if shutil.which("fuse-overlayfs") and Path("/dev/fuse").exists():
+        drivers.append("fuse-overlayfs")
+    return [*drivers, "vfs"]
+
+
+def engine_processes() -> list[psutil.Process]:
+    """The engine's processes on this machine: dockerd, containerd and their shims, the
+    fuse-overlayfs mounts of running containers."""
+    names = {"dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2", "fuse-overlayfs"}
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.info["name"] in names and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+class DockerEngine:
+    """This machine's engine if one answers (left as it is); else dockerd started here with
+    the first storage driver of ``storage_drivers()`` that starts and runs a container, and
+    stopped by ``stop()`` with every process it started."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.process: subprocess.Popen | None = None
+        self.driver = ""
+        self._log = None
+
+    @property
+    def started_here(self) -> bool:
+        return self.process is not None
+
+    def start(self, drivers: list[str] | None = None) -> "DockerEngine":
+        if _engine_answers():
+            self.driver = docker("info", "--format", "{{.Driver}}").stdout.strip()
+            return self
+        if shutil.which("dockerd") is None or os.geteuid() != 0:
+            raise DockerUnavailable("no Docker engine answers and none can be started here (needs root and dockerd: "
+                                    "apt-get install docker.io; .ci/run does)")
+        failures = []
+        for driver in drivers or storage_drivers():
+            try:
+                self._start_dockerd(driver)
+                return self
+            except DockerUnavailable as error:
+                failures.append(f"{driver}: {error}")
+        raise DockerUnavailable("dockerd did not start with any storage driver:\n" + "\n".join(failures))
+
+    def _start_dockerd(self, driver: str) -> None:
+        env = dict(os.environ)
+        if shutil.which("nvidia-container-runtime-hook") is None:
+            env["PATH"] = f"{STANDIN_HOOK_DIR}:{env['PATH']}"
+        log_path = self.log_dir / f"dockerd-{driver}.log"
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(["dockerd", f"--storage-driver={driver}"], env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while not _engine_answers():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise DockerUnavailable(f"dockerd did not start:\n{(log_dir / 'dockerd.log').read_text()[-2000:]}")
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise DockerUnavailable(log_path.read_text()[-1500:])
             time.sleep(1)
-        yield
-    finally:
+        self.driver = driver
+
+    def runs_containers(self, image: str) -> bool:
+        """A container of ``image`` starts and exits 0 (a driver can start, then fail to mount)."""
+        return docker("run", "--rm", "--network", "none", image, "true", timeout=300, check=False).returncode == 0
+
+    def fall_back(self) -> None:
+        """Restart the engine started here with the next storage driver (images are per driver)."""
+        drivers = storage_drivers()
+        rest = drivers[drivers.index(self.driver) + 1:] if self.driver in drivers else []
+        if not self.started_here or not rest:
+            raise DockerUnavailable(f"the engine ({self.driver}) cannot run a container, and there is no other "
+                                    f"storage driver to try")
+        self.stop()
+        self.start(rest)
+
+    def stop(self) -> None:
+        """Stop dockerd started here; raise if a process of the engine outlives it."""
+        if self.process is None:
+            return
+        process, self.process = self.process, None
         process.terminate()
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        log.close()
+        if self._log is not None:
+            self._log.close()
+        _, alive = psutil.wait_procs(engine_processes(), timeout=30)
+        if alive:
+            raise RuntimeError(f"engine processes left after dockerd stopped: {[p.pid for p in alive]}")
+
+
+@contextlib.contextmanager
+def docker_engine(log_dir: Path) -> Iterator[DockerEngine]:
+    """``DockerEngine(log_dir).start()``, stopped at the end."""
+    engine = DockerEngine(log_dir).start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+class DockerState:
+    """What the engine holds: containers, volumes, networks and images (by id, every layer)."""
+
+    def __init__(self) -> None:
+        self.containers = set(docker("ps", "-aq", "--no-trunc").stdout.split())
+        self.volumes = set(docker("volume", "ls", "-q").stdout.split())
+        self.networks = set(docker("network", "ls", "-q", "--no-trunc").stdout.split())
+        self.images = set(docker("images", "-aq", "--no-trunc").stdout.split())
+
+
+def _image_chain(tag: str) -> set[str]:
+    """The image and every layer image it is built on (the classic builder's parent chain)."""
+    chain, current = set(), tag
+    while current:
+        found = docker("image", "inspect", current, "--format", "{{.Id}} {{.Parent}}", check=False)
+        if found.returncode != 0:
+            break
+        image_id, _, parent = found.stdout.strip().partition(" ")
+        chain.add(image_id)
+        current = parent.strip()
+    return chain
+
+
+def clean_up(before: DockerState, remove_images: tuple[str, ...], keep_images: tuple[str, ...]) -> list[str]:
+    """Remove what the tests made since ``before`` (containers, volumes, networks, the
+    ``remove_images`` tags, dangling layers); returns what is still there beyond ``before``
+    and the layers of ``keep_images`` (the build cache), so a caller can fail on it."""
+    now = DockerState()
+    for container in now.containers - before.containers:
+        docker("rm", "-f", "-v", container, check=False, timeout=300)
+    for volume in now.volumes - before.volumes:
+        docker("volume", "rm", "-f", volume, check=False)
+    for network in now.networks - before.networks:
+        docker("network", "rm", network, check=False)
+    for tag in remove_images:
+        docker("rmi", "-f", tag, check=False, timeout=600)
+    docker("image", "prune", "-f", check=False, timeout=600)
+    after = DockerState()
+    kept = set().union(*(_image_chain(tag) for tag in keep_images)) if keep_images else set()
+    left = [f"container {c[:12]}" for c in after.containers - before.containers]
+    left += [f"volume {v}" for v in after.volumes - before.volumes]
+    left += [f"network {n[:12]}" for n in after.networks - before.networks]
+    left += [f"image {i}" for i in after.images - before.images - kept]
+    return left
+
+
+def docker_disk_mb(root: Path = Path("/var/lib/docker")) -> float:
+    """Disk used under the engine's data root (``du``: what the layers really take)."""
+    result = subprocess.run(["du", "-sm", str(root)], capture_output=True, text=True, timeout=600)
+    return float(result.stdout.split()[0]) if result.returncode == 0 and result.stdout else float("nan")
 
 
 def image_exists(name: str) -> bool:
@@ -95,14 +231,17 @@ def ensure_base_images() -> None:
 def build_image(tag: str, log: Path) -> float:
     """docker build of docker/Dockerfile (CPU torch from docker/local/wheels); returns seconds.
 
-    The build stage is tagged too (``<tag>-build``), so that its dependency layer stays
-    cached; the images the new tags replace are removed (on vfs each is gigabytes)."""
+    Three tags: ``<tag>`` the runtime (no packaged models: what the container tests run),
+    ``<tag>-full`` the default target (runtime + the prepared models), and ``<tag>-build``
+    the build stage, kept so that its dependency layer stays cached. The layers that the
+    new tags replace are removed (dangling)."""
     started = time.monotonic()
     common = ["docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
               # torch from the wheel in docker/local (the CPU index is not reachable here)
               "--build-arg", "TORCH_INDEX_URL=", "-f", "docker/Dockerfile"]
     with log.open("w") as out:
-        for args in (["--target", "build", "-t", f"{tag}-build"], ["-t", tag]):
+        for args in (["--target", "build", "-t", f"{tag}-build"], ["--target", "runtime", "-t", tag],
+                     ["-t", f"{tag}-full"]):
             result = subprocess.run([*common, *args, "."], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                     timeout=2400)
             if result.returncode != 0:
@@ -168,5 +307,8 @@ class ComposeStack:
             stack.run("up", "-d", "--no-build", timeout=900)
             yield stack
         finally:
+            from realserver import drain_prefect_services
+
+            drain_prefect_services()  # while the stack's server answers: nothing of this process sends to it after
             (log_dir / "compose.log").write_text(stack.run("logs", "--no-color", check=False, timeout=120).stdout)
             stack.run("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300)

@@ -24,14 +24,19 @@ import httpx
 import pytest
 
 from containers import (
-    BASE_IMAGE, POSTGRES_IMAGE, ROOT, ComposeStack, DockerUnavailable, build_image, docker, docker_engine,
-    ensure_base_images, image_size_mb,
+    BASE_IMAGE, POSTGRES_IMAGE, ROOT, ComposeStack, DockerEngine, DockerState, DockerUnavailable, build_image,
+    clean_up, docker, docker_disk_mb, ensure_base_images, image_size_mb,
 )
 from pipeline_helpers import tiny_config
 
 pytestmark = [pytest.mark.containers, pytest.mark.realserver]
 
-IMAGE = "mods:test-cpu"
+IMAGE = "mods:test-cpu"  # the runtime target: the tests mount their tiny model and pool
+FULL_IMAGE = f"{IMAGE}-full"  # the default target (with the packaged models), built and checked once
+# Kept between sessions on purpose: the Debian-made bases (2 min to make) and the build stage,
+# whose dependency layer spares the next build its pip install (a change of pyproject.toml
+# replaces it). `docker rmi` them to reclaim the disk.
+KEPT_IMAGES = (BASE_IMAGE, POSTGRES_IMAGE, f"{IMAGE}-build")
 RUN_TIMEOUT_SECONDS = 900
 CRASH_AFTER_SECONDS = 60
 
@@ -53,20 +58,36 @@ def shared_dir():
 
 @pytest.fixture(scope="module")
 def image(shared_dir: Path):
-    """The engine (started here when none runs), the base images and the mods image."""
+    """The engine (started here when none runs), the base images and the mods image, built
+    once for the module. At the end everything the tests made is removed but the base
+    images and the build stage (the next build's cache), and the engine started here is
+    stopped; anything left is an error of this fixture, also after a failed test."""
     try:
-        engine = docker_engine(shared_dir)
-        engine.__enter__()
+        engine = DockerEngine(shared_dir).start()
     except DockerUnavailable as error:
         _unavailable(str(error))
+    before = DockerState()
     try:
         ensure_base_images()
+        if not engine.runs_containers(BASE_IMAGE):
+            # A copy-on-write driver that starts but cannot mount here: the next driver.
+            print(f"\nthe engine's {engine.driver} storage cannot run a container; falling back")
+            engine.fall_back()
+            before = DockerState()
+            ensure_base_images()
         seconds = build_image(IMAGE, shared_dir / "build.log")
-        print(f"\nimage {IMAGE}: built in {seconds:.0f} s (layers already cached are reused), "
-              f"{image_size_mb(IMAGE):.0f} MB; base {BASE_IMAGE} {image_size_mb(BASE_IMAGE):.0f} MB")
+        print(f"\nimages {IMAGE} and {FULL_IMAGE}: built in {seconds:.0f} s on {engine.driver} storage (layers "
+              f"already cached are reused), {image_size_mb(IMAGE):.0f} and {image_size_mb(FULL_IMAGE):.0f} MB; "
+              f"base {BASE_IMAGE} {image_size_mb(BASE_IMAGE):.0f} MB")
         yield IMAGE
     finally:
-        engine.__exit__(None, None, None)
+        try:
+            left = clean_up(before, remove_images=(IMAGE, FULL_IMAGE), keep_images=KEPT_IMAGES)
+            print(f"\n/var/lib/docker after the container tests: {docker_disk_mb():,.0f} MB "
+                  f"({engine.driver}; kept: {', '.join(KEPT_IMAGES)})")
+        finally:
+            engine.stop()
+        assert not left, f"the container tests left {left}"
 
 
 def _data(shared_dir: Path, tiny_llama: Path) -> Path:
@@ -130,6 +151,21 @@ def _mods_run(config: dict[str, Any], folder: Path) -> Path:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     line = next(line for line in result.stdout.splitlines() if "selected data (Alpaca JSONL)" in line)
     return Path(line.split(": ", 1)[1].strip())
+
+
+def test_the_full_image_serves_the_packaged_models_offline_to_its_user(image: str):
+    """The default target: the runtime plus the prepared models, read with no network as
+    the image's unprivileged user (what `mods run` in the image uses by default)."""
+    result = docker("run", "--rm", "--network", "none", FULL_IMAGE, "mods", "prepare-models", timeout=600,
+                    check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    paths = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines() if ": /" in line)
+    assert paths["smollm2-135m-instruct"].startswith("/opt/mods-cache/"), result.stdout
+    assert "downloading" not in result.stdout + result.stderr
+    assert docker("run", "--rm", FULL_IMAGE, "id", "-un").stdout.strip() == "mods"
+    # The runtime the other tests use holds no prepared model: they come from the mounts.
+    assert docker("run", "--rm", image, "sh", "-c", "ls -A /opt/mods-cache 2>/dev/null | wc -l").stdout.strip() \
+        == "0"
 
 
 def test_compose_stack_runs_the_pipeline_and_survives_a_killed_gpu_worker_container(
