@@ -1,6 +1,6 @@
 # make run   — set up (.venv, project, offline models) and run the pipeline on the embedded demo
 # make eval  — after make run: MoDS vs same-size baselines on the paper's test sets
-# make test  — set up and run the test suite (what .ci/run calls)
+# make test  — set up and run the test suite (what .ci/run calls); make test-fast: the inner loop
 # make vllm  — add vLLM (generation.engine: vllm) to .venv; make test does it, make run does not need it
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -20,7 +20,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models vllm run eval test test-fast bench clean-work
+.PHONY: setup models vllm run eval test test-fast test-durations bench clean-work
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,15 +66,30 @@ run: models
 eval: models
 	$(BIN)/mods evaluate $(ARGS)
 
-# Test processes: two overlap the tests that wait (servers, heartbeats, workers) with the rest.
-TEST_WORKERS ?= 2
+# Three test processes (pytest-xdist; most of the long tests wait on servers, heartbeat
+# windows, workers and containers, so a third overlaps more of that waiting on 2 cores:
+# docs/testing.md), each taking whole files (--dist loadfile) in the order tests/conftest.py
+# gives them: the longest first (tests/durations.json), so they end together.
+# --no-loadscope-reorder keeps that order (xdist's own puts files with many tests first, and
+# a long file of two tests last).
+TEST_WORKERS ?= 3
+PYTEST_XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# What needs no server, engine or container: no Prefect server (harness, real or temporary),
+# no vLLM engine, no Docker, no packaged model run end to end (docs/testing.md).
+FAST_TESTS := not e2e and not flow and not realserver and not containers and not vllm
 
 test: models vllm
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 
-# Unit tests only (no real models, no Prefect server).
+# The inner loop while working: every test of FAST_TESTS.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not e2e and not flow and not realserver" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "$(FAST_TESTS)" $(PYTEST_ARGS)
+
+# The whole suite with a JUnit report; prints seconds by layer and file and records them in
+# tests/durations.json (the order files start in). Commit the file when the times moved.
+test-durations: models vllm
+	status=0; $(BIN)/python -m pytest -q $(PYTEST_XDIST) --junitxml=$(VENV)/junit.xml $(PYTEST_ARGS) || status=$$?; \
+	  $(BIN)/python tests/durations.py $(VENV)/junit.xml --write; exit $$status
 
 bench: models
 	$(BIN)/python benchmarks/kcenter.py

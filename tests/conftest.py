@@ -29,29 +29,38 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 import pytest  # noqa: E402
 
+from durations import read_durations  # noqa: E402
+
 
 # Tests live by layer: tests/<layer>/test_*.py, each marked with its layer (pytest -m core).
 LAYERS = ("core", "method", "orchestration", "system")
 
 
-# The layers that wait longest (servers, heartbeat windows, worker processes) start first,
-# so that `pytest -n 2 --dist loadfile` (make test) overlaps their waiting with the rest.
-FIRST = ("system", "orchestration", "method", "core")
-# Within them, the longest file first (an image build, a compose stack, containers).
-LONGEST = ("test_containers.py",)
+# The longest file first (tests/durations.json, measured: tests/durations.py), so that the
+# test processes of `make test` (pytest-xdist, whole files, --no-loadscope-reorder: xdist's
+# default reorder puts files with many tests first and a long two-test file last) end
+# together. A file without a recorded time goes after the recorded ones, in collection order.
+FILE_SECONDS = read_durations()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).resolve().parent
     for item in items:
         layer = Path(str(item.fspath)).parent.name
         if layer in LAYERS:
             item.add_marker(layer)
-    def order(item: pytest.Item) -> tuple[int, int]:
-        path = Path(str(item.fspath))
-        layer = FIRST.index(path.parent.name) if path.parent.name in FIRST else len(FIRST)
-        return layer, 0 if path.name in LONGEST else 1
+        # What a test starts follows from the fixtures it uses, so that `make test-fast`
+        # (-m "not flow and not vllm ...") cannot take a server or an engine by an omission.
+        if "prefect_harness" in item.fixturenames:
+            item.add_marker("flow")
+        if "shared_vllm" in item.fixturenames:
+            item.add_marker("vllm")
 
-    items.sort(key=order)
+    def longest_first(item: pytest.Item) -> float:
+        path = Path(str(item.fspath)).resolve()
+        return -FILE_SECONDS.get(path.relative_to(tests_dir).as_posix() if path.is_relative_to(tests_dir) else "", 0.0)
+
+    items.sort(key=longest_first)  # stable: a file's tests keep their order
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +75,17 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     from tiny_models import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def shared_vllm():
+    """The session's vLLM engine (tests/vllm_helpers.py); skips without vLLM, fails in CI."""
+    from vllm_helpers import SharedEngine, require_vllm
+
+    require_vllm()
+    shared = SharedEngine()
+    yield shared
+    shared.close()
 
 
 @pytest.fixture(scope="session")

