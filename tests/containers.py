@@ -165,13 +165,28 @@ def docker_engine(log_dir: Path) -> Iterator[DockerEngine]:
         engine.stop()
 
 
-class DockerState:
-    """What the engine holds: containers, volumes, networks and images (by id, every layer)."""
+# Compose projects of the tests are named with this prefix (their containers, volumes and
+# networks too): what the clean-up may remove on an engine that also serves other work.
+TEST_PROJECT_PREFIX = "mods-test-"
 
-    def __init__(self) -> None:
-        self.containers = set(docker("ps", "-aq", "--no-trunc").stdout.split())
-        self.volumes = set(docker("volume", "ls", "-q").stdout.split())
-        self.networks = set(docker("network", "ls", "-q", "--no-trunc").stdout.split())
+
+class DockerState:
+    """What the engine holds that a test may have made: containers of the tests' compose
+    projects or of the given images, volumes (named after a test project, or anonymous),
+    networks of a test project, and every image layer (by id)."""
+
+    def __init__(self, test_images: tuple[str, ...] = ()) -> None:
+        self.containers = set()
+        listing = docker("ps", "-a", "--no-trunc", "--format",
+                         '{{.ID}}\t{{.Image}}\t{{.Label "com.docker.compose.project"}}').stdout
+        for line in listing.splitlines():
+            container, image, project = (line.split("\t") + ["", ""])[:3]
+            if project.startswith(TEST_PROJECT_PREFIX) or image in test_images:
+                self.containers.add(container)
+        self.volumes = {v for v in docker("volume", "ls", "-q").stdout.split()
+                        if v.startswith(TEST_PROJECT_PREFIX) or (len(v) == 64 and all(c in "0123456789abcdef" for c in v))}
+        self.networks = {n for n in docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+                         if n.startswith(TEST_PROJECT_PREFIX)}
         self.images = set(docker("images", "-aq", "--no-trunc").stdout.split())
 
 
@@ -189,24 +204,26 @@ def _image_chain(tag: str) -> set[str]:
 
 
 def clean_up(before: DockerState, remove_images: tuple[str, ...], keep_images: tuple[str, ...]) -> list[str]:
-    """Remove what the tests made since ``before`` (containers, volumes, networks, the
-    ``remove_images`` tags, dangling layers); returns what is still there beyond ``before``
-    and the layers of ``keep_images`` (the build cache), so a caller can fail on it."""
-    now = DockerState()
+    """Remove what the tests made since ``before``: their containers (compose projects named
+    ``mods-test-*``, containers of ``remove_images``), volumes and networks, the
+    ``remove_images`` tags and dangling layers. Returns what of that kind is still there
+    beyond ``before`` and the layers of ``keep_images`` (the build cache), so a caller can
+    fail on it. Nothing else of the engine's is touched."""
+    now = DockerState(remove_images)
     for container in now.containers - before.containers:
         docker("rm", "-f", "-v", container, check=False, timeout=300)
     for volume in now.volumes - before.volumes:
-        docker("volume", "rm", "-f", volume, check=False)
+        docker("volume", "rm", volume, check=False)  # one still in use stays, and is reported
     for network in now.networks - before.networks:
         docker("network", "rm", network, check=False)
     for tag in remove_images:
         docker("rmi", "-f", tag, check=False, timeout=600)
     docker("image", "prune", "-f", check=False, timeout=600)
-    after = DockerState()
+    after = DockerState(remove_images)
     kept = set().union(*(_image_chain(tag) for tag in keep_images)) if keep_images else set()
     left = [f"container {c[:12]}" for c in after.containers - before.containers]
     left += [f"volume {v}" for v in after.volumes - before.volumes]
-    left += [f"network {n[:12]}" for n in after.networks - before.networks]
+    left += [f"network {n}" for n in after.networks - before.networks]
     left += [f"image {i}" for i in after.images - before.images - kept]
     return left
 

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from containers import (
-    BASE_IMAGE, POSTGRES_IMAGE, ROOT, ComposeStack, DockerEngine, DockerState, DockerUnavailable, build_image,
-    clean_up, docker, docker_disk_mb, ensure_base_images, image_size_mb,
+    BASE_IMAGE, POSTGRES_IMAGE, TEST_PROJECT_PREFIX, ComposeStack, DockerEngine, DockerState, DockerUnavailable,
+    build_image, clean_up, docker, docker_disk_mb, ensure_base_images, image_size_mb,
 )
 from pipeline_helpers import tiny_config
 
@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.containers, pytest.mark.realserver]
 
 IMAGE = "mods:test-cpu"  # the runtime target: the tests mount their tiny model and pool
 FULL_IMAGE = f"{IMAGE}-full"  # the default target (with the packaged models), built and checked once
+TEST_IMAGES = (IMAGE, FULL_IMAGE)  # removed at the end, with every container of theirs
 # Kept between sessions on purpose: the Debian-made bases (2 min to make) and the build stage,
 # whose dependency layer spares the next build its pip install (a change of pyproject.toml
 # replaces it). `docker rmi` them to reclaim the disk.
@@ -66,14 +67,14 @@ def image(shared_dir: Path):
         engine = DockerEngine(shared_dir).start()
     except DockerUnavailable as error:
         _unavailable(str(error))
-    before = DockerState()
+    before = DockerState(TEST_IMAGES)
     try:
         ensure_base_images()
         if not engine.runs_containers(BASE_IMAGE):
             # A copy-on-write driver that starts but cannot mount here: the next driver.
             print(f"\nthe engine's {engine.driver} storage cannot run a container; falling back")
             engine.fall_back()
-            before = DockerState()
+            before = DockerState(TEST_IMAGES)
             ensure_base_images()
         seconds = build_image(IMAGE, shared_dir / "build.log")
         print(f"\nimages {IMAGE} and {FULL_IMAGE}: built in {seconds:.0f} s on {engine.driver} storage (layers "
@@ -82,7 +83,7 @@ def image(shared_dir: Path):
         yield IMAGE
     finally:
         try:
-            left = clean_up(before, remove_images=(IMAGE, FULL_IMAGE), keep_images=KEPT_IMAGES)
+            left = clean_up(before, remove_images=TEST_IMAGES, keep_images=KEPT_IMAGES)
             print(f"\n/var/lib/docker after the container tests: {docker_disk_mb():,.0f} MB "
                   f"({engine.driver}; kept: {', '.join(KEPT_IMAGES)})")
         finally:
@@ -182,7 +183,7 @@ def test_compose_stack_runs_the_pipeline_and_survives_a_killed_gpu_worker_contai
            "POSTGRES_IMAGE": POSTGRES_IMAGE, "MODS_IMAGE": image, "MODS_GPU_IMAGE": image,
            "MODS_BIND": "127.0.0.1", "MODS_PORT": str(port), "MODS_UI_API_URL": f"http://127.0.0.1:{port}/api",
            "MODS_DATA": str(data)}
-    project = f"mods-test-{secrets.token_hex(3)}"
+    project = f"{TEST_PROJECT_PREFIX}{secrets.token_hex(3)}"
     api = f"http://127.0.0.1:{port}/api"
     started = time.monotonic()
     with ComposeStack.up(project, env, tmp_path) as stack:
