@@ -1,10 +1,12 @@
 """Docker for tests: an engine (this machine's, or one the tests start and stop), the
 base images made from Debian's packages, the mods image, and compose.
 
-    with docker_engine(log_dir) as engine:  # starts dockerd as root when none answers
-        seconds = build_image("mods:test-cpu", log)
-        with ComposeStack.up(...) as stack:
-            ...
+    engine = DockerEngine(log_dir).start()   # dockerd started as root when none answers
+    before = DockerState(test_images)
+    seconds = build_image("mods:test-cpu", log)
+    with ComposeStack.up(...) as stack:
+        ...
+    left = clean_up(before, remove_images, keep_images); engine.stop()
 
 Without a GPU, an engine started here finds tests/bin/nvidia-container-runtime-hook on its
 PATH (unless a real one is installed): Docker then accepts a GPU device request and starts
@@ -155,16 +157,6 @@ class DockerEngine:
             raise RuntimeError(f"engine processes left after dockerd stopped: {[p.pid for p in alive]}")
 
 
-@contextlib.contextmanager
-def docker_engine(log_dir: Path) -> Iterator[DockerEngine]:
-    """``DockerEngine(log_dir).start()``, stopped at the end."""
-    engine = DockerEngine(log_dir).start()
-    try:
-        yield engine
-    finally:
-        engine.stop()
-
-
 # Compose projects of the tests are named with this prefix (their containers, volumes and
 # networks too): what the clean-up may remove on an engine that also serves other work.
 TEST_PROJECT_PREFIX = "mods-test-"
@@ -232,10 +224,6 @@ def docker_disk_mb(root: Path = Path("/var/lib/docker")) -> float:
     """Disk used under the engine's data root (``du``: what the layers really take)."""
     result = subprocess.run(["du", "-sm", str(root)], capture_output=True, text=True, timeout=600)
     return float(result.stdout.split()[0]) if result.returncode == 0 and result.stdout else float("nan")
-
-
-def image_exists(name: str) -> bool:
-    return docker("image", "inspect", name, check=False).returncode == 0
 
 
 def ensure_base_images() -> None:
