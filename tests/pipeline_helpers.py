@@ -51,18 +51,26 @@ def task_states(flow_state) -> dict[str, str]:
     """Task name -> state name; shard tasks collapse to '<stage>-shard' (last state wins)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.events.worker import EventsWorker
 
     flow_run_id = flow_state.state_details.flow_run_id
-    # Prefect 3 reports task-run states through events that the server applies a moment
-    # later: a task run read right after its flow ended may have no state yet (seen once in
-    # a full run), or not its last one. Read until every one has a final state (30 s at most).
-    deadline = time.monotonic() + 30
+    # Prefect 3 creates task runs and records their states from events that this process sends
+    # in the background and the server applies a moment later: read right after the flow ended,
+    # a task run may have no state yet, or not exist yet (both seen in full runs: a warm run
+    # listed its first 7 stages only). Send this process's events first, then read until every
+    # run has a final state and two reads a second apart list the same runs (60 s at most).
+    EventsWorker.drain_all(timeout=30, at_exit=False)
+    deadline = time.monotonic() + 60
+    previous: dict[object, str] | None = None
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            seen = {r.id: r.state.name if r.state else "" for r in runs}
+            settled = all(r.state is not None and r.state.is_final() for r in runs) and seen == previous
+            if settled or time.monotonic() > deadline:
                 break
-            time.sleep(0.5)
+            previous = seen
+            time.sleep(1)
     return {run.name.rsplit("-", 1)[0]: run.state.name if run.state else "no state"
             for run in sorted(runs, key=lambda r: r.start_time or r.created)}
 
