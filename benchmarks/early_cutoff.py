@@ -37,8 +37,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def write_pools(folder: Path, rows: int) -> tuple[Path, Path]:
     """Real ShareGPT rows, and the same rows plus 4 that repeat the instructions of the first 4."""
-    from mods.ingest import IngestConfig, ingest
-    from mods.readers import demo_sources
+    from mods.data.ingest import IngestConfig, ingest
+    from mods.data.readers import demo_sources
 
     pool = ingest(demo_sources(), IngestConfig(), progress=False).rows
     size = pool["instruction"].str.len() + pool["input"].str.len() + pool["output"].str.len()
@@ -52,7 +52,7 @@ def write_pools(folder: Path, rows: int) -> tuple[Path, Path]:
 
 def config(pool: Path, workspace: Path, rows: int):
     from mods.config import PipelineConfig
-    from mods.kcenter import first_center
+    from mods.selection.kcenter import first_center
 
     # The first k-center pick is a seeded index into the rows: a seed whose first pick is the
     # same row for the base and the grown pool (all rows kept: keep_fraction 1).

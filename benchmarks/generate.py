@@ -4,7 +4,7 @@
 
 Both engines answer the same prompts (real ShareGPT rows of the demo pool) with the same
 settings: the packaged SmolLM2-135M-Instruct, fp32, greedy, ``--new-tokens`` new tokens,
-through ``mods.generation.open_answer_engine`` (what the answers stage runs).
+through ``mods.generation.answers.open_answer_engine`` (what the answers stage runs).
 transformers: ``--hf-batch`` prompts per ``generate`` call (16, the default
 ``generation.batch_size``); vLLM: every prompt in one call (it batches by itself).
 Each engine answers the prompts once untimed first (a warm-up), then timed; the engine start is timed
@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from mods.generation import GenerationConfig, open_answer_engine  # noqa: E402
-from mods.ingest import IngestConfig, ingest  # noqa: E402
-from mods.models import DEFAULT_BASE_MODEL, resolve_model_path  # noqa: E402
-from mods.readers import demo_sources  # noqa: E402
+from mods.data.ingest import IngestConfig, ingest  # noqa: E402
+from mods.data.readers import demo_sources  # noqa: E402
+from mods.generation.answers import open_answer_engine  # noqa: E402
+from mods.generation.config import GenerationConfig  # noqa: E402
+from mods.models.loading import DEFAULT_BASE_MODEL, resolve_model_path  # noqa: E402
 
 
 def demo_prompts(n: int, max_chars: int = 400) -> pd.DataFrame:
@@ -59,8 +60,8 @@ def random_adapter(out: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from mods.models import load_causal_lm
-    from mods.training_process import TRAINED_MODEL_META
+    from mods.models.loading import load_causal_lm
+    from mods.training.process import TRAINED_MODEL_META
 
     torch.manual_seed(0)
     model, _ = load_causal_lm(DEFAULT_BASE_MODEL, device="cpu")
@@ -76,9 +77,9 @@ def adapter_served(adapter: Path, rows: pd.DataFrame, config: GenerationConfig) 
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from mods.generation import eos_token_ids, prompt_token_ids
-    from mods.generation_vllm import _cpu_threads_env
-    from mods.models import load_causal_lm
+    from mods.generation.tokens import eos_token_ids, prompt_token_ids
+    from mods.generation.vllm_engine import _cpu_threads_env
+    from mods.models.loading import load_causal_lm
 
     for name, value in _cpu_threads_env().items():
         os.environ.setdefault(name, value)

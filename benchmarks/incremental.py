@@ -36,8 +36,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def write_pools(folder: Path, rows: int) -> tuple[Path, Path]:
     """The base pool and the same pool with 5% more rows (real ShareGPT rows)."""
-    from mods.ingest import IngestConfig, ingest
-    from mods.readers import demo_sources
+    from mods.data.ingest import IngestConfig, ingest
+    from mods.data.readers import demo_sources
 
     pool = ingest(demo_sources(), IngestConfig(), progress=False).rows
     size = pool["instruction"].str.len() + pool["input"].str.len() + pool["output"].str.len()
@@ -87,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mods-incremental-") as tmp:
         folder = Path(tmp)
         base, grown = write_pools(folder, args.rows)
-        from mods.models import prepare_smollm2
+        from mods.models.loading import prepare_smollm2
 
         prepare_smollm2(progress=False)
         # Untimed warm-up on other rows: the first forward passes of a process are slow.

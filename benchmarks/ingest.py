@@ -46,7 +46,7 @@ def _peak_mib() -> float:
 
 
 def run_ours(sources: list[str]) -> dict:
-    from mods.ingest import IngestConfig, format_report, ingest
+    from mods.data.ingest import IngestConfig, format_report, ingest
 
     t = time.perf_counter()
     res = ingest(sources, IngestConfig(decontaminate_against=[str(TESTSETS)]), progress=False)

@@ -1,4 +1,4 @@
-"""Benchmark: mods.kcenter.k_center_greedy against the paper's k-center baseline.
+"""Benchmark: mods.selection.kcenter.k_center_greedy against the paper's k-center baseline.
 
     python benchmarks/kcenter.py            # Alpaca-52k MiniLM (k=1000) + synthetic 214k x 768
     python benchmarks/kcenter.py --quick    # small subsets, well under a minute
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mods.kcenter import first_center, k_center_greedy  # noqa: E402
+from mods.selection.kcenter import first_center, k_center_greedy  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
 ALPACA = DATA / "pool" / "alpaca52k"

@@ -20,7 +20,7 @@ The last line is
 for the default scorer (X, Y, Z as fractions).
 
     python benchmarks/quality_scorer.py               # human agreement (features: ~25 min cold on 2 cores)
-    python benchmarks/quality_scorer.py --fit         # also refit the shipped head (mods/quality_head.json)
+    python benchmarks/quality_scorer.py --fit         # also refit the shipped head (mods/scoring/quality_head.json)
     python benchmarks/quality_scorer.py --corruptions # original vs corrupted answers (below)
 
 ``--corruptions``: real Alpaca rows from ../shared/data/pool, each original answer
@@ -56,7 +56,7 @@ PANDALM = DATA / "preferences" / "pandalm_testset_v1.json"
 KINDS = ("other", "truncated", "shuffled")
 _WORD = re.compile(r"\S+")
 
-# Feature sets compared as heads. DEFAULT_HEAD is what ships in mods/quality_head.json:
+# Feature sets compared as heads. DEFAULT_HEAD is what ships in mods/scoring/quality_head.json:
 # every feature but lp_answer_neutral, whose pass would double the SmolLM2 cost for no
 # measured gain (README, "Quality scoring").
 LM_FEATURES = ["lp_answer", "lp_answer_neutral", "lp_end_clipped"]
@@ -84,8 +84,8 @@ SINGLE_FEATURES = ["judge", "log_info", "answer_tokens", "lp_answer", "pmi", "si
 
 
 def _feature_code_hash() -> str:
-    from mods.scoring_likelihood import LikelihoodScorer
-    from mods.scoring_preference import PreferenceScorer, text_features
+    from mods.scoring.likelihood import LikelihoodScorer
+    from mods.scoring.preference import PreferenceScorer, text_features
 
     code = "".join(inspect.getsource(f) for f in (LikelihoodScorer, PreferenceScorer, text_features))
     return hashlib.sha256(code.encode()).hexdigest()[:12]
@@ -93,7 +93,7 @@ def _feature_code_hash() -> str:
 
 def all_features_scorer(cfg):
     """A preference scorer that computes every feature (a zero head naming them all)."""
-    from mods.scoring_preference import PreferenceHead, PreferenceScorer
+    from mods.scoring.preference import PreferenceHead, PreferenceScorer
 
     names = sorted({f for cols in HEADS.values() for f in cols} | set(SINGLE_FEATURES))
     zero = PreferenceHead(features=names, mean=[0.0] * len(names), scale=[1.0] * len(names), weights=[0.0] * len(names))
@@ -150,7 +150,7 @@ def time_scorers(cfg, rows, n: int, repeats: int = 2) -> dict[str, float]:
     """rows/s of the likelihood and preference scorers on the same n rows, alternating,
     best of ``repeats`` each (the cores are shared; load that comes and goes would
     otherwise decide the ratio). Each call is a fresh score() of all n rows."""
-    from mods.scoring import build_scorer
+    from mods.scoring.scorers import build_scorer
 
     sub = rows.iloc[:n]
     args = (list(sub.instruction), list(sub.input), list(sub.output))
@@ -171,8 +171,7 @@ def human_benchmark(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from mods.models import default_cache_dir
-    from mods.preferences import (
+    from mods.evaluation.preferences import (
         agreement,
         cross_validated_scores,
         fit_preference_head,
@@ -180,9 +179,10 @@ def human_benchmark(args: argparse.Namespace) -> int:
         length_only,
         unique_rows,
     )
-    from mods.scoring import ScorerConfig
-    from mods.scoring_likelihood import LikelihoodScorer
-    from mods.scoring_preference import PREFERENCE_HEAD_FILE
+    from mods.models.loading import default_cache_dir
+    from mods.scoring.config import ScorerConfig
+    from mods.scoring.likelihood import LikelihoodScorer
+    from mods.scoring.preference import PREFERENCE_HEAD_FILE
 
     if not PANDALM.is_file():
         print(f"SKIP: {PANDALM} not found (the benchmark needs ../shared/data beside the project)")
@@ -277,7 +277,7 @@ def human_benchmark(args: argparse.Namespace) -> int:
         PREFERENCE_HEAD_FILE.write_text(json.dumps(head, indent=1) + "\n")
         print(f"wrote {PREFERENCE_HEAD_FILE}")
     if PREFERENCE_HEAD_FILE.is_file():
-        from mods.scoring_preference import load_preference_head
+        from mods.scoring.preference import load_preference_head
 
         shipped = load_preference_head()
         s = shipped.apply(feats)
@@ -363,8 +363,9 @@ def corruption_benchmark(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from mods.scoring import ScorerConfig, build_scorer
-    from mods.scoring_likelihood import LikelihoodScorer
+    from mods.scoring.config import ScorerConfig
+    from mods.scoring.likelihood import LikelihoodScorer
+    from mods.scoring.scorers import build_scorer
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -413,7 +414,7 @@ def corruption_benchmark(args: argparse.Namespace) -> int:
         print(f"  {kind:<10} {100 * acc:5.1f}%  ({n} pairs)")
     if args.tune:
         print("\nper-feature accuracy (NaN lp_end filled as the scorer does):")
-        from mods.scoring_likelihood import END_FILL, END_FLOOR
+        from mods.scoring.likelihood import END_FILL, END_FLOOR
 
         feats["lp_end_c"] = feats["lp_end"].fillna(END_FILL).clip(lower=END_FLOOR, upper=0)
         for name in ("lp_answer", "lp_answer_neutral", "pmi", "lp_end_c"):
@@ -478,7 +479,7 @@ def corruption_benchmark(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corruptions", action="store_true", help="run the corruption benchmark instead")
-    ap.add_argument("--fit", action="store_true", help="refit the shipped head on all pairs (mods/quality_head.json)")
+    ap.add_argument("--fit", action="store_true", help="refit the shipped head on all pairs (mods/scoring/quality_head.json)")
     ap.add_argument("--cv-seeds", type=int, default=5, help="fold splits averaged for each cross-validated figure")
     ap.add_argument("--timing-rows", type=int, default=48, help="rows timed for rows/s (0: skip timing)")
     ap.add_argument("--anchor-rows", type=int, default=60, help="Alpaca tuning rows whose corruptions join the fit")

@@ -45,7 +45,7 @@ CACHE = ROOT / "work" / "cache" / "bench"
 
 
 def pool_sample(rows: int, seed: int) -> pd.DataFrame:
-    from mods.ingest import ingest
+    from mods.data.ingest import ingest
 
     pool = ingest([str(POOL.resolve())], progress=False).rows
     return pool.sample(n=min(rows, len(pool)), random_state=seed).reset_index(drop=True)
@@ -53,7 +53,7 @@ def pool_sample(rows: int, seed: int) -> pd.DataFrame:
 
 def embeddings(sample: pd.DataFrame) -> np.ndarray:
     from mods.core.artifacts import hash_json
-    from mods.embedding import EmbeddingConfig, embedding_texts, encode_texts, load_embedder
+    from mods.models.embedding import EmbeddingConfig, embedding_texts, encode_texts, load_embedder
 
     config = EmbeddingConfig(device="cpu", batch_size=128)
     cached = CACHE / f"selection_minilm_{hash_json(sample['id'].tolist())}.npy"
@@ -79,9 +79,9 @@ def nearest_pick_distances(x: np.ndarray, picks: np.ndarray) -> np.ndarray:
 
 
 def coverage_methods(x: np.ndarray, sample: pd.DataFrame, k: int, seed: int) -> dict[str, dict]:
-    from mods.budgets import make_budget
-    from mods.coverage_methods import CoverageConfig, select_rows
-    from mods.cutoffs import common_folder, source_label
+    from mods.selection.budgets import make_budget
+    from mods.selection.coverage_methods import CoverageConfig, select_rows
+    from mods.selection.cutoffs import common_folder, source_label
 
     common = common_folder(sample["source"].astype(str).unique().tolist())
     labels = np.array([source_label(s, common) for s in sample["source"].astype(str)])
@@ -110,7 +110,7 @@ def coverage_methods(x: np.ndarray, sample: pd.DataFrame, k: int, seed: int) -> 
 
 
 def _generate_seconds(model: object, tokenizer: object, rows: pd.DataFrame, config: object) -> float:
-    from mods.generation import generate_answers
+    from mods.generation.answers import generate_answers
 
     started = time.perf_counter()
     generate_answers(model, tokenizer, rows["instruction"].tolist(), rows["input"].tolist(), config, progress=False)
@@ -119,9 +119,9 @@ def _generate_seconds(model: object, tokenizer: object, rows: pd.DataFrame, conf
 
 def necessity_seconds_per_row(sample: pd.DataFrame, rows: int, paper_rows: int) -> tuple[float, float, float]:
     """Seconds per row: generate at the demo setting and at the paper's, and ifd."""
-    from mods.generation import GenerationConfig
-    from mods.ifd import ifd_scores
-    from mods.models import DEFAULT_BASE_MODEL, load_causal_lm, resolve_model_path
+    from mods.generation.config import GenerationConfig
+    from mods.models.loading import DEFAULT_BASE_MODEL, load_causal_lm, resolve_model_path
+    from mods.scoring.ifd import ifd_scores
 
     model, tokenizer = load_causal_lm(resolve_model_path(DEFAULT_BASE_MODEL), device="cpu")
     short = sample[(sample["instruction"].str.len() + sample["output"].str.len()) < 1200].head(rows)

@@ -15,7 +15,7 @@ Baselines, measured here in the same process on the same rows:
 - train-memory: peak resident memory of the demo's final training (32 real ShareGPT rows
   of the demo's sample, at most 1,000 characters each as ``sample.max_chars`` measures
   them; the pipeline's ``final_training`` settings: LoRA, 2 epochs, global batch 8, bf16
-  autocast) with the loss before ``mods.training_loss`` (``model(**batch).loss``: logits
+  autocast) with the loss before ``mods.training.loss`` (``model(**batch).loss``: logits
   for every position, no recomputation, glibc's default heap) against ours, each in a
   fresh child process (``ru_maxrss`` never goes down), with the losses of each, their
   largest difference from the first variant, and the loop's wall and the child's CPU
@@ -47,19 +47,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from mods import training_plan, training_process  # noqa: E402
-from mods.generation import GenerationConfig, generate_answers  # noqa: E402
-from mods.ingest import IngestConfig, ingest  # noqa: E402
-from mods.models import load_causal_lm, resolve_model_path  # noqa: E402
-from mods.readers import demo_sources  # noqa: E402
-from mods.training import TrainConfig, load_trained_model, train_model  # noqa: E402
+from mods.data.ingest import IngestConfig, ingest  # noqa: E402
+from mods.data.readers import demo_sources  # noqa: E402
+from mods.generation.answers import generate_answers  # noqa: E402
+from mods.generation.config import GenerationConfig  # noqa: E402
+from mods.models.loading import load_causal_lm, resolve_model_path  # noqa: E402
+from mods.training import plan as training_plan  # noqa: E402
+from mods.training import process as training_process  # noqa: E402
+from mods.training.config import TrainConfig  # noqa: E402
+from mods.training.train import load_trained_model, train_model  # noqa: E402
 
 
 def demo_rows(n: int, max_chars: int | None = 800) -> pd.DataFrame:
     rows = ingest(demo_sources(), IngestConfig(), progress=False).rows
     if max_chars:  # the sample stage's measure: what a row trains on (every turn of a conversation)
         try:
-            from mods.conversations import conversation_chars
+            from mods.data.conversations import conversation_chars
         except ImportError:  # exchange rows only
             def conversation_chars(row) -> int:
                 return sum(len(str(row[c])) for c in ("instruction", "input", "output"))
@@ -166,7 +169,7 @@ def fsdp_memory_estimate(gpus: int = 8, micro_batch: int = 16, seq: int = 512) -
 # The changes a train-memory variant has, '+'-joined ("loss+heap"); "before" has none,
 # "ours" all three (what final_training runs now).
 MEMORY_CHANGES = {
-    "loss": "mods.training_loss (logits only where a label follows, chunked cross-entropy)",
+    "loss": "mods.training.loss (logits only where a label follows, chunked cross-entropy)",
     "recompute": "activation recomputation (train.gradient_checkpointing)",
     "heap": "tensors of >= 1 MiB freed back to the system (return_freed_tensors_to_the_system)",
 }
@@ -190,7 +193,7 @@ def train_memory_child(variant: str, rows_path: str, precision: str) -> None:
     from mods.config import PipelineConfig
 
     changes = memory_changes(variant)
-    if "loss" not in changes:  # the loss before mods.training_loss: logits at every position
+    if "loss" not in changes:  # the loss before mods.training.loss: logits at every position
         training_process.causal_lm_loss = lambda model, batch: model(**batch).loss
     if "heap" not in changes:
         training_process.return_freed_tensors_to_the_system = lambda: False
@@ -204,7 +207,7 @@ def train_memory_child(variant: str, rows_path: str, precision: str) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     summary["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     # The whole child's peak (MiB), model loading included: the summary's own figure starts
-    # at the training loop (mods.training_process._reset_peak_memory).
+    # at the training loop (mods.training.process._reset_peak_memory).
     summary["peak_memory_mb"] = usage.ru_maxrss / 1024
     print(json.dumps(summary))
 

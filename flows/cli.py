@@ -1,14 +1,12 @@
-"""`mods` command line: the whole flow (`mods run`) and one subcommand per stage on plain files.
-
-Per-stage subcommands call the same stage functions as the flow and the GPU workers
-(mods/core/engine.py compute_rows), without Prefect or a workspace. Every failure ends in one line on stderr
-and exit status 2 (130 for Ctrl-C); the detail goes to a log file.
+"""`mods` command line: the whole flow (`mods run`), `mods verify` and `mods prepare-models`;
+one command per stage on plain files is in flows/cli_stages.py, `mods ingest` in
+flows/cli_ingest.py and `mods evaluate` in flows/cli_evaluate.py. Every failure ends in one
+line on stderr and exit status 2 (130 for Ctrl-C); the detail goes to a log file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -16,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from flows.cli_flags import UserError
 from mods.core.faults import first_line
-from flows.cli_flags import UserError, add_flags, from_flags
 
 # Offline by design: no model hub, no telemetry. Our own loggers reach the Prefect UI.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,56 +28,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-# --- rows from files, for the per-stage commands ----------------------------------------------
-
-
-def _load_rows(data: list[str], args: argparse.Namespace, keep_duplicates: bool = False):
-    """Canonical rows from any supported source (validated like `mods ingest`).
-
-    With ``keep_duplicates`` every input row comes back (exact and normalised duplicates as
-    copies of their first occurrence, in input order), so a per-row command gives one
-    result per input row. What was left out is said on stderr, with the reasons."""
-    import pandas as pd
-
-    from mods.ingest import IngestConfig, IngestError, ingest
-
-    try:
-        result = ingest(data, IngestConfig(), progress=not args.quiet)
-    except IngestError as error:
-        raise UserError(first_line(error)) from None
-    quarantine = result.quarantine
-    if quarantine is not None and len(quarantine):
-        reasons = quarantine["reason"].value_counts()
-        said = ", ".join(f"{count} {reason}" for reason, count in reasons.items())
-        print(f"note: {len(quarantine)} input rows left out ({said}); `mods ingest` lists them with line numbers",
-              file=sys.stderr)
-    rows = result.rows
-    if rows.empty:
-        raise UserError(f"no usable rows in {', '.join(data)}")
-    if keep_duplicates:
-        copies = []
-        for position, metadata in enumerate(rows["metadata"]):
-            for duplicate in json.loads(metadata or "{}").get("duplicates", []):
-                copy = rows.iloc[position].copy()
-                copy["source"], copy["source_line"] = duplicate["source"], duplicate["source_line"]
-                copies.append(copy)
-        if copies:
-            print(f"note: {len(copies)} duplicate input rows share the result of their first copy (same id)",
-                  file=sys.stderr)
-            rows = pd.concat([rows, pd.DataFrame(copies)], ignore_index=True)
-            rows = rows.sort_values(["source", "source_line"], kind="stable").reset_index(drop=True)
-    return rows
-
-
-def _write_parquet(frame, out: str) -> None:
-    from mods.core.artifacts import write_parquet
-
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet(frame, path)
-    print(f"wrote {len(frame)} rows to {path}")
 
 
 # --- mods run ---------------------------------------------------------------------------------
@@ -125,10 +73,9 @@ def _validation_text(error: Exception) -> str:
 
 def _preflight(config) -> Path:
     """Everything that can be checked before a model is loaded or a server started."""
-    from mods.core.artifacts import check_workspace
-    from mods.readers import SourceError, check_readable, discover
-
     from flows.mods_pipeline import resolve_sources
+    from mods.core.artifacts import check_workspace
+    from mods.data.readers import SourceError, check_readable, discover
 
     try:
         workspace = check_workspace(config.workspace)
@@ -375,7 +322,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_models(args: argparse.Namespace) -> int:
-    from mods.models import prepare_default_models
+    from mods.models.loading import prepare_default_models
 
     for name, path in prepare_default_models().items():
         print(f"{name}: {path}")
@@ -385,113 +332,8 @@ def cmd_prepare_models(args: argparse.Namespace) -> int:
 # --- per-stage commands (the same stage functions as the flow) --------------------------------
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from mods.core.engine import compute_rows
-    from mods.scoring import ScorerConfig
-    from mods.stages.quality import ScoringParams
-
-    rows = _load_rows(args.data, args, keep_duplicates=True)
-    scorer = from_flags(args, ScorerConfig, "scorer")
-    scores = compute_rows("quality", ScoringParams(scorer=scorer), rows, progress=not args.quiet)
-    for column in scores.columns:
-        rows[column] = scores[column].to_numpy()
-    _write_parquet(rows, args.out)
-    return 0
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from mods.core.engine import compute_rows
-    from mods.embedding import EmbeddingConfig, embedding_texts, embeddings_table
-
-    rows = _load_rows(args.data, args, keep_duplicates=True)
-    config = from_flags(args, EmbeddingConfig, "embedding")
-    work = rows.assign(text=embedding_texts(rows, config.text, config.conversation))
-    vectors = np.stack(compute_rows("embed", config, work, progress=not args.quiet)["embedding"].tolist())
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(embeddings_table(rows["id"].tolist(), vectors), args.out)
-    print(f"wrote {len(rows)} embeddings of dimension {vectors.shape[1]} to {args.out}")
-    return 0
-
-
-def cmd_select(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from mods.embedding import read_embeddings
-    from mods.kcenter import k_center_greedy
-    from mods.selection import selection_frame
-
-    if not Path(args.embeddings).is_file():
-        raise UserError(f"{args.embeddings}: no such file (make one with `mods embed`)")
-    ids, vectors = read_embeddings(Path(args.embeddings))
-    position = {row_id: i for i, row_id in enumerate(ids)}
-    already: list[int] = []
-    if args.already_selected:
-        chosen = pd.read_parquet(args.already_selected)["id"].tolist()
-        unknown = [i for i in chosen if i not in position]
-        if unknown:
-            raise UserError(f"--already-selected: {len(unknown)} ids are not in {args.embeddings}, e.g. {unknown[0]}")
-        already = [position[i] for i in chosen]
-    try:
-        result = k_center_greedy(vectors, args.k, already_selected=already, seed=args.seed, device=args.device)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    _write_parquet(selection_frame(ids, result), args.out)
-    if len(result.radii):
-        print(f"coverage radius after {len(result.radii)} picks: {float(result.radii[-1]):.4f}")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    import shutil
-
-    from mods.training import TrainConfig, train_fitting_memory
-
-    rows = _load_rows(args.data, args)
-    config = from_flags(args, TrainConfig, "train")
-    out = Path(args.out)
-    # Beside the output, so an interrupted run resumes when the same command is run again.
-    checkpoints = out.parent / f".{out.name}.checkpoints"
-    summary = train_fitting_memory(args.base_model, rows, config, out, checkpoints, progress=not args.quiet)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the model is complete: nothing left to resume
-    print(json.dumps(summary, indent=2))
-    print(f"model written to {args.out}")
-    return 0
-
-
-def cmd_necessity(args: argparse.Namespace) -> int:
-    from mods.core.engine import compute_rows, release_models
-    from mods.generation import GenerationConfig
-    from mods.scoring import ScorerConfig
-    from mods.stages.necessity import AnswersParams
-    from mods.stages.quality import ScoringParams
-
-    if not Path(args.model_dir).is_dir():
-        raise UserError(f"--model-dir {args.model_dir}: not a folder (a `mods train` output or a local HF model)")
-    rows = _load_rows(args.data, args, keep_duplicates=True)
-    generation = from_flags(args, GenerationConfig, "generation")
-    scoring = ScoringParams(scorer=from_flags(args, ScorerConfig, "scorer"))
-    answers = compute_rows("answers", AnswersParams(**generation.model_dump()), rows,
-                           folders={"seed_model": Path(args.model_dir)},
-                           progress=not args.quiet)
-    rows["seed_answer"] = answers["seed_answer"].to_numpy()
-    rows["turn_answers"] = list(answers["turn_answers"])  # a conversation row: one per assistant turn
-    release_models()
-    scores = compute_rows("necessity", scoring, rows, progress=not args.quiet)
-    rows["necessity_score"] = scores["quality_score"].to_numpy()
-    rows["turn_scores"] = list(scores["turn_scores"])
-    _write_parquet(rows, args.out)
-    return 0
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-# The scorer's kind is --scorer on the command line (--model is the scorer's model).
-SCORER_FLAGS = {"kind": "scorer"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -525,54 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_evaluate.register(sub)
 
-    from mods.config import PipelineConfig
-    from mods.models import DEFAULT_BASE_MODEL
-    from mods.embedding import EmbeddingConfig
-    from mods.generation import GenerationConfig
-    from mods.scoring import ScorerConfig
-    from mods.training import TrainConfig
 
-    score = sub.add_parser("score", help="add a quality_score column to DATA (one score per input row)")
-    score.add_argument("data", nargs="+", metavar="DATA")
-    score.add_argument("--out", required=True, help="output .parquet")
-    add_flags(score, ScorerConfig, rename=SCORER_FLAGS)
-    _add_common(score)
-    score.set_defaults(handler=cmd_score)
+    from flows import cli_stages
 
-    embed = sub.add_parser("embed", help="embed DATA's instructions (id, embedding) for `mods select`")
-    embed.add_argument("data", nargs="+", metavar="DATA")
-    embed.add_argument("--out", required=True, help="output .parquet")
-    add_flags(embed, EmbeddingConfig)
-    _add_common(embed)
-    embed.set_defaults(handler=cmd_embed)
-
-    select = sub.add_parser("select", help="k-center greedy selection over an embeddings file")
-    select.add_argument("embeddings", help="a .parquet written by `mods embed`")
-    select.add_argument("--k", type=int, required=True, help="rows to pick")
-    select.add_argument("--out", required=True, help="output .parquet (id, pick_order, pick_distance, radius_after)")
-    select.add_argument("--already-selected", help="a .parquet with an id column: rows that count as centers")
-    select.add_argument("--seed", type=int, default=0, help="seed of the first pick (default: 0)")
-    select.add_argument("--device", default=None, help="'cpu', 'cuda', or empty for automatic")
-    _add_common(select)
-    select.set_defaults(handler=cmd_select)
-
-    train = sub.add_parser("train", help="fine-tune a base LLM (LoRA by default) on DATA")
-    train.add_argument("data", nargs="+", metavar="DATA")
-    train.add_argument("--out", required=True, help="output folder (adapter or model)")
-    train.add_argument("--base-model", default=DEFAULT_BASE_MODEL,
-                       help=f"{PipelineConfig.model_fields['base_model'].description} (default: {DEFAULT_BASE_MODEL})")
-    add_flags(train, TrainConfig)
-    _add_common(train)
-    train.set_defaults(handler=cmd_train)
-
-    nec = sub.add_parser("necessity", help="a trained model answers DATA; answers are scored (necessity_score)")
-    nec.add_argument("data", nargs="+", metavar="DATA")
-    nec.add_argument("--model-dir", dest="model_dir", required=True, help="a `mods train` output or a local HF causal LM")
-    nec.add_argument("--out", required=True, help="output .parquet (seed_answer, turn_answers, necessity_score, turn_scores)")
-    add_flags(nec, GenerationConfig, rename={"batch_size": "gen_batch_size"})
-    add_flags(nec, ScorerConfig, rename=SCORER_FLAGS)
-    _add_common(nec)
-    nec.set_defaults(handler=cmd_necessity)
+    cli_stages.register(sub, _add_common)
     return parser
 
 

@@ -42,8 +42,7 @@ def load_evaluation_config(config_file: str | None, sets: list[str], workspace: 
     import yaml
     from pydantic import ValidationError
 
-    from mods.config import deep_update, set_dotted
-    from mods.config import EvaluationConfig
+    from mods.config import EvaluationConfig, deep_update, set_dotted
 
     values: dict[str, Any] = {}
     file_workspace = None

@@ -61,6 +61,8 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], rename: d
         default = field.get_default(call_default_factory=True)
         shown = "empty" if default is None else " ".join(map(str, default)) if isinstance(default, list) else default
         text = (field.description or "").replace("%", "%%")
+        if "choices" not in keywords:  # the flag's own name, not the model's field path
+            keywords = {**keywords, "metavar": flag[2:].upper().replace("-", "_")}
         parser.add_argument(flag, dest=_dest(model, name), default=None,
                             help=f"{text} (default: {shown})" if text else f"default: {shown}", **keywords)
         owners[flag] = _dest(model, name)

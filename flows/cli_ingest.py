@@ -7,8 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from mods.ingest import IngestConfig, IngestError, format_report, ingest, write_ingest
 from flows.cli_flags import UserError, add_flags, from_flags
+from mods.core.files import INGEST_REPORT_JSON, QUARANTINE_PARQUET, ROWS_PARQUET
+from mods.data.ingest import IngestConfig, IngestError, format_report, ingest, write_ingest
 
 # Shorter names for the decontamination flags; --map fills field_mapping.
 INGEST_FLAGS = {"decontaminate_against": "decontaminate", "decontamination_ngram": "ngram",
@@ -52,9 +53,9 @@ def handle_ingest(args: argparse.Namespace) -> int:
     except OSError as e:  # e.g. --out not writable
         raise UserError(f"{e.filename or args.out}: {e.strerror or e}") from None
     print(format_report(result.report))
-    print(f"wrote {args.out / 'rows.parquet'} ({result.report['kept']:,} rows), "
-          f"{args.out / 'quarantine.parquet'}, {args.out / 'ingest_report.json'}")
+    print(f"wrote {args.out / ROWS_PARQUET} ({result.report['kept']:,} rows), "
+          f"{args.out / QUARANTINE_PARQUET}, {args.out / INGEST_REPORT_JSON}")
     if result.report["kept"] == 0:
         raise UserError(f"nothing usable: all {result.report['read']:,} rows were dropped "
-                        f"(see {args.out / 'quarantine.parquet'})")
+                        f"(see {args.out / QUARANTINE_PARQUET})")
     return 0

@@ -23,13 +23,15 @@ from typing import Any, Callable, Iterator
 from prefect import get_run_logger
 from prefect.deployments import run_deployment
 
+import mods.stages  # noqa: F401  (registers the method's stages, which runs look up by name)
+from flows.gpu_runs import GpuRuns, RemoteJob, StageFailed
 from mods.config import ExecutionConfig
 from mods.core.artifacts import Artifact, Workspace
 from mods.core.engine import Engine, RowPlan, StageOutcome, StageRun
 from mods.core.faults import first_line, stop_if_interrupted
 from mods.core.stage import Resources, RowwiseStage, get_stage
-from flows.gpu_runs import GpuRuns, RemoteJob, StageFailed
 from tasks import shard_task, stage_task
+from tasks.reporting import StageProgress
 
 # Where GPU stages run comes from the deployment (its job variables set this in the flow
 # run's environment), never from the caller's config: Prefect merges a caller's
@@ -118,8 +120,6 @@ class Executor:
     # -- shards
 
     def _progress(self, plan: RowPlan) -> Any:
-        from tasks.reporting import StageProgress
-
         return StageProgress(plan.stage, plan.total, plan.total - plan.missing, plan.shards, self.logger)
 
     def _local_shards(self, run: StageRun, plan: RowPlan) -> None:

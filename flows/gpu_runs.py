@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from flows.gpu_stage import PermanentStageError
+from mods.core.faults import PermanentStageError
 
 # How often the states of GPU runs are read while waiting for them, and how many per read.
 POLL_SECONDS = 2.0

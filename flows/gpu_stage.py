@@ -14,22 +14,19 @@ from typing import Any
 from prefect import flow
 from pydantic import ValidationError
 
+import mods.stages  # noqa: F401  (registers the method's stages, which runs look up by name)
+from flows.executors import Executor
 from mods.config import ExecutionConfig
 from mods.core.engine import StageRun
-from mods.core.faults import is_transient
+from mods.core.faults import PermanentStageError, is_transient
 from mods.core.stage import get_stage
-
-
-class PermanentStageError(RuntimeError):
-    """A deterministic failure (bad data, bad parameter): resubmitting would fail again."""
+from tasks import shard_task
 
 
 @flow(name="mods-gpu-stage", log_prints=True)
 def gpu_stage(workspace: str, run: dict[str, Any], verify: bool = False, plan_id: str | None = None,
               shard: int | None = None) -> dict[str, Any]:
     """Run one resolved MoDS stage (reused when its artifact is complete), or one shard of a row-wise stage."""
-    from flows.executors import Executor
-
     try:
         stage_run = StageRun.model_validate(run)
         get_stage(stage_run.stage)
@@ -38,8 +35,6 @@ def gpu_stage(workspace: str, run: dict[str, Any], verify: bool = False, plan_id
     try:
         executor = Executor(workspace, ExecutionConfig(verify=verify), progress=False)
         if plan_id is not None and shard is not None:
-            from tasks import shard_task
-
             return shard_task.with_options(name=f"{stage_run.stage}-shard")(
                 run=stage_run, plan_id=plan_id, index=shard, engine=executor.engine)
         return executor.submit_resolved(stage_run).model_dump()

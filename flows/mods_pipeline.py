@@ -12,12 +12,21 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.executors import Executor, GpuRouting
 from mods.config import PipelineConfig
 from mods.core.artifacts import Artifact, Workspace
+from mods.core.files import (
+    COVERAGE_PNG,
+    MODEL_DIR,
+    REPORT_MD,
+    SELECTED_JSONL,
+    SELECTED_MESSAGES_JSONL,
+    SELECTED_PARQUET,
+    SELECTED_SHAREGPT_JSONL,
+)
 from mods.core.stage import get_stage
+from mods.data.readers import demo_sources
 from mods.pipeline import PIPELINE, stage_params
-from mods.readers import demo_sources
-from flows.executors import Executor, GpuRouting
 
 
 def resolve_sources(data: list[str]) -> list[str]:
@@ -43,13 +52,13 @@ def mods_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
         artifacts[name] = executor.submit(name, params[name], {i: artifacts[i] for i in get_stage(name).inputs})
     out = artifacts["export"].dir(workspace)
     result = {
-        "selected_jsonl": str(out / "selected.jsonl"),
-        "selected_messages_jsonl": str(out / "selected_messages.jsonl"),
-        "selected_sharegpt_jsonl": str(out / "selected_sharegpt.jsonl"),
-        "selected_parquet": str(out / "selected.parquet"),
-        "report": str(out / "report.md"),
-        "coverage_png": str(out / "coverage.png"),
-        "final_model": str(artifacts["final_train"].dir(workspace) / "model"),
+        "selected_jsonl": str(out / SELECTED_JSONL),
+        "selected_messages_jsonl": str(out / SELECTED_MESSAGES_JSONL),
+        "selected_sharegpt_jsonl": str(out / SELECTED_SHAREGPT_JSONL),
+        "selected_parquet": str(out / SELECTED_PARQUET),
+        "report": str(out / REPORT_MD),
+        "coverage_png": str(out / COVERAGE_PNG),
+        "final_model": str(artifacts["final_train"].dir(workspace) / MODEL_DIR),
         "export_key": artifacts["export"].key,
         "executed": executor.executed,
     }

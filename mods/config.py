@@ -12,18 +12,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mods.core.stage import KEY_WHEN_SET
-from mods.coverage_methods import CoverageConfig
-from mods.embedding import EmbeddingConfig
-from mods.generation import GenerationConfig
-from mods.ifd import IfdConfig
-from mods.ingest import IngestConfig
-from mods.judges import LLMJudgeConfig
-from mods.models import DEFAULT_BASE_MODEL
-from mods.scoring import ScorerConfig
-from mods.testsets import PAPER_TEST_SETS
-from mods.training import TrainConfig
-
+from mods.core.keys import KEY_WHEN_SET
+from mods.data.ingest import IngestConfig
+from mods.evaluation.config import Baseline, JudgeKind
+from mods.evaluation.judges import LLMJudgeConfig
+from mods.evaluation.testsets import PAPER_TEST_SETS
+from mods.generation.config import GenerationConfig
+from mods.models.embedding import EmbeddingConfig
+from mods.models.loading import DEFAULT_BASE_MODEL
+from mods.scoring.config import ScorerConfig
+from mods.scoring.ifd import IfdConfig
+from mods.selection.coverage_methods import CoverageConfig
+from mods.training.config import TrainConfig
 
 
 class _Strict(BaseModel):
@@ -49,15 +49,17 @@ class SampleConfig(_Strict):
     seed: int = Field(0, description="Seed of the sample.")
 
 
-class QualityConfig(_Strict):
-    scorer: ScorerConfig = Field(ScorerConfig(), description="Who scores (instruction, output) pairs.")
+class QualityCutoff(_Strict):
+    """Which scored rows are high quality: one threshold (the quality section's, and the
+    high_quality stage's parameters)."""
+
     alpha: float | None = Field(
         None,
         description="Keep rows scoring above alpha (paper, reward model: 0.0 Alpaca, 1.0 its 214k mix). "
         "Leave empty to keep a fraction instead.",
     )
     alpha_percentile: float | None = Field(
-        None, ge=0, le=100,
+        None, ge=0, le=100, json_schema_extra=KEY_WHEN_SET,
         description="alpha as a percentile of the pool's quality scores (e.g. 40: keep rows above the 40th "
         "percentile); instead of alpha. The report shows both the percentile and the raw value.",
     )
@@ -66,16 +68,23 @@ class QualityConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _one_threshold(self) -> "QualityConfig":
+    def _one_threshold(self) -> "QualityCutoff":
         if self.alpha is not None and self.alpha_percentile is not None:
             raise ValueError("quality: set alpha or alpha_percentile, not both")
         if self.alpha is None and self.alpha_percentile is None and self.keep_fraction is None:
             raise ValueError("quality: set alpha, alpha_percentile or keep_fraction")
         return self
 
+    def cutoff(self) -> "QualityCutoff":
+        return QualityCutoff.model_validate(self.model_dump(include=set(QualityCutoff.model_fields)))
+
+
+class QualityConfig(QualityCutoff):
+    scorer: ScorerConfig = Field(ScorerConfig(), description="Who scores (instruction, output) pairs.")
+
 
 class BudgetFields(_Strict):
-    """A set's size in tokens instead of rows, and caps per source (mods/budgets.py)."""
+    """A set's size in tokens instead of rows, and caps per source (mods/selection/budgets.py)."""
 
     tokens: int | None = Field(
         None, ge=1, json_schema_extra=KEY_WHEN_SET,
@@ -189,9 +198,6 @@ class ExecutionConfig(_Strict):
     progress: bool = Field(True, description="Show progress bars.")
 
 
-Baseline = Literal["random", "quality_top", "seed_only", "longest", "full"]
-JudgeKind = Literal["scorer", "llm"]
-
 DEFAULT_TEST_SETS_DIR = "../shared/data/testsets"
 DEFAULT_PREFERENCES = "../shared/data/preferences/pandalm_testset_v1.json"
 
@@ -294,6 +300,12 @@ class PipelineConfig(_Strict):
     necessity: NecessityConfig = Field(NecessityConfig(), description="Necessity: what the seed model lacks.")
     final_training: TrainConfig = Field(TrainConfig(), description="Fine-tuning on seed ∪ augmented.")
     execution: ExecutionConfig = Field(ExecutionConfig(), description="Where stages run.")
+    stages: dict[str, dict[str, Any]] = Field(
+        {},
+        description="Parameters of a stage that has no section of its own (one added to the pipeline, "
+        "docs/architecture.md), by stage name, checked against the stage's parameter model when the run starts; "
+        "e.g. {selection_lengths: {quantiles: [0.5]}}.",
+    )
     evaluation: EvaluationConfig = Field(
         EvaluationConfig(), description="`mods evaluate`: the finished run against same-size baselines."
     )

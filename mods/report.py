@@ -10,17 +10,29 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from mods.conversations import column_messages, row_messages, to_alpaca, to_sharegpt
 from mods.core.artifacts import atomic_write_text, read_marker, write_parquet
-from mods.cutoffs import composition, composition_markdown, distribution_markdown, score_distribution
-
-SELECTED_JSONL = "selected.jsonl"
-SELECTED_MESSAGES_JSONL = "selected_messages.jsonl"
-SELECTED_SHAREGPT_JSONL = "selected_sharegpt.jsonl"
-SELECTED_PARQUET = "selected.parquet"
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-COVERAGE_PNG = "coverage.png"
+from mods.core.files import (
+    ANSWERS_PARQUET,
+    COVERAGE_PNG,
+    EMBEDDINGS_PARQUET,
+    IFD_PARQUET,
+    INGEST_REPORT_JSON,
+    MODEL_DIR,
+    NECESSITY_PARQUET,
+    QUARANTINE_PARQUET,
+    REPORT_JSON,
+    REPORT_MD,
+    ROWS_PARQUET,
+    SCORES_PARQUET,
+    SELECTED_JSONL,
+    SELECTED_MESSAGES_JSONL,
+    SELECTED_PARQUET,
+    SELECTED_SHAREGPT_JSONL,
+)
+from mods.data.conversations import column_messages, row_messages, to_alpaca, to_sharegpt
+from mods.models.embedding import read_embeddings
+from mods.selection.coverage import plot_coverage, random_coverage_curve
+from mods.selection.cutoffs import composition, composition_markdown, distribution_markdown, score_distribution
 
 
 def _table(inputs: Mapping[str, Path], stage: str, filename: str) -> pd.DataFrame:
@@ -35,16 +47,16 @@ def _in_workspace(folder: Path, name: str) -> str:
 
 def selected_rows(inputs: Mapping[str, Any]) -> pd.DataFrame:
     """Seed ∪ augmented (deduplicated), in selection order, with provenance per row."""
-    rows = _table(inputs, "high_quality", "rows.parquet")
-    seed = _table(inputs, "seed_select", "selected.parquet").assign(selected_by="seed")
-    augmented = _table(inputs, "augment_select", "selected.parquet").assign(selected_by="augmented")
+    rows = _table(inputs, "high_quality", ROWS_PARQUET)
+    seed = _table(inputs, "seed_select", SELECTED_PARQUET).assign(selected_by="seed")
+    augmented = _table(inputs, "augment_select", SELECTED_PARQUET).assign(selected_by="augmented")
     picks = pd.concat([seed, augmented], ignore_index=True).drop_duplicates("id", keep="first")
-    necessity = _table(inputs, "necessity", "necessity.parquet")
-    answers = _table(inputs, "answers", "answers.parquet")[["id", "seed_answer"]]
+    necessity = _table(inputs, "necessity", NECESSITY_PARQUET)
+    answers = _table(inputs, "answers", ANSWERS_PARQUET)[["id", "seed_answer"]]
     frame = picks.merge(rows, on="id", how="left", validate="one_to_one")
     frame = frame.merge(necessity, on="id", how="left").merge(answers, on="id", how="left")
     if "ifd" in inputs:
-        frame = frame.merge(_table(inputs, "ifd", "ifd.parquet")[["id", "ifd"]], on="id", how="left")
+        frame = frame.merge(_table(inputs, "ifd", IFD_PARQUET)[["id", "ifd"]], on="id", how="left")
     columns = ["id", "instruction", "input", "output", "history", "selected_by", "pick_order", "pick_distance",
                "radius_after", "quality_score", "necessity_score", "ifd", "seed_answer", "source", "source_line",
                "metadata", "messages"]
@@ -78,7 +90,7 @@ def write_alpaca_jsonl(frame: pd.DataFrame, path: Path, whole_conversations: boo
 
 def write_messages_jsonl(frame: pd.DataFrame, path: Path) -> None:
     """OpenAI chat fine-tuning form, one ``{"messages": [{"role", "content"}, ...]}`` per
-    row, in the order of ``selected.parquet`` (``mods.ingest`` reads it back as conversations)."""
+    row, in the order of ``selected.parquet`` (``mods.data.ingest`` reads it back as conversations)."""
     _write_jsonl(path, [{"messages": row_messages(row)} for row in frame.to_dict("records")])
 
 
@@ -100,11 +112,8 @@ def write_selection(frame: pd.DataFrame, out: Path, whole_conversations: bool = 
 
 def coverage_plot(inputs: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """Coverage radius against k: k-center seed picks versus random picks of equal size."""
-    from mods.coverage import plot_coverage, random_coverage_curve
-    from mods.embedding import read_embeddings
-
-    _, vectors = read_embeddings(Path(inputs["embed"]) / "embeddings.parquet")
-    seed = _table(inputs, "seed_select", "selected.parquet")
+    _, vectors = read_embeddings(Path(inputs["embed"]) / EMBEDDINGS_PARQUET)
+    seed = _table(inputs, "seed_select", SELECTED_PARQUET)
     ks = np.arange(1, len(seed) + 1)
     kcenter = seed["radius_after"].to_numpy(dtype=np.float64)
     random_radii = random_coverage_curve(vectors, ks, seed=0)
@@ -122,7 +131,7 @@ def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
     """Writes the export artifact's files into ``out``; ``inputs`` are the folders of the
     pipeline's other artifacts by stage name."""
     frame = selected_rows(inputs)
-    ingest_report = json.loads((Path(inputs["ingest"]) / "ingest_report.json").read_text())
+    ingest_report = json.loads((Path(inputs["ingest"]) / INGEST_REPORT_JSON).read_text())
     write_selection(frame, out, (ingest_report.get("config") or {}).get("turn") == "conversation")
     coverage = coverage_plot(inputs, out / COVERAGE_PNG)
 
@@ -133,8 +142,8 @@ def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
         seconds = marker["seconds"] + float(marker["summary"].get("shard_seconds") or 0.0)
         stages[name] = {"key": marker["key"], "seconds": round(seconds, 3), "summary": marker["summary"]}
     cutoffs = score_cutoffs(inputs, stages)
-    pool_sources = _table(inputs, "sample", "rows.parquet").get("source", pd.Series([], dtype=str)).unique().tolist()
-    final_model = _in_workspace(inputs["final_train"], "model")
+    pool_sources = _table(inputs, "sample", ROWS_PARQUET).get("source", pd.Series([], dtype=str)).unique().tolist()
+    final_model = _in_workspace(inputs["final_train"], MODEL_DIR)
     counts = {
         "ingested": stages["ingest"]["summary"].get("rows"),
         "sampled": stages["sample"]["summary"].get("rows"),
@@ -161,7 +170,7 @@ def build_report(out: Path, inputs: Mapping[str, Path]) -> dict[str, Any]:
             "selected_parquet": SELECTED_PARQUET,
             "coverage_png": COVERAGE_PNG,
             "final_model": final_model,
-            "quarantine": _in_workspace(inputs["ingest"], "quarantine.parquet"),
+            "quarantine": _in_workspace(inputs["ingest"], QUARANTINE_PARQUET),
         },
     }
     atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False, default=str))
@@ -174,7 +183,7 @@ def score_cutoffs(inputs: Mapping[str, Path], stages: Mapping[str, Any]) -> dict
     summaries; a high_quality artifact from before they were recorded is measured here)."""
     quality = stages["high_quality"]["summary"].get("quality_distribution")
     if quality is None:
-        values = _table(inputs, "quality", "scores.parquet")["quality_score"].to_numpy(np.float64)
+        values = _table(inputs, "quality", SCORES_PARQUET)["quality_score"].to_numpy(np.float64)
         summary = stages["high_quality"]["summary"]
         quality = score_distribution(values, summary.get("threshold"), "above", int(summary.get("kept") or 0))
         quality["note"] = "cut-off shown: the lowest kept score"

@@ -20,10 +20,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.tasks import Task
 
+import mods.stages  # noqa: F401  (registers the method's stages, which runs look up by name)
 from mods.core.artifacts import Workspace
 from mods.core.engine import Engine, StageOutcome, StageRun
 from mods.core.faults import is_transient
 from mods.core.stage import get_stage
+from tasks.reporting import publish_stage
 
 # Seconds before a transient failure is retried (memory freed, a connection back).
 RETRY_DELAY_SECONDS = 10
@@ -48,8 +50,6 @@ def stage_task(name: str) -> Task:
           retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=retry_if_transient,
           tags=["mods", f"resource:{stage.resources.kind}"])
     def run_stage(run: StageRun, execute: Callable[[StageRun], StageOutcome], workspace: Workspace) -> Any:
-        from tasks.reporting import publish_stage
-
         outcome = execute(run)
         artifact = outcome.artifact.model_dump()
         if not outcome.executed:  # complete already (or written meanwhile by another run)

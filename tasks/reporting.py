@@ -16,7 +16,8 @@ from prefect.artifacts import (
 
 from mods.core.artifacts import Workspace, read_marker
 from mods.core.engine import StageOutcome
-from mods.report import REPORT_JSON, REPORT_MD, scores_markdown
+from mods.core.files import REPORT_JSON, REPORT_MD
+from mods.report import scores_markdown
 
 # Rows of the coverage table: enough to read the curve's shape, few enough for one screen.
 COVERAGE_TABLE_ROWS = 12

@@ -28,9 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 import pytest  # noqa: E402
-
 from durations import read_durations  # noqa: E402
-
 
 # Tests live by layer: tests/<layer>/test_*.py, each marked with its layer (pytest -m core).
 LAYERS = ("core", "method", "orchestration", "system")

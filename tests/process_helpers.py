@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from pipeline_helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

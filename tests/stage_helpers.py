@@ -17,10 +17,11 @@ class AnyParams(BaseModel):
 
 
 def fn_stage(name: str, body: Callable[[StageContext], Mapping[str, Any] | None], version: str = "1",
-             inputs: tuple[str, ...] = ()) -> Stage:
+             inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> Stage:
     """A stage whose run() is ``body`` (not registered: see ``run_body``)."""
     cls = type(f"FnStage_{name}", (Stage,), {
         "name": name, "version": version, "description": "a test stage", "inputs": inputs, "params": AnyParams,
+        "outputs": outputs,
         "run": lambda self, ctx, params: body(ctx),
     })
     return cls()
@@ -28,10 +29,10 @@ def fn_stage(name: str, body: Callable[[StageContext], Mapping[str, Any] | None]
 
 def run_body(workspace: Workspace | str | Path, name: str, params: dict[str, Any], inputs: Mapping[str, Any],
              body: Callable[[StageContext], Mapping[str, Any] | None], verify: bool = False,
-             version: str = "1") -> StageOutcome:
+             version: str = "1", outputs: tuple[str, ...] = ()) -> StageOutcome:
     """What the engine does with a stage of this body: resolve, then run (or reuse)."""
     engine = Engine(workspace, verify=verify, progress=False)
-    stage = fn_stage(name, body, version, tuple(inputs))
+    stage = fn_stage(name, body, version, tuple(inputs), outputs)
     # Registered while it runs (the engine finds a run's stage by name); a real stage of the
     # same name (a fake upstream "high_quality") is put back afterwards.
     real = STAGES.get(name)

@@ -29,7 +29,7 @@ class SharedEngine:
     test closed it (the test of ``close`` itself), stopped at the end of the session."""
 
     def __init__(self) -> None:
-        from mods.generation import GenerationConfig
+        from mods.generation.config import GenerationConfig
 
         self.config = GenerationConfig(engine="vllm", max_new_tokens=SHARED_MAX_NEW_TOKENS,
                                        max_prompt_length=SHARED_MAX_PROMPT_LENGTH, device="cpu")
@@ -37,8 +37,8 @@ class SharedEngine:
         self.starts = 0
 
     def get(self):
-        from mods.generation import open_answer_engine
-        from mods.models import DEFAULT_BASE_MODEL, resolve_model_path
+        from mods.generation.answers import open_answer_engine
+        from mods.models.loading import DEFAULT_BASE_MODEL, resolve_model_path
 
         if self.engine is None or getattr(self.engine, "llm", None) is None:
             self.engine = open_answer_engine(resolve_model_path(DEFAULT_BASE_MODEL), self.config)

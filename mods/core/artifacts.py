@@ -54,9 +54,6 @@ class Artifact(BaseModel):
         return as_workspace(workspace).artifact_dir(self.stage, self.key)
 
 
-
-
-
 def canonical(value: Any) -> Any:
     """Parameters as plain JSON values, with stable ordering, for hashing."""
     if isinstance(value, BaseModel):
@@ -75,9 +72,6 @@ def canonical(value: Any) -> Any:
 def hash_json(value: Any, length: int = KEY_LENGTH) -> str:
     blob = json.dumps(canonical(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
-
-
-
 
 
 def sha256_file(path: Path) -> str:
@@ -254,12 +248,6 @@ def artifact_problem(path: str | Path, verify_hashes: bool = False) -> str | Non
 
 def is_complete(path: str | Path, verify_hashes: bool = False) -> bool:
     return artifact_problem(path, verify_hashes) is None
-
-
-
-
-
-
 
 
 def remove_tree(path: Path) -> None:

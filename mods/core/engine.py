@@ -49,9 +49,10 @@ from mods.core.artifacts import (
     remove_stale_folders,
     remove_tree,
 )
-from mods.core.faults import is_out_of_memory, release_accelerator_memory, stop_if_interrupted
+from mods.core.faults import MissingOutputError, is_out_of_memory, release_accelerator_memory, stop_if_interrupted
+from mods.core.keys import in_key_only_when_set
 from mods.core.rowstore import ROW_KEY, RowStore, blocks, cut_shards
-from mods.core.stage import RowwiseStage, Stage, StageContext, get_stage, in_key_only_when_set
+from mods.core.stage import RowwiseStage, Stage, StageContext, get_stage, missing_outputs
 
 log = logging.getLogger("mods.engine")
 
@@ -260,6 +261,10 @@ class Engine:
                                    progress=self.progress)
             summary = canonical(dict(body(context) or {}))
             stop_if_interrupted()  # never mark complete what an interrupt may have cut short
+            missing = missing_outputs(stage, tmp)
+            if missing:
+                raise MissingOutputError(f"{run.stage} ran but did not write {', '.join(missing)} "
+                                         f"(its declared outputs: {', '.join(stage.outputs)})")
             seconds = time.perf_counter() - started
             marker = {
                 "stage": run.stage,

@@ -126,3 +126,12 @@ def catching_interrupts() -> Iterator[None]:
         if not interrupted.is_set():
             sys.unraisablehook = previous_hook
         interrupted.clear()
+
+
+class PermanentStageError(RuntimeError):
+    """A deterministic failure (bad data, bad parameter): resubmitting would fail again."""
+
+
+class MissingOutputError(PermanentStageError):
+    """A stage ran without writing a file it declares in ``outputs`` (a bug in the stage):
+    nothing is marked complete, and a retry would do the same."""

@@ -46,18 +46,6 @@ ONE_GPU = Resources(gpus=1)
 WHOLE_MACHINE = Resources(gpus="all")
 
 
-# ``Field(..., json_schema_extra=KEY_WHEN_SET)``: a parameter added after artifacts were
-# keyed. At its default it is left out of the stage's key and row fingerprint
-# (mods.core.engine.key_params), so the artifacts made before it existed keep their keys.
-KEY_WHEN_SET: dict[str, Any] = {"key_when_set": True}
-
-
-def in_key_only_when_set(field: Any) -> bool:
-    """Whether a pydantic field is marked ``KEY_WHEN_SET``."""
-    extra = getattr(field, "json_schema_extra", None)
-    return isinstance(extra, dict) and bool(extra.get("key_when_set"))
-
-
 class StageParams(BaseModel):
     """Base of every stage's parameter model: unknown fields are errors."""
 
@@ -83,11 +71,13 @@ class Stage(Generic[P]):
     """A stage with a body: ``run`` writes the artifact's files into ``ctx.out``."""
 
     name: ClassVar[str]
-    version: ClassVar[str]  # bump when the output for the same inputs changes
+    version: ClassVar[str]  # bump when the output for the same inputs changes (why: git log of the stage)
     description: ClassVar[str]
     resources: ClassVar[Resources] = CPU
     inputs: ClassVar[tuple[str, ...]] = ()  # named inputs: artifacts of other stages
-    outputs: ClassVar[tuple[str, ...]] = ()  # the files it writes (documentation and checks)
+    # The files it writes (mods.core.files; a name ending in "/" is a folder): the engine
+    # checks after every run that each is there, before it marks the artifact complete.
+    outputs: ClassVar[tuple[str, ...]] = ()
     params: ClassVar[type[BaseModel]]
 
     def key_extra(self, params: P) -> list[str]:
@@ -171,10 +161,12 @@ def register(cls: S) -> S:
 
 
 def get_stage(name: str) -> Stage:
+    """The registered stage of that name. The method's stages register when ``mods.stages``
+    is imported; the runners (``mods.pipeline``, ``tasks``, ``flows``) import it, the core never
+    does (it knows stages only through this registry)."""
     if name not in STAGES:
-        import mods.stages  # noqa: F401  (registers every stage)
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage {name!r}; registered stages: {', '.join(STAGES) or 'none'} "
+                         "(the method's stages register when mods.stages is imported)")
     return STAGES[name]
 
 
@@ -189,3 +181,9 @@ def text_cost(*columns: pd.Series) -> pd.Series:
 
 def read_table(folder: Path, filename: str) -> pd.DataFrame:
     return pd.read_parquet(Path(folder) / filename)
+
+
+def missing_outputs(stage: Stage, folder: Path) -> list[str]:
+    """The declared outputs of ``stage`` that ``folder`` lacks (a folder for a name ending in "/")."""
+    return [name for name in stage.outputs
+            if not ((folder / name).is_dir() if name.endswith("/") else (folder / name).is_file())]

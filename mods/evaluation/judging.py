@@ -1,5 +1,5 @@
-"""Judging: a judge (``mods.judges``) compares two models' answers on every prompt, and is
-measured against human votes (``mods.preferences``) so every table says how far its judge
+"""Judging: a judge (``mods.evaluation.judges``) compares two models' answers on every prompt, and is
+measured against human votes (``mods.evaluation.preferences``) so every table says how far its judge
 can be trusted. The judge's configuration is a stage's parameters (``JudgeParams`` in
 mods/stages/evaluation.py): what its verdicts depend on (``judge_identity``), the loaded
 judge (``build_judge``) and its name in the report (``judge_label``)."""
@@ -11,24 +11,34 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from mods.config import JudgeKind
 from mods.core.artifacts import hash_json
+from mods.evaluation.config import JudgeKind
+from mods.evaluation.judges import (
+    JUDGE_CRITERIA,
+    JUDGE_SYSTEM,
+    JUDGE_TEMPLATE,
+    LLMJudge,
+    LLMJudgeConfig,
+    answer_length,
+    judge_agreement,
+    llm_judge_pairs,
+    rule_outcomes,
+    scorer_judge_pairs,
+)
+from mods.evaluation.preferences import human_pairs
 from mods.evaluation.statistics import wilson_interval
-from mods.judges import LLMJudgeConfig
-from mods.models import DEFAULT_BASE_MODEL
-from mods.models import model_fingerprint
-from mods.scoring import ScorerConfig, scorer_identity
+from mods.models.loading import DEFAULT_BASE_MODEL, model_fingerprint
+from mods.scoring.config import ScorerConfig
+from mods.scoring.scorers import build_scorer, scorer_identity
 
 if TYPE_CHECKING:
-    from mods.stages.evaluation import JudgeParams
+    from mods.evaluation.config import JudgeParams
 
 
 def judge_pairs(judge: JudgeKind, prompts: pd.DataFrame, answers_a: pd.DataFrame, answers_b: pd.DataFrame,
                 scorer: Any = None, llm: Any = None, tie_margin: float = 0.0, progress: bool = False) -> pd.DataFrame:
     """A's outcome against B on every prompt both answered: test_set, prompt_id, outcome and
     the judge's evidence (scores per order, or the two quality scores)."""
-    from mods.judges import llm_judge_pairs, scorer_judge_pairs
-
     keys = ["test_set", "prompt_id"]
     asked = prompts[prompts["answer"]][keys + ["instruction", "input"]]
     both = (asked.merge(answers_a[keys + ["answer"]], on=keys, validate="one_to_one")
@@ -48,8 +58,6 @@ def judge_pairs(judge: JudgeKind, prompts: pd.DataFrame, answers_a: pd.DataFrame
 
 def human_pair_sample(path: str | Path, pairs: int | None, seed: int) -> pd.DataFrame:
     """PandaLM's unanimous non-tie pairs with two non-empty answers (742), or a seeded draw of them."""
-    from mods.preferences import human_pairs
-
     frame = human_pairs(path)
     if pairs is not None and pairs < len(frame):
         frame = frame.sample(n=pairs, random_state=seed).sort_index()
@@ -60,8 +68,6 @@ def measure_judge(judge: JudgeKind, pairs: pd.DataFrame, scorer: Any = None, llm
                   tie_margin: float = 0.0, progress: bool = False) -> tuple[dict[str, Any], pd.DataFrame]:
     """A judge's agreement with people on human pairs (answer_a/answer_b, human 0 = a), overall
     and on the length-matched pairs, beside the "longer answer wins" rule on the same pairs."""
-    from mods.judges import answer_length, judge_agreement, llm_judge_pairs, rule_outcomes, scorer_judge_pairs
-
     args = (pairs["instruction"].tolist(), pairs["input"].tolist(), pairs["answer_a"].tolist(),
             pairs["answer_b"].tolist())
     if judge == "scorer":
@@ -86,8 +92,6 @@ def measure_judge(judge: JudgeKind, pairs: pd.DataFrame, scorer: Any = None, llm
 def judge_identity(params: JudgeParams) -> list[str]:
     """What a judge's verdicts depend on beyond its parameters: its model's files and the
     scorer's definition version, or the judging prompt."""
-    from mods.judges import JUDGE_CRITERIA, JUDGE_SYSTEM, JUDGE_TEMPLATE
-
     if params.judge == "scorer":
         return scorer_identity(params.scorer or ScorerConfig())
     model = params.llm.model if params.llm else None
@@ -97,12 +101,9 @@ def judge_identity(params: JudgeParams) -> list[str]:
 def build_judge(params: JudgeParams) -> dict[str, Any]:
     """The loaded judge, as keyword arguments for ``judge_pairs`` / ``measure_judge``."""
     if params.judge == "scorer":
-        from mods.scoring import build_scorer
-
         if params.scorer is None:
             raise ValueError("the scorer judge needs a scorer configuration")
         return {"scorer": build_scorer(params.scorer), "tie_margin": params.tie_margin}
-    from mods.judges import LLMJudge
 
     return {"llm": LLMJudge(params.llm or LLMJudgeConfig())}
 

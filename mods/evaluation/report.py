@@ -15,13 +15,10 @@ import numpy as np
 import pandas as pd
 
 from mods.core.artifacts import atomic_write_text
+from mods.core.files import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD
+from mods.evaluation.judges import winning_score
 from mods.evaluation.statistics import sign_test_p, trusted
-from mods.judges import winning_score
-from mods.scoring import ScorerConfig
-
-EVALUATION_JSON = "evaluation.json"
-EVALUATION_PNG = "evaluation.png"
-REPORT_MD = "report.md"
+from mods.scoring.config import ScorerConfig
 
 
 def pairs_phrase(agreement: Mapping[str, Any], short: bool = False) -> str:
@@ -80,7 +77,7 @@ def scorer_caveats(judges: Sequence[str], judge_scorer: ScorerConfig | None, pip
         where = ("`selfinstruct` is one of the test sets here" if "selfinstruct" in test_sets
                  else "`selfinstruct` is not among the test sets here")
         text = ("**The preference scorer's head was fitted on a test set's instructions.** The shipped head "
-                "(`mods/quality_head.json`) was fitted on PandaLM's human-labelled pairs"
+                "(`mods/scoring/quality_head.json`) was fitted on PandaLM's human-labelled pairs"
                 + (f" ({head_fitted_on})" if head_fitted_on else "")
                 + f", whose instructions are the Self-instruct test set's, one of the paper's five test sets ({where}).")
         if judge_head:

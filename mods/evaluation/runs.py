@@ -15,11 +15,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mods.config import Baseline
 from mods.core.artifacts import artifact_problem, read_marker
+from mods.core.files import ROWS_PARQUET, SELECTED_PARQUET
 from mods.core.stage import read_table
-from mods.scoring import ScorerConfig
-from mods.training import TrainConfig
+from mods.data.conversations import answer_chars
+from mods.evaluation.config import Baseline
+from mods.scoring.config import ScorerConfig
+from mods.selection.budgets import count_tokens
+from mods.selection.kcenter import k_center_greedy
+from mods.training.config import TrainConfig
 
 MODS = "mods"
 
@@ -75,14 +79,13 @@ def run_settings(workspace_root: Path, run: Mapping[str, Mapping[str, str]]) -> 
     scorer = scorer.get("scorer", scorer)  # {"scorer": {...}} (typed stage parameters) or the scorer itself
     seed_params = read_marker(folder("seed_select"))["params"]
     augment_params = read_marker(folder("augment_select"))["params"]
-    selection = selection_ids(read_table(folder("seed_select"), "selected.parquet"),
-                              read_table(folder("augment_select"), "selected.parquet"))
+    selection = selection_ids(read_table(folder("seed_select"), SELECTED_PARQUET),
+                              read_table(folder("augment_select"), SELECTED_PARQUET))
     tokens = None
     if seed_params.get("tokens") is not None or augment_params.get("tokens") is not None:
         # Sized in tokens: the `longest` baseline gets as many tokens as the selection.
-        from mods.budgets import count_tokens
 
-        rows = read_table(folder("high_quality"), "rows.parquet").drop_duplicates("id").set_index("id")
+        rows = read_table(folder("high_quality"), ROWS_PARQUET).drop_duplicates("id").set_index("id")
         tokens = int(count_tokens(training["base_model"], rows.loc[selection].reset_index()).sum())
     return {"base_model": training["base_model"], "train": TrainConfig.model_validate(training["train"]),
             "scorer": ScorerConfig.model_validate(scorer), "kcenter_seed": int(seed_params.get("seed", 0)),
@@ -137,8 +140,6 @@ def baseline_rows(
     if name == "longest":
         return longest_rows(sample_rows, size, tokens, base_model)
     if name == "seed_only":
-        from mods.kcenter import k_center_greedy
-
         if embeddings is None:
             raise ValueError("seed_only baseline needs the run's embeddings")
         ids, vectors = embeddings
@@ -154,8 +155,6 @@ def baseline_rows(
 def longest_rows(pool: pd.DataFrame, size: int, tokens: int | None = None, base_model: str | None = None) -> pd.DataFrame:
     """The ``longest`` baseline (arXiv 2402.04833: hard to beat): longest answers first (a
     conversation: all its assistant turns)."""
-    from mods.conversations import answer_chars
-
     lengths = answer_chars(pool).to_numpy()
     order = np.lexsort((pool["id"].astype(str).to_numpy(), -lengths))
     ranked = pool.iloc[order].reset_index(drop=True)
@@ -163,7 +162,6 @@ def longest_rows(pool: pd.DataFrame, size: int, tokens: int | None = None, base_
         if size > len(ranked):
             raise ValueError(f"longest baseline: {size} rows asked for, the sampled pool has {len(ranked)}")
         return ranked.iloc[:size].reset_index(drop=True)
-    from mods.budgets import count_tokens
 
     if not base_model:
         raise ValueError("longest baseline in tokens needs the base model's tokenizer")

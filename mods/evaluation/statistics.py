@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from mods.judges import count_outcomes
+from mods.evaluation.judges import count_outcomes
 
 
 def wilson_interval(hits: float, n: int, z: float = 1.96) -> tuple[float, float] | None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
-
 import pandas as pd
+from pydantic import Field
 
 from mods.config import SampleConfig
 from mods.core.artifacts import fingerprint_files, write_parquet
+from mods.core.files import INGEST_REPORT_JSON, QUARANTINE_PARQUET, ROWS_PARQUET
 from mods.core.stage import CPU, Stage, StageContext, StageParams, read_table, register
-from mods.ingest import IngestConfig
-from mods.readers import hub_ids, source_files
+from mods.data.conversations import conversation_chars
+from mods.data.ingest import IngestConfig, ingest, write_ingest
+from mods.data.readers import hub_ids, source_files
 
 
 class IngestParams(StageParams):
@@ -27,7 +28,7 @@ class Ingest(Stage[IngestParams]):
     name, version, resources = "ingest", "1", CPU
     description = "Read every source file into canonical rows; quarantine the rest."
     params = IngestParams
-    outputs = ("rows.parquet", "quarantine.parquet", "ingest_report.json")
+    outputs = (ROWS_PARQUET, QUARANTINE_PARQUET, INGEST_REPORT_JSON)
 
     def key_extra(self, params: IngestParams) -> list[str]:
         # The sources' files (size and mtime, or bytes), the decontamination sets', hub ids.
@@ -37,8 +38,6 @@ class Ingest(Stage[IngestParams]):
                 "eval:" + fingerprint_files(decontam_files), "hub:" + ",".join(hub_ids(params.sources))]
 
     def run(self, ctx: StageContext, params: IngestParams) -> dict[str, Any]:
-        from mods.ingest import ingest, write_ingest
-
         result = ingest(params.sources, params.ingest, progress=ctx.progress)
         write_ingest(result, ctx.out)
         totals = {k: result.report.get(k) for k in ("read", "kept", "duplicates", "quarantined", "decontaminated")}
@@ -51,13 +50,12 @@ class Sample(Stage[SampleConfig]):
     description = "Seeded subsample of the pool (optional)."
     inputs = ("ingest",)
     params = SampleConfig
-    outputs = ("rows.parquet",)
+    outputs = (ROWS_PARQUET,)
 
     def run(self, ctx: StageContext, params: SampleConfig) -> dict[str, Any]:
-        rows = read_table(ctx.inputs["ingest"], "rows.parquet")
+        rows = read_table(ctx.inputs["ingest"], ROWS_PARQUET)
         eligible = rows
         if params.max_chars:  # what a row trains on: a conversation row's every turn
-            from mods.conversations import conversation_chars
 
             size = pd.Series([conversation_chars(row) for row in rows.to_dict("records")], index=rows.index)
             eligible = rows[size <= params.max_chars]
@@ -66,5 +64,5 @@ class Sample(Stage[SampleConfig]):
             sampled = eligible.sample(n=params.rows, random_state=params.seed).sort_index()
         if sampled.empty:
             raise ValueError(f"sample: no row fits sample.max_chars={params.max_chars} (of {len(rows)} ingested rows)")
-        write_parquet(sampled.reset_index(drop=True), ctx.out / "rows.parquet")
+        write_parquet(sampled.reset_index(drop=True), ctx.out / ROWS_PARQUET)
         return {"pool": len(rows), "eligible": len(eligible), "rows": len(sampled)}

@@ -16,21 +16,28 @@ from typing import Any
 import pandas as pd
 from pydantic import Field
 
-from mods.config import Baseline, JudgeKind
 from mods.core.artifacts import Artifact, ArtifactError, artifact_problem, fingerprint_files, write_parquet
-from mods.core.stage import (
-    CPU,
-    KEY_WHEN_SET,
-    ONE_GPU,
-    WHOLE_MACHINE,
-    Stage,
-    StageContext,
-    StageParams,
-    read_table,
-    register,
+from mods.core.files import (
+    AGREEMENT_JSON,
+    ANSWERS_PARQUET,
+    EMBEDDINGS_PARQUET,
+    EVALUATION_JSON,
+    EVALUATION_PNG,
+    JUDGMENTS_PARQUET,
+    MODEL_DIR,
+    PAIRS_PARQUET,
+    PROMPTS_PARQUET,
+    REPORT_MD,
+    ROWS_PARQUET,
+    SCORES_PARQUET,
+    SELECTED_PARQUET,
 )
+from mods.core.keys import KEY_WHEN_SET
+from mods.core.stage import CPU, ONE_GPU, WHOLE_MACHINE, Stage, StageContext, StageParams, read_table, register
 from mods.evaluation.answering import answer_prompts
-from mods.evaluation.head_fit import _head_fitted_on, _head_fitted_on_text
+from mods.evaluation.config import AgreementParams, Baseline, JudgeKind, JudgeParams
+from mods.evaluation.head_fit import head_fitted_on, head_fitted_on_text
+from mods.evaluation.judges import count_outcomes
 from mods.evaluation.judging import (
     build_judge,
     human_pair_sample,
@@ -39,22 +46,16 @@ from mods.evaluation.judging import (
     judge_pairs,
     measure_judge,
 )
-from mods.evaluation.report import (
-    EVALUATION_JSON,
-    EVALUATION_PNG,
-    REPORT_MD,
-    evaluation_document,
-    reference_table,
-    scorer_caveats,
-    write_outputs,
-)
+from mods.evaluation.report import evaluation_document, reference_table, scorer_caveats, write_outputs
 from mods.evaluation.runs import MODS, baseline_rows, selection_ids
 from mods.evaluation.statistics import comparison_rows
-from mods.generation import GenerationConfig
-from mods.judges import LLMJudgeConfig, count_outcomes
-from mods.models import model_fingerprint
-from mods.scoring import ScorerConfig
-from mods.training import TrainConfig
+from mods.evaluation.testsets import find_test_sets, read_test_set, sample_prompts
+from mods.generation.config import GenerationConfig
+from mods.models.embedding import read_embeddings
+from mods.models.loading import model_fingerprint
+from mods.scoring.config import ScorerConfig
+from mods.training.config import TrainConfig
+from mods.training.train import train_model
 
 # The run's artifacts a baseline is built from.
 BASELINE_INPUTS = ("sample", "quality", "high_quality", "embed", "seed_select", "augment_select")
@@ -85,22 +86,9 @@ class BaselineParams(StageParams):
     train: TrainConfig = TrainConfig()
 
 
-class AnswersParams(StageParams):
+class ModelAnswersParams(StageParams):
     generation: GenerationConfig = GenerationConfig()
     reference_max_length: int = 512
-
-
-class JudgeParams(StageParams):
-    judge: JudgeKind
-    scorer: ScorerConfig | None = None
-    llm: LLMJudgeConfig | None = None
-    tie_margin: float = 0.0
-
-
-class AgreementParams(JudgeParams):
-    preferences: str
-    pairs: int | None = None
-    seed: int = 0
 
 
 class ReportParams(StageParams):
@@ -120,8 +108,6 @@ class ReportParams(StageParams):
 
 
 def prompt_files(params: PromptsParams) -> list[tuple[str, Path, Path | None]]:
-    from mods.testsets import find_test_sets
-
     return find_test_sets(params.test_sets_dir, params.test_sets, params.test_files)
 
 
@@ -130,7 +116,7 @@ class EvaluatePrompts(Stage[PromptsParams]):
     name, version, resources = "evaluate_prompts", "1", CPU
     description = "Read the test sets; seeded draw of the prompts to answer."
     params = PromptsParams
-    outputs = ("prompts.parquet",)
+    outputs = (PROMPTS_PARQUET,)
 
     def key_extra(self, params: PromptsParams) -> list[str]:
         files = [p for _, path, ref in prompt_files(params) for p in (path, ref) if p is not None]
@@ -138,8 +124,6 @@ class EvaluatePrompts(Stage[PromptsParams]):
         return ["testsets:" + fingerprint_files(files, hash_content=True)]
 
     def run(self, ctx: StageContext, params: PromptsParams) -> dict[str, Any]:
-        from mods.testsets import read_test_set, sample_prompts
-
         parts, skipped, available = [], {}, {}
         for name, path, references in prompt_files(params):
             read = read_test_set(path, name, references)
@@ -149,7 +133,7 @@ class EvaluatePrompts(Stage[PromptsParams]):
                 skipped[name] = read.skipped
         prompts = sample_prompts(pd.concat(parts, ignore_index=True), params.prompts_per_set,
                                  params.reference_rows_per_set, params.seed)
-        write_parquet(prompts, ctx.out / "prompts.parquet")
+        write_parquet(prompts, ctx.out / PROMPTS_PARQUET)
         return {"available": available, "answered": prompts.groupby("test_set", sort=False)["answer"].sum().to_dict(),
                 "with_reference": prompts.groupby("test_set", sort=False)["reference_loglik"].sum().to_dict(),
                 "skipped_records": skipped}
@@ -162,24 +146,21 @@ class EvaluateBaseline(Stage[BaselineParams]):
                    "trained like the final model.")
     inputs = BASELINE_INPUTS
     params = BaselineParams
-    outputs = ("selected.parquet", "model/")
+    outputs = (SELECTED_PARQUET, MODEL_DIR)
 
     def key_extra(self, params: BaselineParams) -> list[str]:
         return [model_fingerprint(params.base_model)]
 
     def run(self, ctx: StageContext, params: BaselineParams) -> dict[str, Any]:
-        from mods.embedding import read_embeddings
-        from mods.training import train_model
-
-        selection = selection_ids(read_table(ctx.inputs["seed_select"], "selected.parquet"),
-                                  read_table(ctx.inputs["augment_select"], "selected.parquet"))
-        embeddings = read_embeddings(ctx.inputs["embed"] / "embeddings.parquet") if params.baseline == "seed_only" else None
-        rows = baseline_rows(params.baseline, len(selection), read_table(ctx.inputs["sample"], "rows.parquet"),
-                             read_table(ctx.inputs["quality"], "scores.parquet"),
-                             read_table(ctx.inputs["high_quality"], "rows.parquet"), embeddings, params.seed,
+        selection = selection_ids(read_table(ctx.inputs["seed_select"], SELECTED_PARQUET),
+                                  read_table(ctx.inputs["augment_select"], SELECTED_PARQUET))
+        embeddings = read_embeddings(ctx.inputs["embed"] / EMBEDDINGS_PARQUET) if params.baseline == "seed_only" else None
+        rows = baseline_rows(params.baseline, len(selection), read_table(ctx.inputs["sample"], ROWS_PARQUET),
+                             read_table(ctx.inputs["quality"], SCORES_PARQUET),
+                             read_table(ctx.inputs["high_quality"], ROWS_PARQUET), embeddings, params.seed,
                              params.kcenter_seed, params.tokens, params.base_model)
-        write_parquet(rows, ctx.out / "selected.parquet")
-        summary = train_model(params.base_model, rows, params.train, ctx.out / "model", progress=ctx.progress,
+        write_parquet(rows, ctx.out / SELECTED_PARQUET)
+        summary = train_model(params.base_model, rows, params.train, ctx.out / MODEL_DIR, progress=ctx.progress,
                               checkpoint_dir=ctx.scratch / "checkpoints")
         overlap = len(set(rows["id"].astype(str)) & set(selection))
         return {"baseline": params.baseline, "rows": len(rows), "selection_size": len(selection),
@@ -187,18 +168,18 @@ class EvaluateBaseline(Stage[BaselineParams]):
 
 
 @register
-class EvaluateAnswers(Stage[AnswersParams]):
+class EvaluateAnswers(Stage[ModelAnswersParams]):
     name, version, resources = "evaluate_answers", "1", ONE_GPU
     description = "One model answers every test prompt; reference log-likelihoods."
-    inputs = ("prompts", "model")
-    params = AnswersParams
-    outputs = ("answers.parquet",)
+    inputs = ("prompts", MODEL_DIR)
+    params = ModelAnswersParams
+    outputs = (ANSWERS_PARQUET,)
 
-    def run(self, ctx: StageContext, params: AnswersParams) -> dict[str, Any]:
-        prompts = read_table(ctx.inputs["prompts"], "prompts.parquet")
-        frame = answer_prompts(ctx.inputs["model"] / "model", prompts, params.generation, params.reference_max_length,
+    def run(self, ctx: StageContext, params: ModelAnswersParams) -> dict[str, Any]:
+        prompts = read_table(ctx.inputs["prompts"], PROMPTS_PARQUET)
+        frame = answer_prompts(ctx.inputs["model"] / MODEL_DIR, prompts, params.generation, params.reference_max_length,
                                progress=ctx.progress)
-        write_parquet(frame, ctx.out / "answers.parquet")
+        write_parquet(frame, ctx.out / ANSWERS_PARQUET)
         answered = frame["answer"].notna()
         return {"answers": int(answered.sum()),
                 "empty_answers": int((frame.loc[answered, "answer"].str.len() == 0).sum()),
@@ -211,27 +192,26 @@ class EvaluateJudge(Stage[JudgeParams]):
     description = "A judge compares two models' answers on every prompt."
     inputs = ("prompts", "answers_a", "answers_b")
     params = JudgeParams
-    outputs = ("judgments.parquet",)
+    outputs = (JUDGMENTS_PARQUET,)
 
     def key_extra(self, params: JudgeParams) -> list[str]:
         return judge_identity(params)
 
     def run(self, ctx: StageContext, params: JudgeParams) -> dict[str, Any]:
-        prompts = read_table(ctx.inputs["prompts"], "prompts.parquet")
-        judged = judge_pairs(params.judge, prompts, read_table(ctx.inputs["answers_a"], "answers.parquet"),
-                             read_table(ctx.inputs["answers_b"], "answers.parquet"), progress=ctx.progress,
+        prompts = read_table(ctx.inputs["prompts"], PROMPTS_PARQUET)
+        judged = judge_pairs(params.judge, prompts, read_table(ctx.inputs["answers_a"], ANSWERS_PARQUET),
+                             read_table(ctx.inputs["answers_b"], ANSWERS_PARQUET), progress=ctx.progress,
                              **build_judge(params))
-        write_parquet(judged, ctx.out / "judgments.parquet")
+        write_parquet(judged, ctx.out / JUDGMENTS_PARQUET)
         return {"judge": params.judge, "pairs": len(judged), **count_outcomes(judged["outcome"].tolist())}
 
 
 @register
 class EvaluateAgreement(Stage[AgreementParams]):
-    # Version 2: the in-sample decision compares the scorer's full identity with the head's fit.
     name, version, resources = "evaluate_agreement", "2", ONE_GPU
     description = "A judge measured against human votes (PandaLM pairs)."
     params = AgreementParams
-    outputs = ("pairs.parquet", "agreement.json")
+    outputs = (PAIRS_PARQUET, AGREEMENT_JSON)
 
     def key_extra(self, params: AgreementParams) -> list[str]:
         preferences = fingerprint_files([Path(params.preferences)], hash_content=True)
@@ -242,7 +222,7 @@ class EvaluateAgreement(Stage[AgreementParams]):
         result, detail = measure_judge(params.judge, pairs, progress=ctx.progress, **build_judge(params))
         result = {"judge": params.judge, "model": judge_label(params),
                   "of_pairs": len(human_pair_sample(params.preferences, None, 0)), **result}
-        fit = _head_fitted_on(params)  # the same decision as fitted_on_these_pairs, computed once
+        fit = head_fitted_on(params)  # the same decision as fitted_on_these_pairs, computed once
         if fit is not None and fit["differences"]:
             result["head_fit_differs"] = fit["differences"]
             result["head_note"] = (f"the scorer's head was fitted on these pairs ({fit['fitted_on']}), but with "
@@ -257,15 +237,13 @@ class EvaluateAgreement(Stage[AgreementParams]):
                                        f"({fit.get('folds', 'grouped folds')}): {fit['human_agreement']:.1%} "
                                        f"agreement, {fit.get('length_matched_agreement', float('nan')):.1%} "
                                        "on length-matched pairs")
-        write_parquet(detail, ctx.out / "pairs.parquet")
-        (ctx.out / "agreement.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_parquet(detail, ctx.out / PAIRS_PARQUET)
+        (ctx.out / AGREEMENT_JSON).write_text(json.dumps(result, indent=2) + "\n")
         return result
 
 
 @register
 class EvaluateReport(Stage[ReportParams]):
-    # Version 2: the pipeline scorer's agreement, the caveats, no workspace path in the report.
-    # Version 3: chart titles wrapped to fit their panels.
     name, version, resources = "evaluate", "3", CPU
     description = "evaluation.json, the win/tie/lose chart and report.md."
     params = ReportParams
@@ -278,24 +256,24 @@ class EvaluateReport(Stage[ReportParams]):
             if problem is not None:
                 raise ArtifactError(f"the evaluation report needs {label} ({artifact.stage} {artifact.key}): {problem}")
             folders[label] = artifact.dir(ctx.workspace)
-        prompts = read_table(folders["prompts"], "prompts.parquet")
+        prompts = read_table(folders["prompts"], PROMPTS_PARQUET)
         models = [MODS, *params.baselines]
-        answers = {m: read_table(folders[f"answers/{m}"], "answers.parquet") for m in models}
+        answers = {m: read_table(folders[f"answers/{m}"], ANSWERS_PARQUET) for m in models}
         test_sets = list(dict.fromkeys(prompts.loc[prompts["answer"], "test_set"]))
         comparisons = []
         for judge in params.judges:
             for baseline in params.baselines:
-                judged = read_table(folders[f"judge/{judge}/{baseline}"], "judgments.parquet")
+                judged = read_table(folders[f"judge/{judge}/{baseline}"], JUDGMENTS_PARQUET)
                 comparisons += comparison_rows(judge, MODS, baseline, judged, test_sets)
-        agreement = {j: json.loads((folders[f"agreement/{j}"] / "agreement.json").read_text()) for j in params.judges}
+        agreement = {j: json.loads((folders[f"agreement/{j}"] / AGREEMENT_JSON).read_text()) for j in params.judges}
         scorer_agreement = None
         if SCORER_AGREEMENT in folders:
-            scorer_agreement = json.loads((folders[SCORER_AGREEMENT] / "agreement.json").read_text())
+            scorer_agreement = json.loads((folders[SCORER_AGREEMENT] / AGREEMENT_JSON).read_text())
             scorer_agreement["same_as_scorer_judge"] = ("scorer" in params.judges
                                                         and params.artifacts[SCORER_AGREEMENT]
                                                         == params.artifacts["agreement/scorer"])
         caveats = scorer_caveats(params.judges, params.judge_scorer, params.pipeline_scorer, test_sets,
-                                 _head_fitted_on_text())
+                                 head_fitted_on_text())
         document = evaluation_document(params.judges, comparisons, reference_table(answers, prompts), agreement,
                                        params.trust_threshold, params.meta, scorer_agreement, caveats)
         write_outputs(ctx.out, document)

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from mods.core.files import (
+    COVERAGE_PNG,
+    REPORT_JSON,
+    REPORT_MD,
+    SELECTED_JSONL,
+    SELECTED_MESSAGES_JSONL,
+    SELECTED_PARQUET,
+    SELECTED_SHAREGPT_JSONL,
+)
 from mods.core.stage import CPU, Stage, StageContext, StageParams, register
+from mods.report import build_report
 
 
 class ExportParams(StageParams):
@@ -13,18 +23,14 @@ class ExportParams(StageParams):
 
 @register
 class Export(Stage[ExportParams]):
-    # Version 4: the report shows score distributions, cut-offs and the selection's composition.
-    # Version 5: the selection also as OpenAI messages and ShareGPT JSON lines (conversations whole).
     name, version, resources = "export", "5", CPU
     description = ("selected.jsonl (Alpaca format), selected_messages.jsonl (OpenAI messages), "
                    "selected_sharegpt.jsonl (ShareGPT), selected.parquet with provenance, the run report.")
     inputs = ("ingest", "sample", "quality", "high_quality", "embed", "seed_select", "seed_train", "answers",
               "necessity", "ifd", "augment_select", "final_train")
     params = ExportParams
-    outputs = ("selected.jsonl", "selected_messages.jsonl", "selected_sharegpt.jsonl", "selected.parquet",
-               "report.json", "report.md", "coverage.png")
+    outputs = (SELECTED_JSONL, SELECTED_MESSAGES_JSONL, SELECTED_SHAREGPT_JSONL, SELECTED_PARQUET,
+               REPORT_JSON, REPORT_MD, COVERAGE_PNG)
 
     def run(self, ctx: StageContext, params: ExportParams) -> dict[str, Any]:
-        from mods.report import build_report
-
         return build_report(ctx.out, ctx.inputs)

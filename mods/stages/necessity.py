@@ -23,14 +23,21 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
-
 from pydantic import Field
 
 from mods.config import AugmentSelectionConfig
 from mods.core.artifacts import Artifact, hash_json, write_parquet
+from mods.core.files import (
+    ANSWERS_PARQUET,
+    EMBEDDINGS_PARQUET,
+    IFD_PARQUET,
+    NECESSITY_PARQUET,
+    ROWS_PARQUET,
+    SELECTED_PARQUET,
+)
+from mods.core.keys import KEY_WHEN_SET
 from mods.core.stage import (
     CPU,
-    KEY_WHEN_SET,
     ONE_GPU,
     RowwiseStage,
     Stage,
@@ -40,11 +47,17 @@ from mods.core.stage import (
     register,
     text_cost,
 )
-from mods.generation import AnswerEngine, GenerationConfig, open_answer_engine
-from mods.ifd import IFD_COLUMNS
-from mods.selection import empty_selection, pickable_rows, selection_frame
-from mods.stages.coverage import CoverageFields, candidate_rows
+from mods.data.conversations import row_turns, with_conversation_cost
+from mods.generation.answers import AnswerEngine, open_answer_engine
+from mods.generation.config import GenerationConfig
+from mods.models.embedding import read_embeddings
+from mods.scoring.ifd import IFD_COLUMNS, IfdConfig, ifd_scores
+from mods.scoring.scorers import score_rows
+from mods.selection.cutoffs import keep_mask, score_distribution
+from mods.selection.thresholds import necessity_scores
+from mods.stages.coverage import CoverageFields, candidate_rows, pick_set
 from mods.stages.quality import ScoringParams, ScoringStage
+from mods.training.train import load_trained_model
 
 
 class AnswersParams(GenerationConfig):
@@ -52,7 +65,7 @@ class AnswersParams(GenerationConfig):
                               description="False when the necessity method reads no answers (ifd).")
 
 
-# What the answers stage reads of a row: its exchange, and what mods.conversations.row_turns
+# What the answers stage reads of a row: its exchange, and what mods.data.conversations.row_turns
 # needs to tell a conversation row and to walk its turns.
 ANSWERED_COLUMNS = ("id", "instruction", "input", "output", "history", "metadata", "messages")
 # A conversation's necessity from its turns' scores: its worst turn (module docstring).
@@ -62,21 +75,21 @@ NECESSITY_AGGREGATE = "min"
 def unselected_rows(inputs: Mapping[str, Path]) -> pd.DataFrame:
     """The high-quality rows not in the seed set (seed rows are selected already: asking
     the seed model about them would only cost time)."""
-    rows = read_table(inputs["high_quality"], "rows.parquet")
-    seed_ids = set(read_table(inputs["seed_select"], "selected.parquet")["id"])
+    rows = read_table(inputs["high_quality"], ROWS_PARQUET)
+    seed_ids = set(read_table(inputs["seed_select"], SELECTED_PARQUET)["id"])
     return rows[~rows["id"].isin(seed_ids)].reset_index(drop=True)
+
 
 log = logging.getLogger("mods.stages")
 
 
 @register
 class Answers(RowwiseStage[AnswersParams]):
-    # 3: conversation rows answered turn by turn (turn_answers).
     name, version, resources = "answers", "3", ONE_GPU
     description = "The seed model answers every high-quality instruction not in the seed set."
     inputs = ("high_quality", "seed_select", "seed_train")
     params = AnswersParams
-    outputs = ("answers.parquet",)
+    outputs = (ANSWERS_PARQUET,)
 
     def load(self, inputs: Mapping[str, Path], params: AnswersParams) -> pd.DataFrame:
         rows = unselected_rows(inputs)
@@ -84,8 +97,6 @@ class Answers(RowwiseStage[AnswersParams]):
         return rows if params.answer_rows else rows.iloc[:0]
 
     def row_keys(self, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-        from mods.conversations import with_conversation_cost
-
         return rows["id"].astype(str), with_conversation_cost(rows, text_cost(rows["instruction"], rows["input"]))
 
     def block_rows(self, params: GenerationConfig) -> int:
@@ -102,8 +113,6 @@ class Answers(RowwiseStage[AnswersParams]):
         return open_answer_engine(folders["seed_model"], params)
 
     def process_batch(self, state: AnswerEngine, block: pd.DataFrame, params: GenerationConfig) -> pd.DataFrame:
-        from mods.conversations import row_turns
-
         turns = [row_turns(row) for row in block.to_dict("records")]
         flat = [turn for row in turns for turn in row]
         contexts = [turn.context for turn in flat]
@@ -125,7 +134,7 @@ class Answers(RowwiseStage[AnswersParams]):
         frame = rows.reset_index(drop=True).assign(id=rows["id"].astype(str).to_numpy(),
                                                   seed_answer=results["seed_answer"].astype(str).to_numpy(),
                                                   turn_answers=list(results["turn_answers"]))
-        write_parquet(frame, ctx.out / "answers.parquet")
+        write_parquet(frame, ctx.out / ANSWERS_PARQUET)
         turn_answers = [a for answers in frame["turn_answers"] for a in answers]
         return {"rows": len(frame), "turns": len(turn_answers),
                 "empty_answers": sum(1 for a in turn_answers if not a)}
@@ -146,25 +155,21 @@ class Necessity(ScoringStage):
     name = "necessity"
     description = "Score the seed model's answers with the quality scorer."
     inputs = ("answers",)
-    outputs = ("necessity.parquet",)
-    table, answer_column = "answers.parquet", "seed_answer"
+    outputs = (NECESSITY_PARQUET,)
+    table, answer_column = ANSWERS_PARQUET, "seed_answer"
 
     def row_keys(self, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-        from mods.conversations import with_conversation_cost
-
         return (necessity_key(rows["id"], rows["turn_answers"]),
                 with_conversation_cost(rows, text_cost(rows["instruction"], rows["input"], rows["seed_answer"])))
 
     def process_batch(self, scorer: Any, block: pd.DataFrame, params: ScoringParams) -> pd.DataFrame:
-        from mods.scoring import score_rows
-
         return score_rows(scorer, block, turn_answers=list(block["turn_answers"]), aggregate=NECESSITY_AGGREGATE)
 
     def assemble(self, ctx: StageContext, params: ScoringParams, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
         frame = pd.DataFrame({"id": rows["id"].astype(str).to_numpy(),
                               "necessity_score": results["quality_score"].to_numpy(dtype=np.float64),
                               "turn_scores": list(results["turn_scores"])})
-        write_parquet(frame, ctx.out / "necessity.parquet")
+        write_parquet(frame, ctx.out / NECESSITY_PARQUET)
         return {"rows": len(frame), "turns": int(sum(len(s) for s in frame["turn_scores"]))}
 
     def empty_results(self, params: ScoringParams) -> pd.DataFrame:
@@ -173,11 +178,10 @@ class Necessity(ScoringStage):
                              "turn_scores": pd.Series([], dtype=object)})
 
 
-class IfdParams(StageParams):
+class IfdParams(IfdConfig, StageParams):
+    """The necessity section's ``ifd`` settings, and whether the stage has rows at all."""
+
     enabled: bool = Field(False, description="Compute IFD (necessity.method 'ifd'); else the stage has no rows.")
-    max_length: int = 512
-    batch_size: int = 8
-    device: str | None = None
 
 
 @register
@@ -186,7 +190,7 @@ class Ifd(RowwiseStage[IfdParams]):
     description = "The seed model's instruction-following difficulty of every unselected high-quality row."
     inputs = ("high_quality", "seed_select", "seed_train")
     params = IfdParams
-    outputs = ("ifd.parquet",)
+    outputs = (IFD_PARQUET,)
 
     def load(self, inputs: Mapping[str, Path], params: IfdParams) -> pd.DataFrame:
         rows = unselected_rows(inputs)[["id", "instruction", "input", "output"]]
@@ -205,20 +209,16 @@ class Ifd(RowwiseStage[IfdParams]):
         return {"seed_model": Path(inputs["seed_train"]) / "model"}
 
     def setup(self, params: IfdParams, folders: Mapping[str, Path]) -> Any:
-        from mods.training import load_trained_model
-
         return load_trained_model(folders["seed_model"], device=params.device)
 
     def process_batch(self, state: Any, block: pd.DataFrame, params: IfdParams) -> pd.DataFrame:
-        from mods.ifd import ifd_scores
-
         model, tokenizer = state
         return ifd_scores(model, tokenizer, block, params.max_length)
 
     def assemble(self, ctx: StageContext, params: IfdParams, rows: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any]:
         frame = pd.DataFrame({"id": rows["id"].astype(str).to_numpy(),
                               **{c: results[c].to_numpy(dtype=np.float64) for c in IFD_COLUMNS}})
-        write_parquet(frame, ctx.out / "ifd.parquet")
+        write_parquet(frame, ctx.out / IFD_PARQUET)
         values = frame["ifd"].to_numpy()
         return {"rows": len(frame), "ifd_above_1": int((values > 1).sum()),
                 "ifd_undefined": int((~np.isfinite(values)).sum())}
@@ -233,31 +233,23 @@ class AugmentSelectParams(AugmentSelectionConfig, CoverageFields):
 
 @register
 class AugmentSelect(Stage[AugmentSelectParams]):
-    # Inputs gained high_quality (reward_gap, sources, tokens) and ifd: the key changes once,
-    # the default selection's bytes do not, so final training keeps its key (early cut-off).
     name, version, resources = "augment_select", "1", CPU
     description = "The augmented set: the coverage method over the rows the seed model still lacks."
     inputs = ("embed", "seed_select", "necessity", "high_quality", "ifd")
     params = AugmentSelectParams
-    outputs = ("selected.parquet",)
+    outputs = (SELECTED_PARQUET,)
 
     def run(self, ctx: StageContext, params: AugmentSelectParams) -> dict[str, Any]:
-        from mods.coverage_methods import budgeted_selection
-        from mods.cutoffs import keep_mask, score_distribution
-        from mods.embedding import read_embeddings
-        from mods.kcenter import k_center_greedy
-        from mods.selection import necessity_scores
-
-        ids, vectors = read_embeddings(ctx.inputs["embed"] / "embeddings.parquet")
+        ids, vectors = read_embeddings(ctx.inputs["embed"] / EMBEDDINGS_PARQUET)
         position = {row_id: i for i, row_id in enumerate(ids)}
-        necessity = read_table(ctx.inputs["necessity"], "necessity.parquet")
+        necessity = read_table(ctx.inputs["necessity"], NECESSITY_PARQUET)
         scored, keep, set_aside = necessity_scores(params.method, necessity,
-                                                   read_table(ctx.inputs["high_quality"], "rows.parquet"),
-                                                   read_table(ctx.inputs["ifd"], "ifd.parquet"))
+                                                   read_table(ctx.inputs["high_quality"], ROWS_PARQUET),
+                                                   read_table(ctx.inputs["ifd"], IFD_PARQUET))
         scores = scored["score"].to_numpy(np.float64)
         needed_mask, cutoff = keep_mask(scores, keep, params.beta, params.beta_percentile, params.fraction)
         needed = scored["id"][needed_mask].tolist()
-        seed_ids = (read_table(ctx.inputs["seed_select"], "selected.parquet")["id"].tolist()
+        seed_ids = (read_table(ctx.inputs["seed_select"], SELECTED_PARQUET)["id"].tolist()
                     if params.relative_to_seed else [])
         candidate_ids = seed_ids + needed
         matrix = vectors[[position[i] for i in candidate_ids]] if candidate_ids else vectors[:0]
@@ -265,26 +257,14 @@ class AugmentSelect(Stage[AugmentSelectParams]):
         answered = len(scored) + set_aside
         about = {"method": params.method, "set_aside": set_aside,
                  "necessity_distribution": score_distribution(scores, cutoff, keep, len(needed))}
-        if not params.paper_setting():
-            if needed:
-                frame, spent = budgeted_selection(params.coverage, matrix,
-                                                  candidate_rows(ctx.inputs["high_quality"], candidate_ids), params.k,
-                                                  params.tokens, params.source_caps, params.source_shares,
-                                                  params.base_model, already=already, seed=params.seed)
-            else:
-                frame, spent = empty_selection(), {"method": params.coverage.method}
-            write_parquet(frame, ctx.out / "selected.parquet")
-            return {"answered": answered, "needed": len(needed), "k_requested": params.k, "k": len(frame),
-                    **about, "coverage": spent}
-        k = min(params.k, pickable_rows(matrix, already)) if needed else 0
-        if k < params.k:
+        picked = pick_set(params, matrix, candidate_ids,
+                          lambda chosen: candidate_rows(ctx.inputs["high_quality"], chosen), already=already)
+        write_parquet(picked.frame, ctx.out / SELECTED_PARQUET)
+        if picked.spent is not None:
+            return {"answered": answered, "needed": len(needed), "k_requested": params.k, "k": picked.k,
+                    **about, "coverage": picked.spent}
+        if picked.capped:
             log.warning("necessity.k=%d, but only %d of the %d answered rows are still needed and distinct from "
-                        "the seed set: the augmented set is all of them", params.k, k, answered)
-        if k == 0:
-            frame = empty_selection()
-        else:
-            result = k_center_greedy(matrix, k, already_selected=already, seed=params.seed)
-            frame = selection_frame(candidate_ids, result)
-        write_parquet(frame, ctx.out / "selected.parquet")
-        return {"answered": answered, "needed": len(needed), "k_requested": params.k, "k": k,
-                "capped": k < params.k, **about}
+                        "the seed set: the augmented set is all of them", params.k, picked.k, answered)
+        return {"answered": answered, "needed": len(needed), "k_requested": params.k, "k": picked.k,
+                "capped": picked.capped, **about}

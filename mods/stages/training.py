@@ -9,10 +9,12 @@ from typing import Any, ClassVar, Mapping
 
 import pandas as pd
 
+from mods.core.files import MODEL_DIR, ROWS_PARQUET, SELECTED_PARQUET
 from mods.core.stage import WHOLE_MACHINE, Stage, StageContext, StageParams, read_table, register
-from mods.models import model_fingerprint
-from mods.training import TrainConfig, train_fitting_memory
-from mods.training_data import training_key_frame
+from mods.models.loading import model_fingerprint
+from mods.training.config import TrainConfig
+from mods.training.data import training_key_frame
+from mods.training.train import train_fitting_memory
 
 
 class TrainingParams(StageParams):
@@ -22,20 +24,18 @@ class TrainingParams(StageParams):
 
 def training_rows(inputs: Mapping[str, Path], selections: tuple[str, ...]) -> pd.DataFrame:
     """The high-quality rows of the given selections, deduplicated, in pick order."""
-    rows = read_table(inputs["high_quality"], "rows.parquet")
+    rows = read_table(inputs["high_quality"], ROWS_PARQUET)
     chosen: list[str] = []
     for name in selections:
-        chosen += read_table(inputs[name], "selected.parquet")["id"].tolist()
+        chosen += read_table(inputs[name], SELECTED_PARQUET)["id"].tolist()
     chosen = list(dict.fromkeys(chosen))  # seed ∪ augmented, deduplicated, pick order kept
     return rows.set_index("id").loc[chosen].reset_index()
 
 
 class TrainingStage(Stage[TrainingParams]):
-    # Version 2: global_batch replaces gradient_accumulation, processes leaves the key, and
-    # a short last step is no longer diluted by its padding (other weights).
     version, resources = "2", WHOLE_MACHINE
     params = TrainingParams
-    outputs = ("model/",)
+    outputs = (MODEL_DIR,)
     selections: ClassVar[tuple[str, ...]]
 
     def key_extra(self, params: TrainingParams) -> list[str]:
@@ -44,13 +44,13 @@ class TrainingStage(Stage[TrainingParams]):
     def input_digest(self, params: TrainingParams, inputs: Mapping[str, Path]) -> str:
         # What it trains on (the selected rows' texts, in order), not the whole pool: a grown pool that selects the same
         # rows keeps the trained model, and the answers made with it (early cut-off). Exchange rows: instruction, input,
-        # output, as always; conversation rows add their messages (mods.training_data.training_key_frame).
+        # output, as always; conversation rows add their messages (mods.training.data.training_key_frame).
         frame = training_key_frame(training_rows(inputs, self.selections))
         return hashlib.sha256(frame.to_json(orient="split", index=False).encode("utf-8")).hexdigest()
 
     def run(self, ctx: StageContext, params: TrainingParams) -> dict[str, Any]:
         return train_fitting_memory(params.base_model, training_rows(ctx.inputs, self.selections), params.train,
-                                    ctx.out / "model", ctx.scratch, progress=ctx.progress)
+                                    ctx.out / MODEL_DIR, ctx.scratch, progress=ctx.progress)
 
 
 @register

@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+from stage_helpers import fn_stage, run_body
 
 from mods.core.artifacts import Artifact, ArtifactError, Workspace, fingerprint_files, is_complete
 from mods.core.engine import Engine, key_params
-from stage_helpers import fn_stage, run_body
 
 
 def _writes(text: str):
@@ -70,6 +70,34 @@ def test_failed_body_leaves_no_artifact_and_no_temp(tmp_path: Path):
         run_body(ws, "demo", {"k": 2}, {}, body)
     stage_dir = tmp_path / "artifacts" / "demo"
     assert [p.name for p in stage_dir.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_declared_output_the_body_did_not_write_fails_the_run_and_marks_nothing(tmp_path: Path):
+    from mods.core.faults import MissingOutputError, PermanentStageError
+
+    def writes_only_the_table(ctx):
+        (ctx.out / "result.parquet").write_bytes(b"table")
+
+    with pytest.raises(MissingOutputError) as caught:
+        run_body(tmp_path, "demo", {"k": 1}, {}, writes_only_the_table, outputs=("result.parquet", "model/"))
+    assert str(caught.value) == "demo ran but did not write model/ (its declared outputs: result.parquet, model/)"
+    assert isinstance(caught.value, PermanentStageError)  # a retry would do the same
+    assert [p.name for p in (tmp_path / "artifacts" / "demo").iterdir() if not p.name.endswith(".lock")] == []
+
+    def writes_a_file_where_a_folder_is_declared(ctx):
+        writes_only_the_table(ctx)
+        (ctx.out / "model").write_text("not a folder")
+
+    with pytest.raises(MissingOutputError, match="did not write model/"):
+        run_body(tmp_path, "demo", {"k": 1}, {}, writes_a_file_where_a_folder_is_declared,
+                 outputs=("result.parquet", "model/"))
+
+    def writes_both(ctx):
+        writes_only_the_table(ctx)
+        (ctx.out / "model").mkdir()
+
+    outcome = run_body(tmp_path, "demo", {"k": 1}, {}, writes_both, outputs=("result.parquet", "model/"))
+    assert outcome.executed and (outcome.artifact.dir(Workspace(tmp_path)) / "model").is_dir()
 
 
 def test_missing_input_artifact_is_a_clear_error(tmp_path: Path):

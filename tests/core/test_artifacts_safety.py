@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from stage_helpers import run_body
 
 from mods.core.artifacts import (
     MARKER,
@@ -20,8 +21,6 @@ from mods.core.artifacts import (
     artifact_problem,
     read_marker,
 )
-
-from stage_helpers import run_body
 
 
 def write_files(ctx) -> dict:

@@ -46,9 +46,8 @@ def test_the_rows_left_after_some_shards_finished_fall_into_the_same_blocks():
 
 
 def test_a_parts_seconds_travel_in_its_metadata(tmp_path):
-    from mods.core.rowstore import RowStore
-
     from mods.core.artifacts import Workspace
+    from mods.core.rowstore import RowStore
 
     store = RowStore(Workspace(tmp_path), "quality", "f" * 16)
     shards = cut_shards(work(8), block_rows=4, rows_per_shard=4)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from mods.selection import pickable_rows
+from mods.selection.thresholds import pickable_rows
 
 
 def test_pickable_rows_counts_distinct_non_center_vectors():
@@ -79,9 +79,9 @@ def test_training_out_of_memory_retries_with_half_the_batch_and_the_same_global_
     import pytest
     import torch
 
-    import mods.training
+    import mods.training.train
     from mods.stages.training import SeedTrain, TrainingParams
-    from mods.training import TrainConfig
+    from mods.training.config import TrainConfig
 
     def _train(ctx, params, selections):
         return SeedTrain().run(ctx, params)
@@ -95,7 +95,7 @@ def test_training_out_of_memory_retries_with_half_the_batch_and_the_same_global_
             raise torch.OutOfMemoryError("simulated")
         return {"ok": True}
 
-    monkeypatch.setattr(mods.training, "train_model", fake_train)
+    monkeypatch.setattr(mods.training.train, "train_model", fake_train)
     ctx = _fake_training_inputs(tmp_path)
     params = TrainingParams(base_model="x", train=TrainConfig(batch_size=8, global_batch=8))
     assert _train(ctx, params, ["seed_select"]) == {"ok": True}
@@ -119,7 +119,6 @@ def test_training_out_of_memory_retries_with_half_the_batch_and_the_same_global_
 
 def _training_inputs(workspace):
     import pandas as pd
-
     from stage_helpers import table_artifact
 
     rows = pd.DataFrame({"id": ["a", "b"], "instruction": ["i", "j"], "input": ["", ""], "output": ["o", "p"]})
@@ -131,7 +130,7 @@ def _training_inputs(workspace):
 def test_the_process_count_is_not_in_the_training_key_the_global_batch_is(tmp_path):
     from mods.core.engine import Engine
     from mods.stages.training import TrainingParams
-    from mods.training import TrainConfig
+    from mods.training.config import TrainConfig
 
     engine = Engine(tmp_path)
     final = _training_inputs(tmp_path)
@@ -150,13 +149,13 @@ def test_the_process_count_is_not_in_the_training_key_the_global_batch_is(tmp_pa
 
 def test_a_training_stage_removes_its_checkpoints_once_the_artifact_is_complete(tmp_path, tiny_llama_dir, monkeypatch):
     import pandas as pd
-
-    import mods.training_process
-    from mods.core.artifacts import Workspace, artifact_problem
     from stage_helpers import run_body
+
+    import mods.training.process
+    from mods.core.artifacts import Workspace, artifact_problem
     from mods.core.engine import execute
     from mods.stages.training import TrainingParams
-    from mods.training import TrainConfig
+    from mods.training.config import TrainConfig
 
     workspace = Workspace(tmp_path / "ws")
     rows = pd.DataFrame({"id": [f"r{i}" for i in range(4)], "instruction": ["Say hi.", "Add 1 and 2.", "A colour?", "Count."],
@@ -170,13 +169,13 @@ def test_a_training_stage_removes_its_checkpoints_once_the_artifact_is_complete(
     inputs = {"high_quality": write("high_quality", "rows.parquet", rows),
               "seed_select": write("seed_select", "selected.parquet", rows[["id"]])}
     saved = []
-    real_save = mods.training_process._save_checkpoint
+    real_save = mods.training.process._save_checkpoint
 
     def recording_save(accelerator, model, job, step, records, sharded):
         real_save(accelerator, model, job, step, records, sharded)
         saved.append(sorted(p.name for p in job.checkpoint_dir.iterdir()))
 
-    monkeypatch.setattr(mods.training_process, "_save_checkpoint", recording_save)
+    monkeypatch.setattr(mods.training.process, "_save_checkpoint", recording_save)
     config = TrainConfig(epochs=2, batch_size=2, global_batch=2, max_length=48, device="cpu", checkpoint_every=1,
                          processes=1)
     outcome = execute(workspace, "seed_train", TrainingParams(base_model=str(tiny_llama_dir), train=config), inputs,
@@ -220,10 +219,10 @@ def test_a_new_scorer_version_never_reuses_old_scores(tmp_path, monkeypatch):
     """quality and necessity keys, and their row stores, follow SCORER_VERSION; it carries
     the shipped preference head's digest, so a refit head is a new version by itself."""
     import pandas as pd
-
-    import mods.scoring as scoring
-    from mods.core.engine import Engine
     from stage_helpers import table_artifact
+
+    import mods.scoring.scorers as scoring
+    from mods.core.engine import Engine
 
     engine = Engine(tmp_path)
     params = {"scorer": {"kind": "likelihood", "model": str(tmp_path / "no-model"), "device": "cpu"}}
@@ -251,13 +250,16 @@ def test_the_architecture_docs_example_stage_runs(tmp_path, monkeypatch):
     from typing import Any
 
     import pandas as pd
-    from pydantic import Field
+    import pytest
+    from pydantic import Field, ValidationError
+    from stage_helpers import table_artifact
 
     import mods.pipeline
     from mods.config import PipelineConfig
     from mods.core.engine import execute
+    from mods.core.faults import MissingOutputError
+    from mods.core.files import SELECTED_PARQUET
     from mods.core.stage import CPU, STAGES, Stage, StageContext, StageParams, read_table, register
-    from stage_helpers import table_artifact
     from tasks import stage_task
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
@@ -265,7 +267,7 @@ def test_the_architecture_docs_example_stage_runs(tmp_path, monkeypatch):
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
     namespace = {"__name__": "docs_example", "Any": Any, "Field": Field, "json": json, "CPU": CPU, "Stage": Stage,
                  "StageContext": StageContext, "StageParams": StageParams, "read_table": read_table,
-                 "register": register}
+                 "register": register, "SELECTED_PARQUET": SELECTED_PARQUET}
     try:
         exec(code, namespace)
         export = table_artifact(tmp_path, "export", {"selected.parquet": pd.DataFrame({"output": ["a", "bbb", "cc"]})})
@@ -277,6 +279,17 @@ def test_the_architecture_docs_example_stage_runs(tmp_path, monkeypatch):
         monkeypatch.setattr(mods.pipeline, "PIPELINE", (*mods.pipeline.PIPELINE, "selection_lengths"))
         params = mods.pipeline.stage_params(PipelineConfig(), ["pool.jsonl"])
         assert params["selection_lengths"] == namespace["SelectionLengthsParams"]()
+        # Its parameters from the configuration's `stages` section, checked by its model.
+        config = PipelineConfig(stages={"selection_lengths": {"quantiles": [0.5]}})
+        assert mods.pipeline.stage_params(config, ["pool.jsonl"])["selection_lengths"].quantiles == [0.5]
+        with pytest.raises(ValidationError, match="quantiles"):
+            mods.pipeline.stage_params(PipelineConfig(stages={"selection_lengths": {"quantiles": "many"}}), [])
+        with pytest.raises(ValueError, match="stages: quality is not a pipeline stage without a section"):
+            mods.pipeline.stage_params(PipelineConfig(stages={"quality": {}}), [])
+        # A declared output the body does not write fails the run.
+        monkeypatch.setattr(namespace["SelectionLengths"], "outputs", ("lengths.json", "missing.json"))
+        with pytest.raises(MissingOutputError, match="did not write missing.json"):
+            execute(tmp_path, "selection_lengths", {"quantiles": [0.25]}, {"export": export}, progress=False)
         assert "resource:cpu" in stage_task("selection_lengths").tags
     finally:
         STAGES.pop("selection_lengths", None)
@@ -289,11 +302,11 @@ def test_a_ctrl_c_that_python_dropped_still_stops_the_stage_at_the_next_block(tm
     the next block without writing the artifact."""
     import pandas as pd
     import pytest
+    from stage_helpers import AnyParams
 
     from mods.core import faults
     from mods.core.engine import Engine
     from mods.core.stage import STAGES, RowwiseStage
-    from stage_helpers import AnyParams
 
     seen: list[int] = []
 

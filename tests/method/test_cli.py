@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from flows.cli import main
-from mods.embedding import embeddings_table
+from mods.models.embedding import embeddings_table
 
 ROWS = [
     {"instruction": "Name a fruit.", "input": "", "output": "Apple."},
@@ -66,6 +66,33 @@ def test_select_writes_pick_order_and_honours_already_selected(tmp_path: Path, c
     assert (np.diff(picked["radius_after"]) <= 1e-6).all()
 
 
+def test_select_takes_the_seed_selections_parameters_and_its_coverage_methods(tmp_path: Path, capsys):
+    """`mods select` is the seed_select stage's selection: its flags come from the stage's
+    parameter models, and a coverage method other than k-center picks what the stage's path picks."""
+    import pyarrow.parquet as pq
+
+    from mods.selection.coverage_methods import CoverageConfig, budgeted_selection
+
+    rng = np.random.default_rng(0)
+    ids = [f"r{i}" for i in range(40)]
+    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    pq.write_table(embeddings_table(ids, vectors), tmp_path / "emb.parquet")
+    rows = pd.DataFrame({"id": ids, "instruction": [f"task {i}" for i in range(40)], "input": "", "output": "ok",
+                         "source": "pool.jsonl", "quality_score": rng.normal(size=40)})
+    rows.to_parquet(tmp_path / "rows.parquet")
+    out = tmp_path / "picked.parquet"
+    args = ["select", str(tmp_path / "emb.parquet"), "--k", "5", "--method", "kmeans_quality", "--clusters", "3",
+            "--out", str(out)]
+    assert main(args) == 2
+    assert "--rows" in one_line_error(capsys)
+    assert main([*args, "--rows", str(tmp_path / "rows.parquet")]) == 0
+    expected, _ = budgeted_selection(CoverageConfig(method="kmeans_quality", clusters=3), vectors, rows, 5, None, {},
+                                     {}, None)
+    assert pd.read_parquet(out)["id"].tolist() == expected["id"].tolist() and len(expected) == 5
+    assert main(["select", str(tmp_path / "emb.parquet"), "--k", "0", "--out", str(out)]) == 2
+    assert "select: k:" in one_line_error(capsys)  # the stage's own bounds (k >= 1)
+
+
 def test_select_errors_are_one_line(tmp_path: Path, capsys):
     assert main(["select", str(tmp_path / "missing.parquet"), "--k", "2", "--out", str(tmp_path / "x.parquet")]) == 2
     assert "no such file" in one_line_error(capsys)
@@ -108,7 +135,7 @@ def test_train_then_necessity_on_files(rows_file: Path, tmp_path: Path, tiny_lla
 
 
 def test_embed_writes_one_vector_per_row(rows_file: Path, tmp_path: Path):
-    from mods.embedding import read_embeddings
+    from mods.models.embedding import read_embeddings
 
     out = tmp_path / "emb.parquet"
     assert main(["embed", str(rows_file), "--out", str(out), "--quiet"]) == 0
@@ -150,9 +177,9 @@ def test_train_out_of_memory_retries_with_a_smaller_batch_like_the_stage(rows_fi
     global batch stays, the model is written and no checkpoint folder is left."""
     import torch
 
-    import mods.training
+    import mods.training.train
 
-    real_train = mods.training.train_model
+    real_train = mods.training.train.train_model
     batch_sizes = []
 
     def train_that_fits_two_rows(base_model, rows, config, out_dir, progress=True, checkpoint_dir=None):
@@ -161,7 +188,7 @@ def test_train_out_of_memory_retries_with_a_smaller_batch_like_the_stage(rows_fi
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         return real_train(base_model, rows, config, out_dir, progress=progress, checkpoint_dir=checkpoint_dir)
 
-    monkeypatch.setattr(mods.training, "train_model", train_that_fits_two_rows)
+    monkeypatch.setattr(mods.training.train, "train_model", train_that_fits_two_rows)
     model_dir = tmp_path / "model"
     with caplog.at_level("WARNING"):
         assert main(["train", str(rows_file), "--base-model", str(tiny_llama_dir), "--out", str(model_dir),
@@ -243,10 +270,10 @@ def test_every_flag_comes_from_its_parameter_model():
 
     from flows.cli import build_parser
     from flows.cli_flags import from_flags
-    from mods.embedding import EmbeddingConfig
-    from mods.generation import GenerationConfig
-    from mods.scoring import ScorerConfig
-    from mods.training import TrainConfig
+    from mods.generation.config import GenerationConfig
+    from mods.scoring.config import ScorerConfig
+    from mods.models.embedding import EmbeddingConfig
+    from mods.training.config import TrainConfig
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mods.conversations import assistant_turns, row_conversation, row_turns
+from mods.data.conversations import assistant_turns, row_conversation, row_turns
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pool"
 
@@ -37,7 +37,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     folder = tmp_path_factory.mktemp("conversation-pool")
     lima = [r for r in _shared("llamafactory_lima.json") if r.get("history") and _short(r, 4000)][:10]
     oasst = [r for r in _shared("llamafactory_oaast_sft_zh.json") if r.get("history") and _short(r)][:10]
-    from mods.readers import discover, read_source
+    from mods.data.readers import discover, read_source
 
     with sharegpt.dataset_path() as p:  # the packaged file ends cut short: read it as ingestion does
         records = [rec.obj for rec in read_source(discover([p])[0]) if rec.error is None]
@@ -55,13 +55,13 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def run(pool: list[Path], tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory, prefect_harness):
-    import mods.generation
-    from flows.mods_pipeline import mods_pipeline
     from pipeline_helpers import tiny_config
 
+    import mods.generation.answers
+    from flows.mods_pipeline import mods_pipeline
     from mods.config import PipelineConfig
 
-    real_generate = mods.generation.generate_answers
+    real_generate = mods.generation.answers.generate_answers
 
     def generate_with_text(model, tokenizer, instructions, inputs, config, progress=True, contexts=None):
         # The tiny random seed model answers with newlines only (""): give every answer text
@@ -72,7 +72,7 @@ def run(pool: list[Path], tiny_llama_dir: Path, tmp_path_factory: pytest.TempPat
                 for a, ins, c in zip(answers, instructions, before)]
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(mods.generation, "generate_answers", generate_with_text)
+    patch.setattr(mods.generation.answers, "generate_answers", generate_with_text)
     tmp = tmp_path_factory.mktemp("conversation-run")
     values = tiny_config(tmp, tiny_llama_dir, keep_fraction=0.9).model_dump(mode="json")
     values["data"] = [str(p) for p in pool]
@@ -100,7 +100,7 @@ def _table(artifacts: Path, stage: str, name: str) -> pd.DataFrame:
 @pytest.mark.flow
 @pytest.mark.shared_data
 def test_conversations_are_ingested_whole_and_scored_turn_by_turn(run) -> None:
-    from mods.scoring import build_scorer
+    from mods.scoring.scorers import build_scorer
 
     config, artifacts = run
     rows = _table(artifacts, "ingest", "rows.parquet")
@@ -147,7 +147,7 @@ def test_seed_model_answers_every_turn_and_necessity_is_the_worst(run) -> None:
 @pytest.mark.flow
 @pytest.mark.shared_data
 def test_embedding_reads_the_user_turns(run) -> None:
-    from mods.embedding import embedding_texts
+    from mods.models.embedding import embedding_texts
 
     _, artifacts = run
     rows = _table(artifacts, "high_quality", "rows.parquet")
@@ -162,9 +162,9 @@ def test_embedding_reads_the_user_turns(run) -> None:
 @pytest.mark.flow
 @pytest.mark.shared_data
 def test_selection_trains_on_every_assistant_turn_and_exports_whole(run, tiny_llama_dir: Path) -> None:
-    from mods.models import load_causal_lm
+    from mods.models.loading import load_causal_lm
     from mods.stages.training import training_rows
-    from mods.training_data import conversation_token_count, encode_rows, training_messages
+    from mods.training.data import conversation_token_count, encode_rows, training_messages
 
     config, artifacts = run
     folders = {stage: _folder(artifacts, stage) for stage in ("high_quality", "seed_select", "augment_select")}

@@ -1,5 +1,5 @@
 """Conversations as conversations: ``ingest.turn: conversation`` keeps a whole conversation
-per row (``messages``), ``mods.conversations`` is the one definition of it, a conversation
+per row (``messages``), ``mods.data.conversations`` is the one definition of it, a conversation
 that starts with the assistant keeps its usable turns, and the export writes it whole in
 the OpenAI and ShareGPT forms, which read back turn for turn. ``first`` stays as it was."""
 
@@ -10,17 +10,16 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pytest
-
-from mods import schema as S
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from mods.conversations import assistant_turns, column_messages, row_messages, to_alpaca, to_sharegpt, truncate
-from mods.ingest import IngestConfig, IngestResult, ingest, read_rows, write_ingest
-from mods.readers import discover, read_source
-from mods.report import (SELECTED_JSONL, SELECTED_MESSAGES_JSONL, SELECTED_PARQUET, SELECTED_SHAREGPT_JSONL,
-                         write_selection)
+from mods.data import schema as S
+from mods.data.conversations import assistant_turns, column_messages, row_messages, to_alpaca, to_sharegpt, truncate
+from mods.data.ingest import IngestConfig, IngestResult, ingest, read_rows, write_ingest
+from mods.data.readers import discover, read_source
+from mods.core.files import SELECTED_JSONL, SELECTED_MESSAGES_JSONL, SELECTED_PARQUET, SELECTED_SHAREGPT_JSONL
+from mods.report import write_selection
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 POOL = SHARED / "pool"
@@ -257,7 +256,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, demo: dict[str, IngestRes
 
 @pytest.mark.shared_data
 def test_export_writes_conversations_whole_and_they_read_back(exported: tuple[Path, pd.DataFrame]) -> None:
-    """The selection in OpenAI messages and ShareGPT form reads back through `mods.ingest`
+    """The selection in OpenAI messages and ShareGPT form reads back through `mods.data.ingest`
     (turn: conversation) turn for turn, with the same ids."""
     out, frame = exported
     source = messages_of(frame)

@@ -9,12 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-
 # --- counting the paper's way -------------------------------------------------------------------
 
 
 def test_paper_counting_table():
-    from mods.judges import paper_outcome
+    from mods.evaluation.judges import paper_outcome
 
     # (A first: scores A, B), (B first: scores B, A)
     assert paper_outcome((8, 5), (5, 8)) == "win"      # A wins both orders
@@ -28,7 +27,7 @@ def test_paper_counting_table():
 
 
 def test_order_swapping_cancels_a_judge_that_always_prefers_the_first_answer():
-    from mods.judges import count_outcomes, judge_both_orders
+    from mods.evaluation.judges import count_outcomes, judge_both_orders
 
     questions = [f"q{i}" for i in range(7)]
     a = ["short", "a much longer answer", "same", "x", "yy yy", "a b c", "zz"]
@@ -53,14 +52,14 @@ def test_order_swapping_cancels_a_judge_that_always_prefers_the_first_answer():
 
 
 def test_scorer_outcomes_use_the_tie_margin():
-    from mods.judges import scorer_outcomes
+    from mods.evaluation.judges import scorer_outcomes
 
     assert scorer_outcomes([1.0, 1.0, 1.0, np.nan], [0.5, 0.95, 1.5, 0.0], tie_margin=0.1) == ["win", "tie", "lose", "tie"]
     assert scorer_outcomes([1.0], [0.95], tie_margin=0.0) == ["win"]
 
 
 def test_judge_agreement_on_pairs_with_a_known_answer():
-    from mods.judges import judge_agreement
+    from mods.evaluation.judges import judge_agreement
 
     # people: A, B, A, B; judge: A right, B right, tie (half), A wrong
     result = judge_agreement(["win", "lose", "tie", "win"], [0, 1, 0, 1])
@@ -113,7 +112,7 @@ def test_baselines_have_exactly_the_selections_size(name):
         best = scores.sort_values("quality_score", ascending=False)["id"][:10]
         assert set(rows["id"]) == set(best)
     if name == "seed_only":
-        from mods.kcenter import k_center_greedy
+        from mods.selection.kcenter import k_center_greedy
 
         ids, vectors = embeddings
         seed_set = [ids[i] for i in k_center_greedy(vectors, 4, seed=0).indices]
@@ -136,7 +135,7 @@ def test_full_baseline_is_every_high_quality_row_and_bad_sizes_are_errors():
 
 
 def test_the_papers_five_test_sets_read_through_the_readers(shared_data: Path):
-    from mods.testsets import PAPER_TEST_SETS, find_test_sets, read_test_set
+    from mods.evaluation.testsets import PAPER_TEST_SETS, find_test_sets, read_test_set
 
     counts = {}
     for name, path, references in find_test_sets(shared_data / "testsets", list(PAPER_TEST_SETS)):
@@ -148,7 +147,7 @@ def test_the_papers_five_test_sets_read_through_the_readers(shared_data: Path):
 
 
 def test_user_test_files_of_several_shapes(tmp_path: Path):
-    from mods.testsets import PromptFileError, find_test_sets, read_test_set, sample_prompts
+    from mods.evaluation.testsets import PromptFileError, find_test_sets, read_test_set, sample_prompts
 
     jsonl = tmp_path / "mine.jsonl"
     jsonl.write_text("\n".join([
@@ -188,7 +187,7 @@ def test_user_test_files_of_several_shapes(tmp_path: Path):
 
 
 def test_llm_judge_always_reads_two_scores_from_a_tiny_model(tiny_llama_dir: Path):
-    from mods.judges import LLMJudge, LLMJudgeConfig, llm_judge_pairs
+    from mods.evaluation.judges import LLMJudge, LLMJudgeConfig, llm_judge_pairs
 
     judge = LLMJudge(LLMJudgeConfig(model=str(tiny_llama_dir), max_answer_tokens=32, max_question_tokens=32,
                                     batch_size=4, device="cpu"))
@@ -203,8 +202,8 @@ def test_reference_loglik_is_minus_the_training_loss(tiny_llama_dir: Path):
     import torch
 
     from mods.evaluation.answering import reference_loglik
-    from mods.models import load_causal_lm
-    from mods.training_data import collate, encode_rows
+    from mods.models.loading import load_causal_lm
+    from mods.training.data import collate, encode_rows
 
     model, tokenizer = load_causal_lm(tiny_llama_dir, device="cpu")
     frame = pd.DataFrame({"instruction": ["Compute 12 + 7 * 3.", "Name a fruit."], "input": ["", "one only"],
@@ -237,8 +236,9 @@ def _document(agreement: float, scorer_agreement: dict | None = None, caveats: t
 def test_a_judge_fitted_on_the_human_pairs_is_trusted_on_its_cross_validated_figure(tmp_path: Path):
     from mods.config import ScorerConfig
     from mods.evaluation.head_fit import fitted_on_these_pairs
-    from mods.evaluation.report import REPORT_MD, write_outputs
-    from mods.stages.evaluation import AgreementParams
+    from mods.core.files import REPORT_MD
+    from mods.evaluation.report import write_outputs
+    from mods.evaluation.config import AgreementParams
 
     # The shipped preference head names the PandaLM file it was fitted on, with its CV figures.
     params = AgreementParams(judge="scorer", scorer=ScorerConfig(kind="preference"),
@@ -261,9 +261,9 @@ def test_a_judge_fitted_on_the_human_pairs_is_trusted_on_its_cross_validated_fig
 def test_only_the_scorer_the_head_was_fitted_with_is_trusted_on_its_cross_validated_figure(tiny_llama_dir: Path):
     from mods.config import ScorerConfig
     from mods.evaluation.head_fit import fitted_on_these_pairs, head_fit_differences
-    from mods.models import _MARKER, default_cache_dir, smollm2_path
-    from mods.scoring_preference import PreferenceHead, load_preference_head
-    from mods.stages.evaluation import AgreementParams
+    from mods.models.loading import PREPARED_MARKER, default_cache_dir, smollm2_path
+    from mods.scoring.preference import PreferenceHead, load_preference_head
+    from mods.evaluation.config import AgreementParams
 
     def params(**scorer: object) -> AgreementParams:
         return AgreementParams(judge="scorer", scorer=ScorerConfig(kind="preference", **scorer),
@@ -273,7 +273,7 @@ def test_only_the_scorer_the_head_was_fitted_with_is_trusted_on_its_cross_valida
     assert fitted_on_these_pairs(params()) is not None
     assert fitted_on_these_pairs(params(model="smollm2-135m-instruct", device="cpu", batch_size=3)) is not None
     prepared = smollm2_path(default_cache_dir())
-    if (prepared / _MARKER).exists():  # the same files in a folder are the same model
+    if (prepared / PREPARED_MARKER).exists():  # the same files in a folder are the same model
         assert fitted_on_these_pairs(params(model=str(prepared))) is not None
     # Another LM, another embedding model or another max_length: measured, not trusted on the head's figure.
     assert head_fit_differences(ScorerConfig(kind="preference", model=str(tiny_llama_dir))) == ["model"]
@@ -291,7 +291,8 @@ def test_only_the_scorer_the_head_was_fitted_with_is_trusted_on_its_cross_valida
 
 def test_every_agreement_figure_says_which_pairs_and_the_caveats_are_in_the_report(tmp_path: Path):
     from mods.config import ScorerConfig
-    from mods.evaluation.report import REPORT_MD, agreement_phrase, scorer_caveats, write_outputs
+    from mods.core.files import REPORT_MD
+    from mods.evaluation.report import agreement_phrase, scorer_caveats, write_outputs
 
     preference, likelihood = ScorerConfig(kind="preference"), ScorerConfig(kind="likelihood")
     caveats = scorer_caveats(["scorer"], preference, preference.model_copy(update={"device": "cpu"}),
@@ -319,7 +320,8 @@ def test_every_agreement_figure_says_which_pairs_and_the_caveats_are_in_the_repo
 
 
 def test_prefect_artifact_contents_table_full_report_and_chart(tmp_path: Path):
-    from mods.evaluation.report import CHART_WIDTH_PX, EVALUATION_PNG, prefect_artifact_contents, write_outputs
+    from mods.core.files import EVALUATION_PNG
+    from mods.evaluation.report import CHART_WIDTH_PX, prefect_artifact_contents, write_outputs
 
     doc = _document(0.48)
     write_outputs(tmp_path, doc)
@@ -340,7 +342,8 @@ def test_prefect_artifact_contents_table_full_report_and_chart(tmp_path: Path):
 
 def test_the_command_prints_where_the_outputs_are_and_states_distrust_plainly(tmp_path: Path):
     from flows.cli_evaluate import summary_lines
-    from mods.evaluation.report import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD, write_outputs
+    from mods.core.files import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD
+    from mods.evaluation.report import write_outputs
 
     write_outputs(tmp_path, _document(0.48, scorer_agreement={"pairs": 64, "of_pairs": 742, "agreement": 0.52}))
     result = {"evaluation_json": str(tmp_path / EVALUATION_JSON), "chart": str(tmp_path / EVALUATION_PNG),
@@ -358,7 +361,8 @@ def test_the_command_prints_where_the_outputs_are_and_states_distrust_plainly(tm
 
 
 def test_evaluation_json_shape_and_the_trust_statement(tmp_path: Path):
-    from mods.evaluation.report import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD, write_outputs
+    from mods.core.files import EVALUATION_JSON, EVALUATION_PNG, REPORT_MD
+    from mods.evaluation.report import write_outputs
 
     doc = _document(0.48)
     assert doc["judge"] == "scorer"

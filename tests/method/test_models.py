@@ -1,4 +1,4 @@
-"""mods.models: name resolution, loading, device choice (tiny models; SmolLM2 only in e2e)."""
+"""mods.models.loading: name resolution, loading, device choice (tiny models; SmolLM2 only in e2e)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mods import models
-from mods.models import load_causal_lm, pick_device, resolve_model_path
+from mods.models import loading as models
+from mods.models.loading import load_causal_lm, pick_device, resolve_model_path
+
 try:  # works whether or not tests/ is a package
     from tests.tiny_models import make_tiny_llama
 except ImportError:
@@ -37,7 +38,7 @@ def test_default_name_uses_prepared_cache(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("MODS_CACHE", str(tmp_path))
     folder = models.smollm2_path()
     folder.mkdir(parents=True)
-    (folder / models._MARKER).write_text("test\n")
+    (folder / models.PREPARED_MARKER).write_text("test\n")
     assert resolve_model_path(None) == folder
     assert resolve_model_path("smollm2-135m-instruct") == folder
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mods.preferences import (
+from mods.evaluation.preferences import (
     agreement,
     fit_pairwise_logistic,
     grouped_folds,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import json
 import numpy as np
 import pandas as pd
 import pytest
 
-from mods.scoring import ScorerConfig, build_scorer
-from mods.scoring_likelihood import LikelihoodScorer
-from mods.scoring_reward_model import RewardModelScorer
+from mods.scoring.config import ScorerConfig
+from mods.scoring.likelihood import LikelihoodScorer
+from mods.scoring.reward_model import RewardModelScorer
+from mods.scoring.scorers import build_scorer
 
 try:  # works whether or not tests/ is a package
     from tests.tiny_models import make_tiny_llama, make_tiny_reward_model
@@ -179,7 +180,7 @@ CONTEXT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content
 def test_likelihood_scores_a_turn_after_its_conversation(tiny_llama: Path) -> None:
     """A later turn is scored after the conversation before it (the same tokens as the
     training text up to that answer); no context is a single exchange, as before."""
-    from mods.prompts import chat_prompt
+    from mods.data.prompts import chat_prompt
 
     s = _lik(tiny_llama)
     alone = s.score(["And a river?"], [""], ["The Rhine."], progress=False)
@@ -265,9 +266,8 @@ def test_likelihood_shortcuts_do_not_change_scores(tiny_llama: Path) -> None:
 
 # ----------------------------------------------------------------------------- preference
 
-from mods.scoring import SCORER_VERSION  # noqa: E402
-from mods.scoring_likelihood import EMPTY_SCORE  # noqa: E402
-from mods.scoring_preference import (  # noqa: E402
+from mods.scoring.likelihood import EMPTY_SCORE  # noqa: E402
+from mods.scoring.preference import (  # noqa: E402
     JUDGE_QUESTION,
     PREFERENCE_HEAD_FILE,
     PreferenceHead,
@@ -275,6 +275,7 @@ from mods.scoring_preference import (  # noqa: E402
     load_preference_head,
     text_features,
 )
+from mods.scoring.scorers import SCORER_VERSION  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -382,13 +383,13 @@ def test_text_features_known_values() -> None:
 def test_pipeline_quality_and_necessity_with_preference_scorer(prefect_harness, tiny_llama_dir: Path,
                                                                tiny_embedder: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import mods.generation
-    from flows.mods_pipeline import mods_pipeline
     from pipeline_helpers import tiny_config
 
+    import mods.generation.answers
+    from flows.mods_pipeline import mods_pipeline
     from mods.config import PipelineConfig
 
-    real_generate = mods.generation.generate_answers
+    real_generate = mods.generation.answers.generate_answers
 
     def generate_with_text(model, tokenizer, instructions, inputs, config, progress=True, contexts=None):
         # The tiny random seed model answers with newlines only (stripped to ""), and every
@@ -397,7 +398,7 @@ def test_pipeline_quality_and_necessity_with_preference_scorer(prefect_harness, 
         answers = real_generate(model, tokenizer, instructions, inputs, config, progress=progress, contexts=contexts)
         return [a or f"Some words on {ins.lower()}" for a, ins in zip(answers, instructions)]
 
-    monkeypatch.setattr(mods.generation, "generate_answers", generate_with_text)
+    monkeypatch.setattr(mods.generation.answers, "generate_answers", generate_with_text)
     values = tiny_config(tmp_path, tiny_llama_dir).model_dump(mode="json")
     values["quality"]["scorer"].update({"kind": "preference", "embedding_model": str(tiny_embedder)})
     config = PipelineConfig.model_validate(values)
@@ -436,8 +437,8 @@ class _LengthScorer:
 
 @pytest.mark.parametrize(("aggregate", "expected"), [("mean", (5 + 7 + 10) / 3), ("min", 5.0), ("last", 10.0)])
 def test_score_rows_scores_every_turn_and_combines_them(aggregate: str, expected: float) -> None:
-    from mods.conversations import WHOLE_CONVERSATION, dumps
-    from mods.scoring import score_rows
+    from mods.data.conversations import WHOLE_CONVERSATION, dumps
+    from mods.scoring.scorers import score_rows
 
     conversation = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "abcde"},
                     {"role": "user", "content": "u2"}, {"role": "assistant", "content": "abcde"},

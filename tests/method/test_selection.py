@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mods.selection import keep_above, keep_below
+from mods.selection.thresholds import keep_above, keep_below
 
 
 def test_alpha_and_beta_are_strict_thresholds():

@@ -36,8 +36,8 @@ def _hand_loss(model, ids: list[int], scored: int) -> float:
 def test_ifd_equals_a_hand_computation(tiny_llama_dir: Path, with_bos: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mods.ifd import ifd_scores
-    from mods.prompts import answer_suffix, chat_prompt
+    from mods.data.prompts import answer_suffix, chat_prompt
+    from mods.scoring.ifd import ifd_scores
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -63,7 +63,7 @@ def test_ifd_equals_a_hand_computation(tiny_llama_dir: Path, with_bos: bool):
 def test_ifd_in_a_batch_equals_ifd_row_by_row(tiny_llama_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mods.ifd import ifd_scores
+    from mods.scoring.ifd import ifd_scores
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -77,8 +77,8 @@ def test_ifd_in_a_batch_equals_ifd_row_by_row(tiny_llama_dir: Path):
 
 
 def test_reward_gap_ranks_rows_by_pool_score_minus_seed_answer_score():
-    from mods.cutoffs import keep_mask
-    from mods.selection import necessity_scores
+    from mods.selection.cutoffs import keep_mask
+    from mods.selection.thresholds import necessity_scores
 
     quality = pd.DataFrame({"id": ["a", "b", "c", "d"], "quality_score": [2.0, 0.5, 1.0, -1.0]})
     necessity = pd.DataFrame({"id": ["d", "c", "b", "a"], "necessity_score": [-3.0, 1.5, 0.0, 0.5]})
@@ -96,8 +96,8 @@ def test_reward_gap_ranks_rows_by_pool_score_minus_seed_answer_score():
 
 
 def test_ifd_above_one_is_set_aside_and_the_hardest_are_needed():
-    from mods.cutoffs import keep_mask
-    from mods.selection import necessity_scores
+    from mods.selection.cutoffs import keep_mask
+    from mods.selection.thresholds import necessity_scores
 
     ifd = pd.DataFrame({"id": list("abcde"), "ifd": [0.2, 1.3, 0.9, np.nan, 0.6]})
     scored, keep, set_aside = necessity_scores("ifd", pd.DataFrame(), pd.DataFrame(), ifd)
@@ -107,7 +107,7 @@ def test_ifd_above_one_is_set_aside_and_the_hardest_are_needed():
 
 
 def test_cutoffs_as_percentiles_and_their_distribution():
-    from mods.cutoffs import keep_mask, percentile_of, score_distribution
+    from mods.selection.cutoffs import keep_mask, percentile_of, score_distribution
 
     scores = np.arange(1, 101, dtype=np.float64)
     mask, cutoff = keep_mask(scores, "above", percentile=40)
@@ -154,14 +154,14 @@ def _candidates(n: int = 400, seed: int = 0):
 
 
 def _select(method, vectors, budget, quality, already=(), seed=3):
-    from mods.coverage_methods import CoverageConfig, select_rows
+    from mods.selection.coverage_methods import CoverageConfig, select_rows
 
     return select_rows(CoverageConfig(method=method, clusters=8), vectors, budget, already, seed=seed, quality=quality)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_coverage_method_is_deterministic_and_takes_exactly_k_rows(method):
-    from mods.budgets import make_budget
+    from mods.selection.budgets import make_budget
 
     vectors, sources, _, quality = _candidates()
     picks = [_select(method, vectors, make_budget("rows", 30, np.ones(400, int), sources, {}, {}), quality)
@@ -178,7 +178,7 @@ def test_a_coverage_method_is_deterministic_and_takes_exactly_k_rows(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_token_budget_and_source_caps_are_respected_exactly(method):
-    from mods.budgets import make_budget, source_groups
+    from mods.selection.budgets import make_budget, source_groups
 
     vectors, sources, costs, quality = _candidates()
     caps, shares = {"gsm8k*": 1500}, {"alpaca52k": 0.4}
@@ -198,7 +198,7 @@ def test_a_token_budget_and_source_caps_are_respected_exactly(method):
 
 
 def test_row_caps_per_source_are_exact():
-    from mods.budgets import make_budget, source_groups
+    from mods.selection.budgets import make_budget, source_groups
 
     vectors, sources, _, quality = _candidates()
     for method in METHODS:
@@ -209,9 +209,9 @@ def test_row_caps_per_source_are_exact():
 
 
 def test_k_center_within_a_plain_row_budget_is_the_papers_k_center():
-    from mods.budgets import make_budget
-    from mods.coverage_methods import pick_statistics
-    from mods.kcenter import k_center_greedy
+    from mods.selection.budgets import make_budget
+    from mods.selection.coverage_methods import pick_statistics
+    from mods.selection.kcenter import k_center_greedy
 
     vectors, sources, _, quality = _candidates()
     vectors[5] += 1.0  # no duplicates here: k_center_greedy would pick none either
@@ -224,8 +224,8 @@ def test_k_center_within_a_plain_row_budget_is_the_papers_k_center():
 
 
 def test_kmeans_quality_spreads_picks_over_clusters_and_prefers_quality():
-    from mods.budgets import make_budget
-    from mods.coverage_methods import kmeans_labels
+    from mods.selection.budgets import make_budget
+    from mods.selection.coverage_methods import kmeans_labels
 
     vectors, sources, _, quality = _candidates()
     labels = kmeans_labels(vectors, 6, seed=3, iterations=25)
@@ -276,7 +276,7 @@ def test_a_method_changes_the_parameters_of_only_the_stages_it_affects(overrides
 def _embed_and_rows(workspace: Path, n: int = 60):
     from stage_helpers import run_body, table_artifact
 
-    from mods.embedding import embeddings_table
+    from mods.models.embedding import embeddings_table
 
     vectors, sources, _, quality = _candidates(n)
     ids = [f"r{i:03d}" for i in range(n)]
@@ -296,9 +296,9 @@ def _embed_and_rows(workspace: Path, n: int = 60):
 def test_seed_select_keys_follow_the_method_and_the_default_output_is_k_center(tmp_path: Path):
     from mods.config import PipelineConfig
     from mods.core.engine import Engine
-    from mods.kcenter import k_center_greedy
     from mods.pipeline import stage_params
-    from mods.selection import selection_frame
+    from mods.selection.kcenter import k_center_greedy
+    from mods.selection.thresholds import selection_frame
 
     vectors, inputs = _embed_and_rows(tmp_path / "ws")
     engine = Engine(tmp_path / "ws", progress=False)
@@ -320,8 +320,8 @@ def test_seed_select_keys_follow_the_method_and_the_default_output_is_k_center(t
 
 
 def test_longest_baseline_takes_the_longest_answers_in_rows_or_tokens(tiny_llama_dir: Path):
-    from mods.budgets import count_tokens
     from mods.evaluation.runs import baseline_rows
+    from mods.selection.budgets import count_tokens
 
     pool = pd.DataFrame({"id": [f"p{i}" for i in range(8)], "instruction": "Say it.", "input": "",
                          "output": ["x" * n for n in (5, 50, 20, 50, 1, 80, 30, 10)]})
@@ -333,7 +333,7 @@ def test_longest_baseline_takes_the_longest_answers_in_rows_or_tokens(tiny_llama
                          base_model=str(tiny_llama_dir))
     assert sum(costs[i] for i in rows["id"]) <= budget and rows["id"].tolist()[:2] == ["p5", "p1"]
     # A conversation's answers are all its assistant turns: three of 30 characters beat one of 80.
-    from mods.conversations import WHOLE_CONVERSATION, dumps
+    from mods.data.conversations import WHOLE_CONVERSATION, dumps
 
     chat = [{"role": role, "content": "y" * 30} for role in ("user", "assistant") * 3]
     pool = pool.assign(history="[]", metadata="{}", messages="")
@@ -346,8 +346,8 @@ def test_longest_baseline_takes_the_longest_answers_in_rows_or_tokens(tiny_llama
 
 
 def test_coverage_methods_on_real_rows_respect_shares_and_token_budgets(shared_data: Path, tiny_llama_dir: Path):
-    from mods.budgets import count_tokens, make_budget, source_groups
-    from mods.embedding import EmbeddingConfig, encode_texts, load_embedder
+    from mods.selection.budgets import count_tokens, make_budget, source_groups
+    from mods.models.embedding import EmbeddingConfig, encode_texts, load_embedder
 
     frames = []
     for name in ("gsm8k_train_alpacafmt.json", "llamafactory_alpaca_en_demo.json", "codealpaca_2k.json"):

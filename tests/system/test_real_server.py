@@ -14,9 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-
-from realserver import RealStack, StackUnavailable, postgres_bin_dir
 from pipeline_helpers import tiny_config
+from realserver import RealStack, StackUnavailable, postgres_bin_dir
 
 pytestmark = pytest.mark.realserver
 

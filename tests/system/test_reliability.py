@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from pipeline_helpers import ALL, summary, tiny_config, write_pool
 from process_helpers import alive, big_pool, child_pids, cli_env, mods, start_mods, wait_for, write_config
 from unreadable import child_kwargs, make_unreadable

@@ -22,8 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mods.launch import TrainingProcessError
-from mods.training import TrainConfig, train_model
+from mods.training.config import TrainConfig
+from mods.training.launch import TrainingProcessError
+from mods.training.train import train_model
 
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHT_TOLERANCE = 1e-5
@@ -95,7 +96,7 @@ def test_two_processes_that_leave_a_slot_idle_equal_one_process(tiny_llama_dir: 
     # 3 micro-batches per step on 2 processes: 2 slots each, one of them padding every
     # step; 2 epochs of 8 micro-batches: a short last step of 1 (the second process pads only)
     config = lora_config(global_batch=6, epochs=2)
-    with caplog.at_level("WARNING", logger="mods.training"):
+    with caplog.at_level("WARNING", logger="mods.training.train"):
         two = train_model(str(tiny_llama_dir), ROWS, config, tmp_path / "two", progress=False)
     assert "1 of 4 slots per step idle" in caplog.text and "global_batch=4 or 8" in caplog.text
     one = train_model(str(tiny_llama_dir), ROWS, config.model_copy(update={"processes": 1}), tmp_path / "one",
@@ -131,7 +132,8 @@ DRIVER = """
 import json, sys
 from pathlib import Path
 import pandas as pd
-from mods.training import TrainConfig, train_model
+from mods.training.config import TrainConfig
+from mods.training.train import train_model
 spec = json.loads(Path(sys.argv[1]).read_text())
 summary = train_model(spec["model"], pd.DataFrame(spec["rows"]), TrainConfig(**spec["config"]), Path(spec["out"]),
                       progress=False, checkpoint_dir=Path(spec["checkpoint_dir"]))
@@ -307,7 +309,7 @@ def test_fsdp_full_fine_tuning_on_two_processes_matches_one_and_resumes(tiny_lla
     assert again["resumed_from_step"] == 6
     assert max_difference(weights(tmp_path / "again"), weights(tmp_path / "fsdp")) <= WEIGHT_TOLERANCE
 
-    from mods.training import load_trained_model
+    from mods.training.train import load_trained_model
 
     model, _ = load_trained_model(tmp_path / "fsdp", device="cpu")
     assert model.config.use_cache and model.lm_head.weight is model.model.embed_tokens.weight

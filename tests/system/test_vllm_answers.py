@@ -14,7 +14,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from pipeline_helpers import newest, summary, tiny_config
 from process_helpers import big_pool, mods, start_mods, wait_for
 from vllm_helpers import require_vllm
@@ -59,7 +58,7 @@ def living(pids: list[int]) -> list[int]:
 
 
 def write_vllm_config(tmp_path: Path, tiny_llama: Path) -> Path:
-    from mods.models import DEFAULT_BASE_MODEL
+    from mods.models.loading import DEFAULT_BASE_MODEL
 
     pool = big_pool(tmp_path / "pool.jsonl", rows=ROWS)
     values = tiny_config(tmp_path, tiny_llama, pool=pool, workspace="ws", rows_per_shard=ROWS_PER_SHARD,
@@ -120,8 +119,9 @@ def test_answers_on_vllm_shard_resume_and_leave_no_process(tiny_llama_dir: Path,
     assert answers["shards"] >= 2
 
     # The LoRA seed model's answers on vLLM (adapter merged) = transformers' on the merged model.
-    from mods.generation import GenerationConfig, generate_answers
-    from mods.training import load_trained_model
+    from mods.generation.answers import generate_answers
+    from mods.generation.config import GenerationConfig
+    from mods.training.train import load_trained_model
 
     frame = pd.read_parquet(newest(workspace, "answers") / "answers.parquet").head(16)
     model, tokenizer = load_trained_model(newest(workspace, "seed_train") / "model", device="cpu")
