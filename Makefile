@@ -13,8 +13,6 @@ TORCH ?= torch==2.13.0
 # pip's local indexes here print one warning per package; keep the log readable.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90

@@ -17,10 +17,10 @@ from typing import Any, Callable
 from flows.cli_flags import UserError
 from mods.core.faults import first_line
 
-# Offline by design: no model hub, no telemetry. Our own loggers reach the Prefect UI.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# No telemetry. The hub is contacted only for a model named by a hub id (owner/name) that the
+# Hugging Face cache lacks; HF_HUB_OFFLINE=1 (yours) forbids that. Our loggers reach the Prefect UI.
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mods")
@@ -47,13 +47,13 @@ def _config_from_args(args: argparse.Namespace):
             set_dotted(overrides, key.strip(), value)
     except yaml.YAMLError as error:
         raise UserError(f"--set {item!r}: not a YAML value ({first_line(error)})") from None
-    if args.data:
+    if getattr(args, "data", None):
         overrides["data"] = args.data
-    if args.workspace:
+    if getattr(args, "workspace", None):
         overrides["workspace"] = args.workspace
-    if args.quiet:
+    if getattr(args, "quiet", None):
         overrides.setdefault("execution", {})["progress"] = False
-    if args.verify:
+    if getattr(args, "verify", None):
         overrides.setdefault("execution", {})["verify"] = True
     try:
         return load_config(args.config, overrides)
@@ -322,10 +322,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_models(args: argparse.Namespace) -> int:
-    from mods.models.loading import prepare_default_models
+    """The packaged models, prepared; with --config (or --set), every model the configuration names
+    (hub ids downloaded into the Hugging Face cache, for a node that runs offline later)."""
+    from mods.models.loading import prepare_default_models, resolve_model_path
 
     for name, path in prepare_default_models().items():
         print(f"{name}: {path}")
+    if args.config or args.set:
+        for field, name in _config_from_args(args).named_models().items():
+            try:
+                print(f"{field} = {name}: {resolve_model_path(name, field=field)}")
+            except ValueError as error:
+                raise UserError(str(error)) from None
     return 0
 
 
@@ -357,7 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(verify)
     verify.set_defaults(handler=cmd_verify)
 
-    prep = sub.add_parser("prepare-models", help="convert/cache the packaged offline models")
+    prep = sub.add_parser("prepare-models", help="convert/cache the packaged models; with --config, also fetch "
+                          "every hub model the configuration names into the Hugging Face cache")
+    prep.add_argument("--config", help="YAML file of PipelineConfig values (see configs/)")
+    prep.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override one value")
     prep.set_defaults(handler=cmd_prepare_models)
 
     from flows import cli_ingest

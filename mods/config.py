@@ -294,7 +294,8 @@ class PipelineConfig(_Strict):
     seed_selection: SeedSelectionConfig = Field(SeedSelectionConfig(), description="Coverage: seed set.")
     base_model: str = Field(
         DEFAULT_BASE_MODEL,
-        description=f"Base LLM: '{DEFAULT_BASE_MODEL}' (packaged, offline) or a local HF causal-LM folder.",
+        description=f"Base LLM: '{DEFAULT_BASE_MODEL}' (packaged, offline), a local HF causal-LM folder, or a "
+        "Hugging Face hub id (owner/name, through the HF cache; its commit is part of the keys).",
     )
     seed_training: TrainConfig = Field(TrainConfig(), description="Fine-tuning on the seed set.")
     necessity: NecessityConfig = Field(NecessityConfig(), description="Necessity: what the seed model lacks.")
@@ -309,6 +310,17 @@ class PipelineConfig(_Strict):
     evaluation: EvaluationConfig = Field(
         EvaluationConfig(), description="`mods evaluate`: the finished run against same-size baselines."
     )
+
+    def named_models(self) -> dict[str, str]:
+        """Every model this configuration names, by field (a packaged default where left empty)."""
+        scorer = self.quality.scorer
+        named = {"base_model": self.base_model, "quality.scorer.model": scorer.model or DEFAULT_BASE_MODEL,
+                 "embedding.model": self.embedding.model}
+        if scorer.kind == "preference":
+            named["quality.scorer.embedding_model"] = scorer.embedding_model
+        if "llm" in self.evaluation.judge:
+            named["evaluation.llm_judge.model"] = self.evaluation.llm_judge.model or DEFAULT_BASE_MODEL
+        return named
 
 
 def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

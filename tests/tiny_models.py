@@ -121,3 +121,17 @@ def make_tiny_reward_model(path: Path, num_labels: int = 1, seed: int = 0) -> Pa
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str) -> Path:
+    """A Hugging Face hub cache (the ``HF_HUB_CACHE`` layout) holding ``folder`` as ``repo_id``
+    at ``commit``, with the ref ``main`` pointing at it: what a download leaves, made here
+    without a network. Returns the snapshot folder."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -67,7 +67,7 @@ class LLMJudgeConfig(BaseModel):
 
     model: str = Field(
         DEFAULT_BASE_MODEL,
-        description=f"Judge model: '{DEFAULT_BASE_MODEL}' (packaged, offline; weak) or a local HF causal-LM folder, "
+        description=f"Judge model: '{DEFAULT_BASE_MODEL}' (packaged, offline; weak), a local HF causal-LM folder or a hub id, "
         "e.g. a Qwen2.5-7B-Instruct or Llama-3-8B-Instruct download for a GPU run.",
     )
     max_question_tokens: int = Field(256, ge=8, description="Question tokens shown to the judge (longer: cut).")
@@ -174,7 +174,7 @@ class LLMJudge:
 
     def __init__(self, config: LLMJudgeConfig) -> None:
         self.config = config
-        self.path = resolve_model_path(config.model)
+        self.path = resolve_model_path(config.model, field="evaluation.llm_judge.model")
         self.device = pick_device(config.device)
         self.model, self.tokenizer = load_causal_lm(self.path, device=str(self.device))
         self.model.eval()

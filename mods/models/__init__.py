@@ -1,2 +1,2 @@
-"""Models by name: a folder or packaged name to a local folder, the packaged demo
+"""Models by name: a packaged name, folder or Hugging Face hub id to a local folder, the packaged demo
 models, loading a causal LM, and the sentence embedder of coverage."""

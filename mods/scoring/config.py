@@ -28,8 +28,8 @@ class ScorerConfig(BaseModel):
     model: str | None = Field(
         None,
         description=(
-            "Model folder. Empty: SmolLM2-135M-Instruct for 'preference' and 'likelihood'. Required for 'reward-model': a local "
-            "folder of an AutoModelForSequenceClassification with one output, e.g. a download of "
+            "Model folder or Hugging Face hub id. Empty: SmolLM2-135M-Instruct for 'preference' and 'likelihood'. "
+            "Required for 'reward-model': an AutoModelForSequenceClassification with one output, e.g. "
             "OpenAssistant/reward-model-deberta-v3-large-v2."
         ),
     )
@@ -37,7 +37,7 @@ class ScorerConfig(BaseModel):
         "all-minilm-l6-v2",
         description=(
             "Sentence-embedding model of the 'preference' scorer (answer-instruction similarity): "
-            "'all-minilm-l6-v2' (packaged) or a local sentence-transformers / HF encoder folder."
+            "'all-minilm-l6-v2' (packaged), a local sentence-transformers / HF encoder folder, or a hub id."
         ),
     )
     max_length: int = Field(512, ge=16, le=8192, description="Maximum tokens per scored row (longer rows are truncated).")

@@ -76,7 +76,7 @@ class LikelihoodScorer(FeatureScorer):
 
     def __init__(self, config: ScorerConfig, judge_question: str | None = None, neutral: bool = True) -> None:
         self.config = config
-        self.path = resolve_model_path(config.model)
+        self.path = resolve_model_path(config.model, field="quality.scorer.model")
         self.device = pick_device(config.device)
         self.model, self.tokenizer = load_causal_lm(self.path, device=str(self.device))
         self.dtype = resolve_precision(config.precision, self.device)

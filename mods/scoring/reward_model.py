@@ -43,7 +43,7 @@ class RewardModelScorer:
                 "(e.g. OpenAssistant/reward-model-deberta-v3-large-v2 downloaded elsewhere)"
             )
         self.config = config
-        self.path = resolve_model_path(config.model)
+        self.path = resolve_model_path(config.model, field="quality.scorer.model")
         if not (self.path / "config.json").exists():
             raise ValueError(f"{self.path} has no config.json; it is not a saved Hugging Face model folder")
         self.device = pick_device(config.device)

@@ -48,7 +48,7 @@ def count_tokens(base_model: str, frame: pd.DataFrame) -> np.ndarray:
     """``training_token_counts`` with the base model's tokenizer (no model weights loaded)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(base_model)))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(base_model, field="base_model")))
     return training_token_counts(tokenizer, frame)
 
 

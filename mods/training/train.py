@@ -76,7 +76,7 @@ def train_model(
     idle = idle_slots_warning(config, processes)
     if idle is not None:
         log.warning("train: %s", idle)
-    model_path = resolve_model_path(base_model)
+    model_path = resolve_model_path(base_model, field="base_model")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

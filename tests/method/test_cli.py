@@ -134,6 +134,30 @@ def test_train_then_necessity_on_files(rows_file: Path, tmp_path: Path, tiny_lla
     assert {"seed_answer", "necessity_score"} <= set(frame.columns)
 
 
+def test_train_and_prepare_models_take_a_hub_id(rows_file: Path, tmp_path: Path, tiny_llama_dir: Path,
+                                                monkeypatch, capsys):
+    """A hub id where a model is named, read from the Hugging Face cache (offline here)."""
+    import huggingface_hub.constants as hub
+    from tiny_models import make_hub_cache
+
+    from mods.training.process import TRAINED_MODEL_META
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = make_hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", tiny_llama_dir, "c" * 40)
+    model_dir = tmp_path / "model"
+    assert main(["train", str(rows_file), "--base-model", "tiny-org/tiny-llama", "--out", str(model_dir),
+                 "--epochs", "1", "--max-length", "48", "--device", "cpu", "--quiet"]) == 0
+    assert json.loads((model_dir / TRAINED_MODEL_META).read_text())["base_model"] == "tiny-org/tiny-llama"
+    config = tmp_path / "hub-model.yaml"
+    config.write_text("base_model: tiny-org/tiny-llama\n")
+    capsys.readouterr()
+    assert main(["prepare-models", "--config", str(config)]) == 0
+    assert f"base_model = tiny-org/tiny-llama: {snapshot}" in capsys.readouterr().out
+    assert main(["prepare-models", "--set", "base_model=tiny-org/missing"]) == 2
+    line = one_line_error(capsys)
+    assert "base_model: 'tiny-org/missing' is not a local folder" in line and "HF_HUB_OFFLINE=1" in line
+
+
 def test_embed_writes_one_vector_per_row(rows_file: Path, tmp_path: Path):
     from mods.models.embedding import read_embeddings
 

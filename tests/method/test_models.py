@@ -11,9 +11,9 @@ from mods.models import loading as models
 from mods.models.loading import load_causal_lm, pick_device, resolve_model_path
 
 try:  # works whether or not tests/ is a package
-    from tests.tiny_models import make_tiny_llama
+    from tests.tiny_models import make_hub_cache, make_tiny_llama
 except ImportError:
-    from tiny_models import make_tiny_llama
+    from tiny_models import make_hub_cache, make_tiny_llama
 
 
 def test_resolve_local_folder(tmp_path: Path) -> None:
@@ -27,10 +27,44 @@ def test_resolve_minilm_points_to_package() -> None:
     assert (path / "config.json").exists()
 
 
-@pytest.mark.parametrize("name", ["OpenAssistant/reward-model-deberta-v3-large-v2", "/no/such/folder"])
-def test_resolve_unknown_is_clear_error(name: str) -> None:
-    with pytest.raises(ValueError, match="no model hub"):
-        resolve_model_path(name)
+@pytest.mark.parametrize("name, says", [
+    ("OpenAssistant/reward-model-deberta-v3-large-v2", "is not a local folder, and the Hugging Face cache has no copy"),
+    ("/no/such/folder", "is not a local model folder (saved with save_pretrained), a packaged model "
+                        "('smollm2-135m-instruct', 'all-minilm-l6-v2') or a Hugging Face hub id (owner/name)"),
+])
+def test_resolve_unknown_is_clear_error(name: str, says: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        resolve_model_path(name, field="quality.scorer.model")
+    assert str(caught.value).startswith(f"quality.scorer.model: {name!r} {says}") and "\n" not in str(caught.value)
+
+
+HUB_ID = "tiny-org/tiny-llama"
+
+
+def test_a_hub_id_resolves_through_the_hugging_face_cache_and_is_keyed_by_its_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path) -> None:
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert hub.HF_HUB_OFFLINE  # the tests run offline (tests/conftest.py): the cache alone answers
+    first = make_hub_cache(tmp_path / "hub", HUB_ID, tiny_llama_dir, "a" * 40)
+    assert resolve_model_path(HUB_ID, field="base_model") == first
+    assert models.model_fingerprint(HUB_ID) == f"hub:{HUB_ID}@{'a' * 40}"
+    model, tokenizer = load_causal_lm(HUB_ID, device="cpu")
+    assert model.config.vocab_size == len(tokenizer) or model.config.vocab_size >= tokenizer.vocab_size
+    # A new upload (main moves to another commit) is another model for the keys.
+    make_hub_cache(tmp_path / "hub", HUB_ID, tiny_llama_dir, "b" * 40)
+    assert models.model_fingerprint(HUB_ID) == f"hub:{HUB_ID}@{'b' * 40}"
+    # A relative folder of that shape is a folder, not a hub id.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-org" / "local").mkdir(parents=True)
+    assert resolve_model_path("tiny-org/local") == (tmp_path / "tiny-org" / "local").resolve()
+    # A hub id the cache lacks, offline: one line naming the field, the id and the cache.
+    with pytest.raises(ValueError) as caught:
+        resolve_model_path("tiny-org/missing", field="base_model")
+    message = str(caught.value)
+    assert message.startswith("base_model: 'tiny-org/missing' is not a local folder") and "\n" not in message
+    assert "HF_HUB_OFFLINE=1" in message and str(tmp_path / "hub") in message
 
 
 def test_default_name_uses_prepared_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
