@@ -311,6 +311,17 @@ class PipelineConfig(_Strict):
         EvaluationConfig(), description="`mods evaluate`: the finished run against same-size baselines."
     )
 
+    def demo_caps_on_own_data(self) -> str | None:
+        """A note when the user's own data would go through the demo's sample caps they did not
+        set (160 rows of at most 1,000 characters: sized for a CPU demo), saying how to lift them."""
+        caps = [f"sample.{name}={getattr(self.sample, name)}" for name in ("rows", "max_chars")
+                if getattr(self.sample, name) is not None and name not in self.sample.model_fields_set]
+        if not self.data or not caps:
+            return None
+        defaults = "the CPU demo's defaults apply" if len(caps) > 1 else "the CPU demo's default applies"
+        return (f"note: {' and '.join(caps)} ({defaults} to your data): the run selects from that sample only; "
+                "--set sample.rows=null --set sample.max_chars=null (or a config) selects from all of it")
+
     def named_models(self) -> dict[str, str]:
         """Every model this configuration names, by field (a packaged default where left empty)."""
         scorer = self.quality.scorer

@@ -50,6 +50,20 @@ def test_unknown_config_field_is_one_line(capsys, tmp_path: Path):
     assert "alpah" in one_line_error(capsys)
 
 
+def test_own_data_under_the_demos_sample_caps_is_said_with_how_to_lift_them():
+    from mods.config import load_config
+
+    note = load_config(None, {"data": ["my.jsonl"]}).demo_caps_on_own_data()
+    assert note.startswith("note: sample.rows=160 and sample.max_chars=1000 (the CPU demo's defaults apply")
+    assert "--set sample.rows=null --set sample.max_chars=null" in note
+    only_chars = load_config(None, {"data": ["my.jsonl"], "sample": {"rows": None}}).demo_caps_on_own_data()
+    assert only_chars.startswith("note: sample.max_chars=1000 (the CPU demo's default applies")
+    # Caps the user set, or the demo's own pool: nothing to say.
+    assert load_config(None, {"data": ["my.jsonl"], "sample": {"rows": 160, "max_chars": 1000}}).demo_caps_on_own_data() is None
+    assert load_config(None, {}).demo_caps_on_own_data() is None
+    assert load_config(Path(__file__).resolve().parents[2] / "configs" / "paper-alpaca.yaml").demo_caps_on_own_data() is None
+
+
 def test_select_writes_pick_order_and_honours_already_selected(tmp_path: Path, capsys):
     ids = [f"r{i}" for i in range(6)]
     vectors = np.array([[0, 0], [10, 0], [0, 10], [10, 10], [5, 5], [1, 0]], dtype=np.float32)
