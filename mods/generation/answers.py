@@ -14,9 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mods.core.faults import first_line
+from mods.generation import vllm_engine  # imports vLLM only when an engine starts
 from mods.generation.config import EngineName, GenerationConfig
 from mods.generation.tokens import chat_prompts, eos_token_ids
-from mods.generation import vllm_engine  # imports vLLM only when an engine starts
+from mods.models.loading import pick_device, torch_dtype
 from mods.training.train import load_trained_model
 
 log = logging.getLogger("mods.generation.answers")
@@ -108,7 +109,8 @@ class TransformersAnswers:
 
     def __init__(self, model_dir: Path, config: GenerationConfig) -> None:
         self.config = config
-        self.model, self.tokenizer = load_trained_model(model_dir, device=config.device)
+        self.model, self.tokenizer = load_trained_model(
+            model_dir, device=config.device, dtype=torch_dtype(config.dtype, pick_device(config.device)))
 
     def answer(self, instructions: Sequence[str], inputs: Sequence[str], progress: bool = False,
                contexts: Sequence[Sequence[Any]] | None = None) -> list[str]:

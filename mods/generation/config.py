@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mods.core.keys import KEY_WHEN_SET
+from mods.models.loading import MODEL_DTYPE_HELP, ModelDtype
 
 EngineName = Literal["transformers", "vllm"]
 
@@ -29,6 +30,8 @@ class GenerationConfig(BaseModel):
         "use a larger batch_size, e.g. 64+) or 'auto': vllm where it is installed and num_beams is 1, else "
         "transformers, and transformers when vLLM cannot start. The engine is part of the answers' key.",
     )
+
+    dtype: ModelDtype = Field("auto", json_schema_extra=KEY_WHEN_SET, description=MODEL_DTYPE_HELP)
 
     @model_validator(mode="after")
     def _engine_can_decode(self) -> "GenerationConfig":

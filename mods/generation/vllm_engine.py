@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 
 from mods.core.faults import first_line
 from mods.generation.tokens import eos_token_ids, prompt_token_ids
-from mods.models.loading import resolve_model_path
+from mods.models.loading import pick_device, resolve_model_path, torch_dtype
 from mods.training.process import TRAINED_MODEL_META
 from mods.training.train import load_trained_model
 
@@ -201,7 +201,8 @@ class VllmAnswers:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
             with _output_to(self.log_file):
-                self.llm = LLM(model=str(folder), tokenizer=str(folder), dtype="float32", seed=0,
+                dtype = str(torch_dtype(config.dtype, pick_device(config.device))).removeprefix("torch.")
+                self.llm = LLM(model=str(folder), tokenizer=str(folder), dtype=dtype, seed=0,
                                max_model_len=config.max_prompt_length + config.max_new_tokens,
                                generation_config="vllm",  # the model's sampling defaults must not apply
                                enable_prefix_caching=False)

@@ -17,12 +17,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mods.core.keys import KEY_WHEN_SET
 from mods.data.conversations import user_turns_text
 from mods.data.prompts import user_message
-from mods.models.loading import pick_device, resolve_model_path
+from mods.models.loading import MODEL_DTYPE_HELP, ModelDtype, pick_device, resolve_model_path, torch_dtype
 
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
@@ -51,6 +52,7 @@ class EmbeddingConfig(BaseModel):
         True, description="L2-normalise embeddings, so Euclidean k-center ranks like cosine."
     )
     device: str | None = Field(None, description="'cpu', 'cuda', or empty for automatic.")
+    dtype: ModelDtype = Field("auto", json_schema_extra=KEY_WHEN_SET, description=MODEL_DTYPE_HELP)
 
 
 def resolve_embedding_model(name: str) -> str:
@@ -79,7 +81,10 @@ def load_embedder(config: EmbeddingConfig):
     """The sentence-embedding model, on its device, with the configured length cap."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(resolve_embedding_model(config.model), device=str(pick_device(config.device)))
+    device = pick_device(config.device)
+    dtype = torch_dtype(config.dtype, device)
+    model = SentenceTransformer(resolve_embedding_model(config.model), device=str(device),
+                                model_kwargs={"dtype": dtype} if dtype != torch.float32 else None)
     model.max_seq_length = config.max_length
     return model
 

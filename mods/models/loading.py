@@ -19,7 +19,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -235,6 +235,23 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None, field: str =
         f"{field}: {name!r} is not a local model folder (saved with save_pretrained), a packaged model "
         f"({DEFAULT_BASE_MODEL!r}, {MINILM_NAME!r}) or a Hugging Face hub id (owner/name)"
     )
+
+
+# The weights' precision of a model a stage loads for inference ("dtype" of the generation,
+# IFD and embedding settings). "auto": bf16 on a GPU that computes it, else fp32, so CPU runs
+# keep their keys and results (the field is keyed only when set).
+ModelDtype = Literal["auto", "bf16", "fp16", "fp32"]
+MODEL_DTYPE_HELP = ("Weights' precision: 'auto' (bf16 on a GPU that supports it, fp32 elsewhere: CPU runs as "
+                    "before), 'bf16', 'fp16' or 'fp32'. Half precision halves memory and is faster on GPUs.")
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def torch_dtype(dtype: ModelDtype, device: torch.device) -> torch.dtype:
+    """The torch dtype a ``ModelDtype`` means on ``device``."""
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return _TORCH_DTYPES[dtype]
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

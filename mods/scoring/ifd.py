@@ -24,6 +24,8 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mods.core.keys import KEY_WHEN_SET
+from mods.models.loading import MODEL_DTYPE_HELP, ModelDtype
 from mods.training.data import TRAINING_COLUMNS, encode_rows
 
 
@@ -33,6 +35,7 @@ class IfdConfig(BaseModel):
     max_length: int = Field(512, ge=8, description="IFD: tokens of prompt + answer scored (as in training).")
     batch_size: int = Field(8, ge=1, description="IFD: rows per forward pass.")
     device: str | None = Field(None, description="IFD: 'cpu', 'cuda', or empty for automatic.")
+    dtype: ModelDtype = Field("auto", json_schema_extra=KEY_WHEN_SET, description="IFD: " + MODEL_DTYPE_HELP)
 
 
 IFD_COLUMNS = ("loss_with_instruction", "loss_answer_alone", "ifd")

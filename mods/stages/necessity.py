@@ -51,6 +51,7 @@ from mods.data.conversations import row_turns, with_conversation_cost
 from mods.generation.answers import AnswerEngine, open_answer_engine
 from mods.generation.config import GenerationConfig
 from mods.models.embedding import read_embeddings
+from mods.models.loading import pick_device, torch_dtype
 from mods.scoring.ifd import IFD_COLUMNS, IfdConfig, ifd_scores
 from mods.scoring.scorers import score_rows
 from mods.selection.cutoffs import keep_mask, score_distribution
@@ -209,7 +210,8 @@ class Ifd(RowwiseStage[IfdParams]):
         return {"seed_model": Path(inputs["seed_train"]) / "model"}
 
     def setup(self, params: IfdParams, folders: Mapping[str, Path]) -> Any:
-        return load_trained_model(folders["seed_model"], device=params.device)
+        return load_trained_model(folders["seed_model"], device=params.device,
+                                  dtype=torch_dtype(params.dtype, pick_device(params.device)))
 
     def process_batch(self, state: Any, block: pd.DataFrame, params: IfdParams) -> pd.DataFrame:
         model, tokenizer = state

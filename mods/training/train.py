@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from mods.core.faults import is_out_of_memory, release_accelerator_memory
 from mods.models.loading import load_causal_lm, pick_device, resolve_model_path
@@ -107,20 +108,21 @@ def train_model(
     return launch_training(job, encoded, tokenizer)
 
 
-def load_trained_model(model_dir: str | Path, device: str | None = None) -> tuple[Any, Any]:
+def load_trained_model(model_dir: str | Path, device: str | None = None,
+                       dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """A model saved by ``train_model``, ready for inference (LoRA merged into the weights,
-    which makes generation as fast as the base model)."""
+    which makes generation as fast as the base model), in ``dtype`` (fp32 when None)."""
     model_dir = Path(model_dir)
     meta_path = model_dir / TRAINED_MODEL_META
     if not meta_path.is_file():
         # Any plain HF causal-LM folder works as well.
-        return load_causal_lm(model_dir, device=device)
+        return load_causal_lm(model_dir, device=device, dtype=dtype)
     meta = json.loads(meta_path.read_text())
     if meta["method"] == "full":
-        return load_causal_lm(model_dir, device=device)
+        return load_causal_lm(model_dir, device=device, dtype=dtype)
     from peft import PeftModel
 
-    model, tokenizer = load_causal_lm(resolve_model_path(meta["base_model"]), device=device)
+    model, tokenizer = load_causal_lm(resolve_model_path(meta["base_model"]), device=device, dtype=dtype)
     model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
     model.eval()
     return model, tokenizer

@@ -108,3 +108,29 @@ def test_prepare_smollm2_real() -> None:
     assert tok.chat_template and tok.pad_token
     assert model.config.vocab_size == 49152
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
+
+
+def test_model_dtype_names_map_to_torch_and_auto_is_fp32_on_a_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert models.torch_dtype("auto", cpu) is torch.float32  # CPU runs keep their results and keys
+    assert [models.torch_dtype(name, cpu) for name in ("bf16", "fp16", "fp32")] == [
+        torch.bfloat16, torch.float16, torch.float32]
+
+
+def test_answers_and_embeddings_in_bf16_load_half_precision_weights(tiny_llama_dir: Path) -> None:
+    import numpy as np
+
+    from mods.generation.answers import open_answer_engine
+    from mods.generation.config import GenerationConfig
+    from mods.models.embedding import EmbeddingConfig, embed_texts, load_embedder
+
+    half = open_answer_engine(tiny_llama_dir, GenerationConfig(dtype="bf16", max_new_tokens=3, device="cpu"))
+    assert next(half.model.parameters()).dtype is torch.bfloat16
+    assert len(half.answer(["Say hi."], [""])) == 1
+    full = open_answer_engine(tiny_llama_dir, GenerationConfig(max_new_tokens=3, device="cpu"))
+    assert next(full.model.parameters()).dtype is torch.float32
+    texts = ["How do I sort a list in Python?", "Name three rivers in Europe."]
+    assert next(load_embedder(EmbeddingConfig(dtype="bf16")).parameters()).dtype is torch.bfloat16
+    vectors = embed_texts(texts, EmbeddingConfig(dtype="bf16"), progress=False)
+    reference = embed_texts(texts, EmbeddingConfig(), progress=False)
+    assert vectors.dtype == np.float32 and np.abs(vectors - reference).max() < 0.05
