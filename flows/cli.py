@@ -246,6 +246,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
+    print(config.sample_rule())
     if args.gpu_deployment:
         from flows.executors import GPU_DEPLOYMENT_ENV
 
@@ -289,9 +290,6 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  coverage plot:                {result['coverage_png']}")
     print(f"  final adapter/model:          {result['final_model']}")
     print(f"  stages computed this run:     {', '.join(result['executed']) or 'none (all reused)'}")
-    note = config.demo_caps_on_own_data()
-    if note:  # with the results: a failed run's stderr stays one line
-        print(note)
     return 0
 
 

@@ -38,13 +38,15 @@ class SampleConfig(_Strict):
         160,
         ge=1,
         description="Rows drawn (seeded) from the ingested pool before scoring; empty = all rows. "
-        "The demo default keeps a CPU run under 20 minutes.",
+        "The default applies to the demo pool (it keeps a CPU run under 20 minutes); with your own data "
+        "every row is used unless you set it.",
     )
     max_chars: int | None = Field(
         1000,
         ge=1,
         description="Only rows whose instruction + input + output fit in this many characters "
-        "are eligible for the sample (CPU tractability); empty = no limit.",
+        "are eligible for the sample (CPU tractability); empty = no limit. The default applies to the demo "
+        "pool only, as sample.rows.",
     )
     seed: int = Field(0, description="Seed of the sample.")
 
@@ -311,16 +313,29 @@ class PipelineConfig(_Strict):
         EvaluationConfig(), description="`mods evaluate`: the finished run against same-size baselines."
     )
 
-    def demo_caps_on_own_data(self) -> str | None:
-        """A note when the user's own data would go through the demo's sample caps they did not
-        set (160 rows of at most 1,000 characters: sized for a CPU demo), saying how to lift them."""
-        caps = [f"sample.{name}={getattr(self.sample, name)}" for name in ("rows", "max_chars")
-                if getattr(self.sample, name) is not None and name not in self.sample.model_fields_set]
-        if not self.data or not caps:
-            return None
-        defaults = "the CPU demo's defaults apply" if len(caps) > 1 else "the CPU demo's default applies"
-        return (f"note: {' and '.join(caps)} ({defaults} to your data): the run selects from that sample only; "
-                "--set sample.rows=null --set sample.max_chars=null (or a config) selects from all of it")
+    @model_validator(mode="after")
+    def _demo_sample_on_the_demo_pool_only(self) -> "PipelineConfig":
+        # The sample's defaults size the CPU demo; the user's own data is used whole unless
+        # the configuration samples it.
+        if self.data:
+            unset = {name: None for name in ("rows", "max_chars") if name not in self.sample.model_fields_set}
+            if unset:
+                self.sample = self.sample.model_copy(update=unset)
+        return self
+
+    def sample_rule(self) -> str:
+        """What the run keeps of the pool, and why (the run's first line)."""
+        pool = "the demo pool" if not self.data else f"{len(self.data)} source{'s' if len(self.data) > 1 else ''}"
+        rows, chars = self.sample.rows, self.sample.max_chars
+        if rows is None and chars is None:
+            return f"data: {pool}, every row (sample.rows and sample.max_chars are empty)"
+        if rows is None:
+            kept = f"every row of at most {chars:,} characters"
+        else:
+            kept = f"a seeded sample of {rows:,} rows" + (f", drawn from those of at most {chars:,} characters"
+                                                         if chars is not None else "")
+        why = "the CPU demo's defaults" if not self.data else "as configured"
+        return f"data: {pool}, {kept} ({why}: sample.rows, sample.max_chars)"
 
     def named_models(self) -> dict[str, str]:
         """Every model this configuration names, by field (a packaged default where left empty)."""

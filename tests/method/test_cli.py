@@ -50,18 +50,22 @@ def test_unknown_config_field_is_one_line(capsys, tmp_path: Path):
     assert "alpah" in one_line_error(capsys)
 
 
-def test_own_data_under_the_demos_sample_caps_is_said_with_how_to_lift_them():
+def test_the_demos_sample_applies_to_the_demo_pool_and_your_data_is_used_whole():
     from mods.config import load_config
 
-    note = load_config(None, {"data": ["my.jsonl"]}).demo_caps_on_own_data()
-    assert note.startswith("note: sample.rows=160 and sample.max_chars=1000 (the CPU demo's defaults apply")
-    assert "--set sample.rows=null --set sample.max_chars=null" in note
-    only_chars = load_config(None, {"data": ["my.jsonl"], "sample": {"rows": None}}).demo_caps_on_own_data()
-    assert only_chars.startswith("note: sample.max_chars=1000 (the CPU demo's default applies")
-    # Caps the user set, or the demo's own pool: nothing to say.
-    assert load_config(None, {"data": ["my.jsonl"], "sample": {"rows": 160, "max_chars": 1000}}).demo_caps_on_own_data() is None
-    assert load_config(None, {}).demo_caps_on_own_data() is None
-    assert load_config(Path(__file__).resolve().parents[2] / "configs" / "paper-alpaca.yaml").demo_caps_on_own_data() is None
+    demo = load_config(None, {})
+    assert (demo.sample.rows, demo.sample.max_chars) == (160, 1000)  # make run: the demo's keys
+    assert demo.sample_rule() == ("data: the demo pool, a seeded sample of 160 rows, drawn from those of at most 1,000 "
+                                  "characters (the CPU demo's defaults: sample.rows, sample.max_chars)")
+    own = load_config(None, {"data": ["my.jsonl"]})
+    assert (own.sample.rows, own.sample.max_chars) == (None, None)
+    assert own.sample_rule() == "data: 1 source, every row (sample.rows and sample.max_chars are empty)"
+    # What the configuration samples is kept, and said.
+    capped = load_config(None, {"data": ["a.jsonl", "b.jsonl"], "sample": {"rows": 500}})
+    assert (capped.sample.rows, capped.sample.max_chars) == (500, None)
+    assert capped.sample_rule() == "data: 2 sources, a seeded sample of 500 rows (as configured: sample.rows, sample.max_chars)"
+    # A round trip (the Prefect UI form, a worker) keeps the decision.
+    assert load_config(None, own.model_dump()).sample.rows is None
 
 
 def test_select_writes_pick_order_and_honours_already_selected(tmp_path: Path, capsys):
