@@ -246,6 +246,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
+    if args.until is not None:
+        from mods.pipeline import PIPELINE
+
+        if args.until not in PIPELINE:
+            raise UserError(f"--until {args.until}: not a stage of the pipeline ({', '.join(PIPELINE)})")
     print(config.sample_rule())
     if args.gpu_deployment:
         from flows.executors import GPU_DEPLOYMENT_ENV
@@ -272,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = {PREFECT_API_URL: server.api_url} if server else {}
         with temporary_settings(settings):
             try:
-                result = mods_pipeline(config=config)
+                result = mods_pipeline(config=config, until=args.until)
             except KeyboardInterrupt:
                 raise
             except Exception as error:  # noqa: BLE001 - every failure ends in one line
@@ -281,6 +286,11 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if stop_server is not None:
             stop_server()
+    if "stopped_after" in result:
+        print(f"\nMoDS stopped after {result['stopped_after']} (--until).")
+        print(f"  its artifact:                 {result['artifact']}")
+        print(f"  stages computed this run:     {', '.join(result['executed']) or 'none (all reused)'}")
+        return 0
     print("\nMoDS selection finished.")
     print(f"  selected data (Alpaca JSONL): {result['selected_jsonl']}")
     print(f"  the same as OpenAI messages:  {result['selected_messages_jsonl']}")
@@ -356,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                      help="override one value, e.g. --set quality.alpha=0 --set seed_selection.k=100")
     run.add_argument("--verify", action="store_true", help="check reused artifacts' sha256 (sizes are always checked)")
+    run.add_argument("--until", metavar="STAGE",
+                     help="stop after this stage of the pipeline, e.g. quality: score first, look at the scores "
+                     "(scores.parquet), choose alpha, then run again (what is done is reused)")
     run.add_argument("--gpu-deployment", help="send GPU work to this deployment (e.g. mods-gpu-stage/gpu) on "
                                               "PREFECT_API_URL's server; default: run everything in this process")
     _add_common(run)

@@ -38,8 +38,12 @@ def resolve_sources(data: list[str]) -> list[str]:
 
 
 @flow(name="mods-pipeline", log_prints=True)
-def mods_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008 (the UI form)
-    """Select instruction-tuning data for a target LLM with MoDS (arXiv 2311.15653)."""
+def mods_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (the UI form)
+                  until: str | None = None) -> dict[str, Any]:
+    """Select instruction-tuning data for a target LLM with MoDS (arXiv 2311.15653). With
+    ``until``, stop after that stage (e.g. quality, to choose α from the scores first)."""
+    if until is not None and until not in PIPELINE:
+        raise ValueError(f"until: {until!r} is not a stage of the pipeline ({', '.join(PIPELINE)})")
     logger = get_run_logger()
     workspace = Workspace(config.workspace)
     routing = GpuRouting.from_env()
@@ -50,6 +54,11 @@ def mods_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
     artifacts: dict[str, Artifact] = {}
     for name in PIPELINE:
         artifacts[name] = executor.submit(name, params[name], {i: artifacts[i] for i in get_stage(name).inputs})
+        if name == until:
+            stopped = {"stopped_after": name, "artifact": str(artifacts[name].dir(workspace)),
+                       "executed": executor.executed}
+            logger.info("MoDS stopped after %s (until): %s", name, stopped)
+            return stopped
     out = artifacts["export"].dir(workspace)
     result = {
         "selected_jsonl": str(out / SELECTED_JSONL),

@@ -68,6 +68,11 @@ def test_the_demos_sample_applies_to_the_demo_pool_and_your_data_is_used_whole()
     assert load_config(None, own.model_dump()).sample.rows is None
 
 
+def test_until_names_a_stage_or_is_one_line(tmp_path: Path, capsys):
+    assert main(["run", "--until", "qualty", "--workspace", str(tmp_path / "ws"), "--quiet"]) == 2
+    assert "--until qualty: not a stage of the pipeline (ingest, sample, quality" in one_line_error(capsys)
+
+
 def test_select_writes_pick_order_and_honours_already_selected(tmp_path: Path, capsys):
     ids = [f"r{i}" for i in range(6)]
     vectors = np.array([[0, 0], [10, 0], [0, 10], [10, 10], [5, 5], [1, 0]], dtype=np.float32)

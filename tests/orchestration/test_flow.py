@@ -215,3 +215,16 @@ def test_a_grown_pool_with_the_same_seed_set_keeps_the_seed_model_and_its_answer
     # and only the four new rows were answered (the old rows' answers came from the row store).
     answers = summary(workspace, "answers")
     assert (answers["rows_computed"], answers["rows_reused"]) == (4, answered_before)
+
+
+def test_until_stops_after_the_stage_it_names(prefect_harness, tiny_llama_dir: Path, tmp_path: Path):
+    """Score first, choose alpha, then run on: `until` ends the flow after that stage."""
+    from flows.mods_pipeline import mods_pipeline
+
+    config = tiny_config(tmp_path, tiny_llama_dir)
+    stopped = mods_pipeline(config=config, until="quality")
+    assert stopped["stopped_after"] == "quality" and stopped["executed"] == ["ingest", "sample", "quality"]
+    assert Path(stopped["artifact"], "scores.parquet").is_file()
+    assert not (Path(config.workspace) / "artifacts" / "high_quality").exists()
+    with pytest.raises(ValueError, match="until: 'qualty' is not a stage of the pipeline"):
+        mods_pipeline(config=config, until="qualty")
