@@ -1,4 +1,4 @@
-"""`mods score`, `mods embed`, `mods select`, `mods train`, `mods necessity`: one command per
+"""`mods score`, `mods embed`, `mods select`, `mods train`, `mods necessity`, `mods ifd`: one command per
 stage on plain files, calling the same stage code as the flow and the GPU workers
 (``mods.core.engine.compute_rows``, ``mods.stages.coverage.pick_set``, ``train_fitting_memory``),
 without Prefect or a workspace. Their flags come from the parameter models (flows/cli_flags.py).
@@ -196,12 +196,30 @@ def cmd_necessity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ifd(args: argparse.Namespace) -> int:
+    """The ifd stage on files: the model's instruction-following difficulty of each row's answer."""
+    from mods.core.engine import compute_rows
+    from mods.scoring.ifd import IFD_COLUMNS, IfdConfig
+    from mods.stages.necessity import IfdParams
+
+    if not Path(args.model_dir).is_dir():
+        raise UserError(f"--model-dir {args.model_dir}: not a folder (a `mods train` output or a local HF model)")
+    rows = _load_rows(args.data, args, keep_duplicates=True)
+    params = IfdParams(enabled=True, **from_flags(args, IfdConfig, "ifd").model_dump())
+    scores = compute_rows("ifd", params, rows, folders={"seed_model": Path(args.model_dir)}, progress=not args.quiet)
+    for column in IFD_COLUMNS:
+        rows[column] = scores[column].to_numpy()
+    _write_parquet(rows, args.out)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     from mods.config import PipelineConfig, SeedSelectionConfig
     from mods.generation.config import GenerationConfig
     from mods.models.embedding import EmbeddingConfig
     from mods.models.loading import DEFAULT_BASE_MODEL
     from mods.scoring.config import ScorerConfig
+    from mods.scoring.ifd import IfdConfig
     from mods.selection.coverage_methods import CoverageConfig
     from mods.training.config import TrainConfig
 
@@ -250,3 +268,11 @@ def register(sub: argparse._SubParsersAction, add_common: Callable[[argparse.Arg
     add_flags(nec, ScorerConfig, rename=SCORER_FLAGS)
     add_common(nec)
     nec.set_defaults(handler=cmd_necessity)
+
+    ifd = sub.add_parser("ifd", help="a trained model's instruction-following difficulty of DATA's answers (ifd)")
+    ifd.add_argument("data", nargs="+", metavar="DATA")
+    ifd.add_argument("--model-dir", dest="model_dir", required=True, help="a `mods train` output or a local HF causal LM")
+    ifd.add_argument("--out", required=True, help="output .parquet (loss_with_instruction, loss_answer_alone, ifd)")
+    add_flags(ifd, IfdConfig)
+    add_common(ifd)
+    ifd.set_defaults(handler=cmd_ifd)

@@ -181,6 +181,23 @@ def test_train_and_prepare_models_take_a_hub_id(rows_file: Path, tmp_path: Path,
     assert "base_model: 'tiny-org/missing' is not a local folder" in line and "HF_HUB_OFFLINE=1" in line
 
 
+def test_ifd_on_files_gives_the_ifd_of_each_row(rows_file: Path, tmp_path: Path, tiny_llama_dir: Path, capsys):
+    from mods.models.loading import load_causal_lm
+    from mods.scoring.ifd import ifd_scores
+
+    out = tmp_path / "ifd.parquet"
+    assert main(["ifd", str(rows_file), "--model-dir", str(tiny_llama_dir), "--out", str(out), "--max-length", "64",
+                 "--device", "cpu", "--quiet"]) == 0
+    frame = pd.read_parquet(out)
+    assert frame["instruction"].tolist() == [r["instruction"] for r in ROWS] and (frame["ifd"] > 0).all()
+    model, tokenizer = load_causal_lm(tiny_llama_dir, device="cpu")
+    expected = ifd_scores(model, tokenizer, frame[["id", "instruction", "input", "output"]], 64)
+    assert np.allclose(frame["ifd"], expected["ifd"], rtol=1e-4)
+    capsys.readouterr()
+    assert main(["ifd", str(rows_file), "--model-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "--model-dir" in one_line_error(capsys)
+
+
 def test_embed_writes_one_vector_per_row(rows_file: Path, tmp_path: Path):
     from mods.models.embedding import read_embeddings
 
