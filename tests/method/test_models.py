@@ -134,3 +134,21 @@ def test_answers_and_embeddings_in_bf16_load_half_precision_weights(tiny_llama_d
     vectors = embed_texts(texts, EmbeddingConfig(dtype="bf16"), progress=False)
     reference = embed_texts(texts, EmbeddingConfig(), progress=False)
     assert vectors.dtype == np.float32 and np.abs(vectors - reference).max() < 0.05
+
+
+def test_every_preset_loads_states_its_models_and_names_only_models_that_resolve() -> None:
+    """Short of downloading: a name is packaged, or a hub id (resolved through the Hugging
+    Face cache when a run or `mods prepare-models --config` needs it)."""
+    from mods.config import load_config
+
+    presets = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert len(presets) >= 7
+    for path in presets:
+        config = load_config(path)
+        header = " ".join(line for line in path.read_text().splitlines() if line.startswith("#")).lower()
+        assert "scorer" in header and ("embedder" in header or "minilm" in header), path.name
+        assert not config.data, path.name  # the data comes with --data
+        assert config.workspace.split("/")[0] == "work", path.name  # ./work: the compose volume
+        for field, name in config.named_models().items():
+            assert name in (models.DEFAULT_BASE_MODEL, models.MINILM_NAME) or models.is_hub_id(name), \
+                (path.name, field, name)
