@@ -303,6 +303,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Each stage of the pipeline as `mods run` with these arguments would find it."""
+    from flows.mods_pipeline import resolve_sources
+    from mods.pipeline import plan_pipeline
+
+    config = _config_from_args(args)
+    workspace = _preflight(config)
+    print(config.sample_rule())
+    print(f"workspace: {workspace}")
+    for line in plan_pipeline(config, resolve_sources(config.data)):
+        print(line.line())
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every artifact of a workspace against its marker (sizes and sha256); a file
     or folder that cannot be read counts as damaged. Exit status 1 when any is."""
@@ -360,12 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the whole pipeline (Prefect flow; cached stages are skipped)")
-    run.add_argument("--data", nargs="+", help="files, folders or globs (default: the embedded ShareGPT demo pool)")
-    run.add_argument("--config", help="YAML file of PipelineConfig values (see configs/)")
-    run.add_argument("--workspace", help="artifact folder (default: work)")
-    run.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                     help="override one value, e.g. --set quality.alpha=0 --set seed_selection.k=100")
-    run.add_argument("--verify", action="store_true", help="check reused artifacts' sha256 (sizes are always checked)")
+    plan = sub.add_parser("plan", help="what `mods run` with the same arguments would do: each stage cached or to "
+                          "run, and rows left to compute (nothing is loaded or run)")
+    for parser_ in (run, plan):
+        parser_.add_argument("--data", nargs="+", help="files, folders or globs (default: the embedded ShareGPT demo pool)")
+        parser_.add_argument("--config", help="YAML file of PipelineConfig values (see configs/)")
+        parser_.add_argument("--workspace", help="artifact folder (default: work)")
+        parser_.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                             help="override one value, e.g. --set quality.alpha=0 --set seed_selection.k=100")
+        parser_.add_argument("--verify", action="store_true",
+                             help="check reused artifacts' sha256 (sizes are always checked)")
+    _add_common(plan)
+    plan.set_defaults(handler=cmd_plan)
     run.add_argument("--until", metavar="STAGE",
                      help="stop after this stage of the pipeline, e.g. quality: score first, look at the scores "
                      "(scores.parquet), choose alpha, then run again (what is done is reused)")

@@ -17,8 +17,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from mods.config import EvaluationConfig, PipelineConfig
-from mods.core.artifacts import Artifact
-from mods.core.stage import get_stage
+from mods.core.artifacts import Artifact, read_marker
+from mods.core.engine import Engine
+from mods.core.stage import RowwiseStage, get_stage
 from mods.evaluation.config import AgreementParams, JudgeParams
 from mods.scoring.config import ScorerConfig
 from mods.stages.coverage import SeedSelectParams
@@ -134,3 +135,51 @@ def evaluation_report_params(config: EvaluationConfig, settings: dict[str, Any],
                         trust_threshold=config.trust_threshold,
                         judge_scorer=(config.scorer or pipeline_scorer) if "scorer" in config.judge else None,
                         pipeline_scorer=pipeline_scorer, meta=meta)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a run would do with one stage, found without loading a model or running anything."""
+
+    stage: str
+    status: str  # "cached", "to run", or "to run, after <inputs not yet made>"
+    rows: int | None = None  # a cached artifact's rows (its summary's)
+    rows_to_compute: int | None = None  # a row-wise stage to run: distinct rows its store lacks ...
+    rows_total: int | None = None  # ... of its distinct rows
+    seconds: float | None = None  # a cached artifact: what making it took
+
+    def line(self) -> str:
+        if self.status == "cached":
+            done = f"{self.rows:,} rows, " if self.rows is not None else ""
+            return f"{self.stage:<15} cached       {done}made in {self.seconds or 0:,.1f} s"
+        if self.rows_total is not None:
+            return (f"{self.stage:<15} {self.status:<12} {self.rows_to_compute:,} of its {self.rows_total:,} rows "
+                    "to compute (the rest are in its row store)")
+        return f"{self.stage:<15} {self.status}"
+
+
+def plan_pipeline(config: PipelineConfig, sources: list[str]) -> list[StagePlan]:
+    """Each pipeline stage: cached, or to run (and for a row-wise stage whose inputs exist, how
+    many of its rows are not computed yet). A stage whose inputs are still to be made cannot be
+    keyed (keys follow the inputs' content): it is to run after them."""
+    engine = Engine(config.workspace, verify=config.execution.verify, progress=False)
+    params = stage_params(config, sources)
+    made: dict[str, Artifact] = {}
+    plan = []
+    for name in PIPELINE:
+        stage = get_stage(name)
+        waiting = [i for i in stage.inputs if i not in made]
+        if waiting:
+            plan.append(StagePlan(name, f"to run, after {', '.join(waiting)}"))
+            continue
+        run = engine.resolve(stage, params[name], {i: made[i] for i in stage.inputs})
+        if engine.is_complete(run):
+            marker = read_marker(run.artifact.dir(engine.workspace))
+            made[name] = run.artifact
+            plan.append(StagePlan(name, "cached", rows=marker["summary"].get("rows"), seconds=marker.get("seconds")))
+        elif isinstance(stage, RowwiseStage):
+            unique, missing = engine.missing_rows(run)
+            plan.append(StagePlan(name, "to run", rows_to_compute=len(missing), rows_total=len(unique)))
+        else:
+            plan.append(StagePlan(name, "to run"))
+    return plan

@@ -303,14 +303,18 @@ class Engine:
                           frame.assign(**{ROW_KEY: keys.to_numpy(), "cost": cost.to_numpy()}))
         return self._work[1]
 
+    def missing_rows(self, run: StageRun) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """A row-wise run's distinct rows, and those of them its row store lacks."""
+        unique = self.rows(run).drop_duplicates(ROW_KEY)
+        return unique, unique[~unique[ROW_KEY].isin(self.row_store(run).known_keys())]
+
     def plan(self, run: StageRun, rows_per_shard: int | None = None) -> RowPlan:
         """Cut the rows missing from the store into shards of whole blocks, and record the plan."""
         stage = get_stage(run.stage)
         assert isinstance(stage, RowwiseStage)
         store = self.row_store(run)
         store.remove_stale_tmp()
-        unique = self.rows(run).drop_duplicates(ROW_KEY)
-        missing = unique[~unique[ROW_KEY].isin(store.known_keys())]
+        unique, missing = self.missing_rows(run)
         shards = cut_shards(missing, stage.block_rows(parse_params(stage, run.params)),
                             rows_per_shard or max(1, len(missing)))
         plan_id = store.write_plan(shards) if shards else None

@@ -68,6 +68,19 @@ def test_the_demos_sample_applies_to_the_demo_pool_and_your_data_is_used_whole()
     assert load_config(None, own.model_dump()).sample.rows is None
 
 
+def test_plan_on_an_empty_workspace_says_every_stage_is_to_run(tmp_path: Path, capsys):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert main(["plan", "--data", str(pool), "--workspace", str(tmp_path / "ws"), "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "data: 1 source, every row (sample.rows and sample.max_chars are empty)"
+    stages = {line.split()[0]: " ".join(line.split()[1:]) for line in out[2:]}
+    assert list(stages)[:3] == ["ingest", "sample", "quality"] and len(stages) == 13
+    assert stages["ingest"] == "to run" and stages["sample"] == "to run, after ingest"
+    assert stages["final_train"] == "to run, after high_quality, seed_select, augment_select"
+    assert not (tmp_path / "ws" / "artifacts" / "ingest").exists()
+
+
 def test_until_names_a_stage_or_is_one_line(tmp_path: Path, capsys):
     assert main(["run", "--until", "qualty", "--workspace", str(tmp_path / "ws"), "--quiet"]) == 2
     assert "--until qualty: not a stage of the pipeline (ingest, sample, quality" in one_line_error(capsys)

@@ -228,3 +228,15 @@ def test_until_stops_after_the_stage_it_names(prefect_harness, tiny_llama_dir: P
     assert not (Path(config.workspace) / "artifacts" / "high_quality").exists()
     with pytest.raises(ValueError, match="until: 'qualty' is not a stage of the pipeline"):
         mods_pipeline(config=config, until="qualty")
+    # What `mods plan` shows now: the three stages cached, the next to run with every row of its
+    # inputs known, the rest to run after it; nothing is computed or written by looking.
+    from flows.mods_pipeline import resolve_sources
+    from mods.pipeline import plan_pipeline
+
+    plan = {line.stage: line for line in plan_pipeline(config, resolve_sources(config.data))}
+    assert [plan[name].status for name in ("ingest", "sample", "quality")] == ["cached"] * 3
+    assert plan["quality"].rows == summary(Path(config.workspace), "quality")["rows"] > 0
+    assert plan["high_quality"].status == "to run"
+    assert plan["embed"].status == "to run, after high_quality"
+    assert plan["augment_select"].status.startswith("to run, after embed, seed_select")
+    assert not (Path(config.workspace) / "artifacts" / "high_quality").exists()
