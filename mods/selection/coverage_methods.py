@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mods.selection.budgets import Budget, count_tokens, make_budget
 from mods.selection.coverage import coverage_curve
+from mods.selection.thresholds import distinct_candidates
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,22 +58,6 @@ class CoverageConfig(BaseModel):
         used = {"k_center": (), "kmeans_quality": ("clusters", "kmeans_iterations"),
                 "facility_location": ("neighbours",)}[self.method]
         return CoverageConfig(method=self.method, **{name: getattr(self, name) for name in used})
-
-
-def distinct_candidates(matrix: np.ndarray, already: Sequence[int]) -> np.ndarray:
-    """Mask of rows that may be picked: not a center, and the first of their identical embeddings
-    (identical instructions embed identically; no method picks a duplicate)."""
-    taken = set(int(i) for i in already)
-    seen = {matrix[i].tobytes() for i in taken}
-    mask = np.zeros(len(matrix), dtype=bool)
-    for i, row in enumerate(matrix):
-        if i in taken:
-            continue
-        key = row.tobytes()
-        if key not in seen:
-            seen.add(key)
-            mask[i] = True
-    return mask
 
 
 def select_rows(config: CoverageConfig, matrix: np.ndarray, budget: Budget, already: Sequence[int] = (),

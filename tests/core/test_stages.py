@@ -11,6 +11,30 @@ def test_pickable_rows_counts_distinct_non_center_vectors():
     assert pickable_rows(m[:0], []) == 0
 
 
+def test_distinct_candidates_match_the_row_by_row_rule_on_random_duplicates():
+    """The vectorised mask equals the rule it replaced: walk the rows in order, skip centers and
+    anything seen (centers seed what is seen), keep the first of each vector."""
+    from mods.selection.thresholds import distinct_candidates
+
+    def by_rows(matrix, already):
+        taken = set(already)
+        seen = {matrix[i].tobytes() for i in taken}
+        mask = np.zeros(len(matrix), dtype=bool)
+        for i, row in enumerate(matrix):
+            if i not in taken and row.tobytes() not in seen:
+                seen.add(row.tobytes())
+                mask[i] = True
+        return mask
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        distinct = rng.normal(size=(int(rng.integers(1, 12)), 3)).astype(np.float32)
+        matrix = distinct[rng.integers(0, len(distinct), size=int(rng.integers(1, 40)))]
+        already = sorted(set(rng.integers(0, len(matrix), size=int(rng.integers(0, 4))).tolist()))
+        assert (distinct_candidates(matrix, already) == by_rows(matrix, already)).all(), trial
+        assert pickable_rows(matrix, already) == by_rows(matrix, already).sum()
+
+
 def test_out_of_memory_block_is_split_until_it_fits():
     import pandas as pd
     import torch
