@@ -171,7 +171,7 @@ class EvaluateBaseline(Stage[BaselineParams]):
 class EvaluateAnswers(Stage[ModelAnswersParams]):
     name, version, resources = "evaluate_answers", "1", ONE_GPU
     description = "One model answers every test prompt; reference log-likelihoods."
-    inputs = ("prompts", MODEL_DIR)
+    inputs = ("prompts", "model")
     params = ModelAnswersParams
     outputs = (ANSWERS_PARQUET,)
 

@@ -31,6 +31,7 @@ from mods.core.files import (
     ANSWERS_PARQUET,
     EMBEDDINGS_PARQUET,
     IFD_PARQUET,
+    MODEL_DIR,
     NECESSITY_PARQUET,
     ROWS_PARQUET,
     SELECTED_PARQUET,
@@ -107,7 +108,7 @@ class Answers(RowwiseStage[AnswersParams]):
         return [f"seed_model:{inputs['seed_train'].key}"]  # the seed model is what an answer depends on
 
     def setup_folders(self, inputs: Mapping[str, Path]) -> dict[str, Path]:
-        return {"seed_model": Path(inputs["seed_train"]) / "model"}
+        return {"seed_model": Path(inputs["seed_train"]) / MODEL_DIR}
 
     def setup(self, params: GenerationConfig, folders: Mapping[str, Path]) -> AnswerEngine:
         # One engine per process, kept across its shards (a vLLM start costs minutes on CPU).
@@ -207,7 +208,7 @@ class Ifd(RowwiseStage[IfdParams]):
         return [f"seed_model:{inputs['seed_train'].key}"]
 
     def setup_folders(self, inputs: Mapping[str, Path]) -> dict[str, Path]:
-        return {"seed_model": Path(inputs["seed_train"]) / "model"}
+        return {"seed_model": Path(inputs["seed_train"]) / MODEL_DIR}
 
     def setup(self, params: IfdParams, folders: Mapping[str, Path]) -> Any:
         return load_trained_model(folders["seed_model"], device=params.device,
