@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from mods.core.artifacts import fingerprint_files
+from mods.core.faults import first_line
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 MINILM_NAME = "all-minilm-l6-v2"
@@ -199,14 +200,9 @@ def hub_snapshot(repo_id: str, field: str = "model") -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_MODEL_FILES))
     except Exception as error:  # noqa: BLE001 - any hub failure is one line naming what was tried
         where = ("the Hugging Face cache has no copy of it and HF_HUB_OFFLINE=1 forbids a download"
-                 if constants.HF_HUB_OFFLINE else f"the Hugging Face hub did not give it ({_first_line(error)})")
+                 if constants.HF_HUB_OFFLINE else f"the Hugging Face hub did not give it ({type(error).__name__}: {first_line(error)})")
         raise ValueError(f"{field}: {repo_id!r} is not a local folder, and {where} (cache: {constants.HF_HUB_CACHE}; "
                          "`mods prepare-models --config FILE` downloads what a config names)") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None, field: str = "model") -> Path:
